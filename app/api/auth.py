@@ -1,0 +1,88 @@
+"""Bearer API keys: 256-bit random, shown once, stored as sha256, with scopes.
+
+Scopes: `user` (submit and read one's own jobs), `admin` (everything under /v1/admin, and every
+user's jobs). Keys look like `dq_<43 url-safe chars>`; the first 11 characters are the prefix
+shown in listings and logs, never the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from flask import request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.api.errors import Forbidden, Unauthorized
+from app.db.models import ApiKey, User
+
+KEY_PREFIX = "dq_"
+SCOPES = ("user", "admin")
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def display_prefix(key: str) -> str:
+    return key[:11]
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: uuid.UUID
+    user_name: str
+    tier: str
+    scopes: frozenset[str]
+    key_id: uuid.UUID
+    key_prefix: str
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.scopes
+
+
+def create_key(session: Session, user: User, scopes: list[str], name: str = "") -> tuple[ApiKey, str]:
+    unknown = set(scopes) - set(SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scopes {sorted(unknown)}")
+    plaintext = new_key()
+    key = ApiKey(user_id=user.id, key_hash=hash_key(plaintext), prefix=display_prefix(plaintext), scopes=sorted(scopes), name=name)
+    session.add(key)
+    session.flush()
+    return key, plaintext
+
+
+def _bearer() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise Unauthorized()
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Authorization header must be 'Bearer <key>'")
+    return token.strip()
+
+
+def authenticate(session: Session, required_scope: str) -> Principal:
+    token = _bearer()
+    row = session.execute(
+        select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == hash_key(token))
+    ).first()
+    if row is None:
+        raise Unauthorized("API key is not valid")
+    key, user = row
+    if key.revoked_at is not None:
+        raise Unauthorized("API key has been revoked")
+    if user.disabled:
+        raise Forbidden("this account is disabled")
+    scopes = frozenset(key.scopes)
+    if required_scope not in scopes and "admin" not in scopes:
+        raise Forbidden(f"this key lacks the '{required_scope}' scope")
+    return Principal(user.id, user.name, user.tier, scopes, key.id, key.prefix)

@@ -1,0 +1,131 @@
+"""API errors: every failure is JSON naming the code, the reason and (for bad input) the fields.
+
+    {"error": {"code": "validation_error", "message": "...", "request_id": "...",
+               "fields": [{"field": "width", "reason": "must be even"}]}}
+
+Our own faults answer 500 with the request id and never a traceback; the traceback goes to the
+log line carrying the same request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, g, jsonify
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, fields: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None,
+                 code: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fields = fields or []
+        self.headers = headers or {}
+        if code:
+            self.code = code
+        if status:
+            self.status = status
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str = "a valid API key is required (Authorization: Bearer <key>)", **kw):
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="dreamq"'}, **kw)
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class Unprocessable(ApiError):
+    status, code = 422, "validation_error"
+
+
+class TooManyRequests(ApiError):
+    status, code = 429, "rate_limited"
+
+
+class ServiceUnavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+def field_error(field: str, reason: str, *, status_cls: type[ApiError] = Unprocessable) -> ApiError:
+    return status_cls(f"{field}: {reason}", fields=[{"field": field, "reason": reason}])
+
+
+def _body(code: str, message: str, fields: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message, "request_id": getattr(g, "request_id", None)}
+    if fields:
+        error["fields"] = fields
+    return {"error": error}
+
+
+def pydantic_fields(exc: ValidationError) -> list[dict[str, str]]:
+    fields = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field"
+        elif err["type"] == "missing":
+            reason = "field required"
+        fields.append({"field": loc, "reason": reason})
+    return fields
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError):
+        response = jsonify(_body(exc.code, exc.message, exc.fields))
+        response.status_code = exc.status
+        for key, value in exc.headers.items():
+            response.headers[key] = value
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}.get(
+            exc.code or 500, (exc.name or "error").lower().replace(" ", "_")
+        )
+        message = exc.description or exc.name
+        if exc.code == 413:
+            message = "request body is too large"
+        response = jsonify(_body(code, message))
+        response.status_code = exc.code or 500
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error", extra={"request_id": getattr(g, "request_id", None)})
+        response = jsonify(_body("internal_error", "internal error; quote the request_id when reporting it"))
+        response.status_code = 500
+        return response

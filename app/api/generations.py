@@ -1,0 +1,154 @@
+"""/v1/generations: submit, read, list and cancel jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid
+
+from flask import Blueprint, request, url_for
+from sqlalchemy import and_, or_, select
+
+from app.api import schemas
+from app.api.errors import Conflict, NotFound, field_error
+from app.api.routing import Context, Deferred, endpoint
+from app.db.models import Job, JobState
+from app.db.session import after_commit, transaction
+from app.jobs.submit import create_job
+from app.jobs.transitions import NOW, transition
+from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
+
+bp = Blueprint("generations", __name__, url_prefix="/v1")
+
+# `Prefer: wait=N` holds the request at most this long; a longer wait should poll or use a webhook.
+MAX_PREFER_WAIT_S = 60
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait=(\d+(?:\.\d+)?)")
+
+
+def _prefer_wait() -> float:
+    match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
+    return min(float(match.group(1)), MAX_PREFER_WAIT_S) if match else 0.0
+
+
+def _job_for(ctx: Context, job_id: str, *, lock: bool = False) -> Job:
+    """The caller's job; another tenant's id answers exactly like a missing one (404)."""
+    try:
+        parsed = uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound("no such generation") from None
+    query = select(Job).where(Job.id == parsed)
+    if not ctx.user.is_admin:
+        query = query.where(Job.user_id == ctx.user.user_id)
+    if lock:
+        query = query.with_for_update()
+    job = ctx.session.scalar(query)
+    if job is None:
+        raise NotFound("no such generation")
+    return job
+
+
+def _wait_until_terminal(job_id: uuid.UUID, seconds: float) -> dict:
+    """Poll the row until it is terminal or time is up; each read is its own short transaction."""
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    while True:
+        with transaction() as session:
+            job = session.get(Job, job_id)
+            terminal = JobState(job.state).terminal
+            if terminal or time.monotonic() >= deadline:
+                return load_job_views(session, [job])[0]
+        time.sleep(min(delay, max(deadline - time.monotonic(), 0.01)))
+        delay = min(delay * 1.5, 0.5)
+
+
+def _request_hash(body: schemas.GenerationCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@endpoint(
+    bp, "/generations", methods=["POST"], auth="user", body=schemas.GenerationCreate, response=schemas.Job,
+    status=202, summary="Submit a text-to-video or modify-video job",
+    errors=[400, 401, 403, 409, 415, 422, 429],
+)
+def create_generation(ctx: Context):
+    from tasks.dispatch import request_dispatch
+
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= 200):
+        raise field_error("Idempotency-Key", "must be 1-200 characters")
+    digest = _request_hash(ctx.body)
+    if key:
+        existing = ctx.session.scalar(select(Job).where(Job.user_id == ctx.user.user_id, Job.idempotency_key == key))
+        if existing is not None:
+            if existing.request_hash != digest:
+                raise Conflict("Idempotency-Key was already used with a different request body", code="idempotency_conflict")
+            return load_job_views(ctx.session, [existing])[0], 200, {"Location": url_for("generations.get_generation", job_id=existing.id)}
+    job, model, version = create_job(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
+    after_commit(ctx.session, request_dispatch)
+    location = url_for("generations.get_generation", job_id=job.id)
+    wait = _prefer_wait()
+    if wait:
+        return Deferred(lambda: (_wait_until_terminal(job.id, wait), 202, {"Location": location}))
+    ctx.session.refresh(job)
+    return job_view(job, model.name, version, _slo(ctx, job.tier)), 202, {"Location": location}
+
+
+def _slo(ctx: Context, tier: str) -> float:
+    from app.db.models import Tier
+
+    return ctx.session.get(Tier, tier).slo_s
+
+
+@endpoint(bp, "/generations/<job_id>", methods=["GET"], auth="user", response=schemas.Job,
+          summary="Read a job (Prefer: wait=N holds until it is done or N seconds pass)", errors=[401, 404])
+def get_generation(ctx: Context, job_id: str):
+    job = _job_for(ctx, job_id)
+    wait = _prefer_wait()
+    if wait and not JobState(job.state).terminal:
+        return Deferred(lambda: _wait_until_terminal(job.id, wait))
+    return load_job_views(ctx.session, [job])[0]
+
+
+@endpoint(bp, "/generations", methods=["GET"], auth="user", query=schemas.GenerationListQuery, response=schemas.JobList,
+          summary="List your jobs, newest first (cursor pagination, optional state filter)", errors=[401, 422])
+def list_generations(ctx: Context):
+    q: schemas.GenerationListQuery = ctx.query
+    query = select(Job).where(Job.user_id == ctx.user.user_id)
+    if q.state:
+        query = query.where(Job.state == q.state)
+    if q.cursor:
+        try:
+            created, last_id = decode_cursor(q.cursor)
+        except (ValueError, TypeError):
+            raise field_error("cursor", "is not a cursor returned by this API") from None
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+    jobs = list(ctx.session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(q.limit + 1)))
+    more = len(jobs) > q.limit
+    jobs = jobs[: q.limit]
+    return {"object": "list", "data": load_job_views(ctx.session, jobs), "next_cursor": encode_cursor(jobs[-1]) if more else None}
+
+
+@endpoint(bp, "/generations/<job_id>/cancel", methods=["POST"], auth="user", response=schemas.Job,
+          summary="Cancel a job: queued or dispatched ones at once, running ones at the next model step",
+          errors=[401, 404, 409])
+def cancel_generation(ctx: Context, job_id: str):
+    from tasks.dispatch import request_dispatch
+
+    job = _job_for(ctx, job_id, lock=True)
+    state = JobState(job.state)
+    if state.terminal:
+        raise Conflict(f"job is already {state.value}", code="job_finished")
+    if state in (JobState.queued, JobState.dispatched):
+        # A dispatched message still in the broker finds the job cancelled and claims nothing.
+        transition(ctx.session, job.id, state, JobState.cancelled, detail={"by": ctx.user.key_prefix},
+                   finished_at=NOW, cancel_requested=True)
+        after_commit(ctx.session, request_dispatch)
+    else:
+        ctx.session.execute(
+            Job.__table__.update().where(Job.id == job.id, Job.state == JobState.running.value).values(cancel_requested=True)
+        )
+    ctx.session.refresh(job)
+    return load_job_views(ctx.session, [job])[0], 202

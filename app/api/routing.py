@@ -1,0 +1,159 @@
+"""`endpoint()`: the only way a route registers.
+
+Each route declares who may call it (`auth="public" | "user" | "admin"`; there is no default, so
+a route without a permission does not register), its request and response schemas (pydantic;
+the same classes validate requests and generate /v1/openapi.json), and runs in one transaction
+that commits before the response is sent: a 202 means the job is durable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flask import Blueprint, Response, jsonify, request
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.orm import Session
+
+from app.api.auth import Principal, authenticate
+from app.api.errors import BadRequest, Unprocessable, UnsupportedMediaType, pydantic_fields
+from app.db.session import transaction
+
+AUTH_LEVELS = ("public", "user", "admin")
+
+
+@dataclass
+class RouteSpec:
+    rule: str
+    methods: list[str]
+    auth: str
+    summary: str
+    body: type[BaseModel] | None
+    query: type[BaseModel] | None
+    response: type[BaseModel] | None
+    status: int
+    tags: list[str]
+    content_types: list[str] = field(default_factory=list)
+    errors: list[int] = field(default_factory=list)
+
+
+REGISTRY: list[RouteSpec] = []
+
+
+@dataclass
+class Context:
+    session: Session
+    principal: Principal | None
+    body: Any = None
+    query: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def user(self) -> Principal:
+        assert self.principal is not None
+        return self.principal
+
+
+class Deferred:
+    """A response produced after the commit, e.g. `Prefer: wait`, which must not hold a transaction."""
+
+    def __init__(self, produce: Callable[[], Any]):
+        self.produce = produce
+
+
+def _parse_json_body(model: type[BaseModel]) -> BaseModel:
+    mimetype = request.mimetype
+    if mimetype != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {mimetype or 'none'}",
+            fields=[{"field": "Content-Type", "reason": "must be application/json"}],
+        )
+    raw = request.get_data(cache=True)
+    try:
+        data = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}", code="malformed_json") from None
+    if not isinstance(data, dict):
+        raise Unprocessable("request body must be a JSON object", fields=[{"field": "body", "reason": "must be an object"}])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        fields = pydantic_fields(exc)
+        raise Unprocessable("; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields=fields) from None
+
+
+def _parse_query(model: type[BaseModel]) -> BaseModel:
+    try:
+        return model.model_validate(request.args.to_dict())
+    except ValidationError as exc:
+        fields = pydantic_fields(exc)
+        raise Unprocessable("; ".join(f"{f['field']}: {f['reason']}" for f in fields), fields=fields) from None
+
+
+def endpoint(
+    bp: Blueprint,
+    rule: str,
+    *,
+    methods: list[str],
+    auth: str,
+    summary: str,
+    body: type[BaseModel] | None = None,
+    query: type[BaseModel] | None = None,
+    response: type[BaseModel] | None = None,
+    status: int = 200,
+    content_types: list[str] | None = None,
+    errors: list[int] | None = None,
+    transactional: bool = True,
+) -> Callable:
+    if auth not in AUTH_LEVELS:
+        raise ValueError(f"route {rule}: auth must be one of {AUTH_LEVELS}, got {auth!r}")
+
+    def decorator(handler: Callable) -> Callable:
+        prefix = bp.url_prefix or ""
+        REGISTRY.append(
+            RouteSpec(prefix + rule, methods, auth, summary, body, query, response, status, [bp.name],
+                      content_types or (["application/json"] if body else []), errors or [])
+        )
+
+        @functools.wraps(handler)
+        def view(**kwargs):
+            if not transactional:
+                return _finish(handler(None, **kwargs), status)
+            with transaction() as session:
+                principal = authenticate(session, auth) if auth != "public" else None
+                ctx = Context(session=session, principal=principal)
+                if body is not None:
+                    ctx.body = _parse_json_body(body)
+                if query is not None:
+                    ctx.query = _parse_query(query)
+                result = handler(ctx, **kwargs)
+            # The transaction has committed here; only now is the response built and sent.
+            if isinstance(result, Deferred):
+                result = result.produce()
+            return _finish(result, status)
+
+        bp.add_url_rule(rule, endpoint=handler.__name__, view_func=view, methods=methods)
+        return view
+
+    return decorator
+
+
+def _finish(result: Any, default_status: int) -> Response:
+    if isinstance(result, Response):
+        return result
+    headers: dict[str, str] = {}
+    status = default_status
+    if isinstance(result, tuple):
+        if len(result) == 3:
+            result, status, headers = result
+        else:
+            result, status = result
+    if isinstance(result, BaseModel):
+        result = result.model_dump(mode="json")
+    response = jsonify(result)
+    response.status_code = status
+    for key, value in headers.items():
+        response.headers[key] = value
+    return response

@@ -1,0 +1,148 @@
+"""Request and response schemas: they validate input and generate /v1/openapi.json.
+
+Limits that depend on the model version (frame size, frame count) are checked against the
+version's manifest at submission (app/jobs/submit.py), since different models allow different
+ranges; the bounds here are the outer envelope every model shares.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.config import get_settings
+
+JobStateName = Literal["queued", "dispatched", "running", "succeeded", "failed", "cancelled"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class GenerationCreate(Strict):
+    prompt: str = Field(description="What the video should show.", examples=["a red circle moving right"])
+    type: Literal["text_to_video", "modify_video"] = Field("text_to_video", description="modify_video needs upload_id")
+    model: Optional[str] = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$", description="Model name; default: the server's default model")
+    model_version: Optional[int] = Field(None, ge=1, description="Pin an exact version number; default: the model's prod alias")
+    upload_id: Optional[uuid.UUID] = Field(None, description="Input video (POST /v1/uploads) for modify_video")
+    width: Optional[int] = Field(None, ge=16, le=4096)
+    height: Optional[int] = Field(None, ge=16, le=4096)
+    num_frames: Optional[int] = Field(None, ge=1, le=1000)
+    fps: Optional[int] = Field(None, ge=1, le=120)
+    seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        limit = get_settings().max_prompt_chars
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters (got {len(value)})")
+        if any(ord(c) < 32 and c not in "\t\n" for c in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _kind(self) -> "GenerationCreate":
+        if self.type == "modify_video" and self.upload_id is None:
+            raise ValueError("upload_id is required when type is modify_video")
+        if self.type == "text_to_video" and self.upload_id is not None:
+            raise ValueError("upload_id is only allowed when type is modify_video")
+        return self
+
+
+class GenerationListQuery(Strict):
+    limit: int = Field(20, ge=1, le=100)
+    cursor: Optional[str] = Field(None, max_length=200, description="next_cursor of the previous page")
+    state: Optional[JobStateName] = None
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+    digest: str
+
+
+class Timings(BaseModel):
+    created_at: dt.datetime
+    dispatched_at: Optional[dt.datetime]
+    started_at: Optional[dt.datetime]
+    finished_at: Optional[dt.datetime]
+    wait_s: Optional[float] = Field(description="created -> started (or so far, while queued)")
+    run_s: Optional[float] = Field(description="started -> finished (or so far, while running)")
+
+
+class Assets(BaseModel):
+    video: Optional[str] = Field(description="Pre-signed MP4 URL; expires, re-read the job for a fresh one")
+    thumbnail: Optional[str]
+    expires_at: Optional[dt.datetime]
+
+
+class Failure(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    id: uuid.UUID
+    object: Literal["generation"] = "generation"
+    type: Literal["text_to_video", "modify_video"]
+    state: JobStateName
+    tier: str
+    prompt: str
+    model: ModelRef
+    params: dict
+    upload_id: Optional[uuid.UUID]
+    progress: float
+    urgency: Optional[float] = Field(description="waited / tier SLO while queued (1.0 = at the promised worst case)")
+    slo_s: float
+    attempts: int
+    cancel_requested: bool
+    timings: Timings
+    assets: Optional[Assets]
+    failure: Optional[Failure]
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+    next_cursor: Optional[str]
+
+
+class Upload(BaseModel):
+    id: uuid.UUID
+    object: Literal["upload"] = "upload"
+    content_type: str
+    size_bytes: int
+    sha256: str
+    duration_s: float
+    width: int
+    height: int
+    frames: int
+    created_at: dt.datetime
+    expires_at: dt.datetime
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}
+
+
+class ErrorField(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    request_id: Optional[str]
+    fields: Optional[list[ErrorField]] = None
+
+
+class Error(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,83 @@
+"""/v1/uploads: input videos for modify-video jobs.
+
+The body is the video itself (Content-Type video/mp4, video/webm, ...) or a multipart form with a
+`file` part. Size is capped before reading (413), the type is checked (415), and the bytes are
+decoded end to end with PyAV before anything is stored: a file that only claims to be a video is
+refused (415) and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import uuid
+
+from flask import Blueprint, request
+
+from app.api import schemas
+from app.api.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from app.api.routing import Context, endpoint
+from app.config import get_settings
+from app.db.models import Tier, Upload
+from app.media import ACCEPTED_CONTENT_TYPES, InvalidMedia, probe_video
+from app.storage import put_bytes
+
+bp = Blueprint("uploads", __name__, url_prefix="/v1")
+
+
+def _read_video() -> tuple[bytes, str]:
+    settings = get_settings()
+    if request.content_length is not None and request.content_length > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"upload is larger than {settings.max_upload_bytes} bytes",
+                              fields=[{"field": "file", "reason": f"at most {settings.max_upload_bytes} bytes"}])
+    if request.mimetype == "multipart/form-data":
+        part = request.files.get("file")
+        if part is None:
+            raise Unprocessable("multipart upload needs a 'file' part", fields=[{"field": "file", "reason": "field required"}])
+        content_type = part.mimetype or "application/octet-stream"
+        data = part.read(settings.max_upload_bytes + 1)
+    else:
+        content_type = request.mimetype
+        data = request.get_data(cache=False)
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"upload is larger than {settings.max_upload_bytes} bytes",
+                              fields=[{"field": "file", "reason": f"at most {settings.max_upload_bytes} bytes"}])
+    if content_type not in ACCEPTED_CONTENT_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type or 'none'} is not an accepted video type ({', '.join(sorted(ACCEPTED_CONTENT_TYPES))})",
+            fields=[{"field": "Content-Type", "reason": "must be a video type"}],
+        )
+    if not data:
+        raise Unprocessable("upload is empty", fields=[{"field": "file", "reason": "empty"}])
+    return data, content_type
+
+
+@endpoint(bp, "/uploads", methods=["POST"], auth="user", response=schemas.Upload, status=201,
+          content_types=sorted(ACCEPTED_CONTENT_TYPES) + ["multipart/form-data"],
+          summary="Upload an input video for modify-video (checked with PyAV)", errors=[401, 413, 415, 422])
+def create_upload(ctx: Context):
+    settings = get_settings()
+    data, content_type = _read_video()
+    try:
+        info = probe_video(data, max_duration_s=settings.max_upload_duration_s)
+    except InvalidMedia as exc:
+        if "longer than" in str(exc):
+            raise Unprocessable(str(exc), fields=[{"field": "file", "reason": str(exc)}]) from None
+        raise UnsupportedMediaType(str(exc), code="invalid_media", fields=[{"field": "file", "reason": str(exc)}]) from None
+    upload_id = uuid.uuid4()
+    key = f"uploads/{ctx.user.user_id}/{upload_id}/input"
+    put_bytes(settings.media_bucket, key, data, content_type)
+    retention = ctx.session.get(Tier, ctx.user.tier).retention_days
+    now = dt.datetime.now(dt.timezone.utc)
+    upload = Upload(
+        id=upload_id, user_id=ctx.user.user_id, object_key=key, content_type=content_type, size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(), duration_s=info.duration_s, width=info.width, height=info.height,
+        frames=info.frames, created_at=now, expires_at=now + dt.timedelta(days=retention),
+    )
+    ctx.session.add(upload)
+    ctx.session.flush()
+    return {
+        "id": str(upload.id), "object": "upload", "content_type": content_type, "size_bytes": len(data),
+        "sha256": upload.sha256, "duration_s": info.duration_s, "width": info.width, "height": info.height,
+        "frames": info.frames, "created_at": now.isoformat(), "expires_at": upload.expires_at.isoformat(),
+    }, 201, {"Location": f"/v1/uploads/{upload.id}"}

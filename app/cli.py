@@ -1,0 +1,251 @@
+"""`dreamq`: the stack (up), a GPU worker, the client (generate) and operator commands.
+
+Operator commands read service URLs from the environment, or else from .dreamq/stack.json that
+`dreamq up` writes, so they work against a running local stack with no setup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from app.config import get_settings, reload_settings
+
+
+def load_stack_env() -> None:
+    """Fill unset service variables from the running local stack (written by `dreamq up`)."""
+    path = Path(get_settings().home) / "stack.json"
+    if not path.is_file():
+        return
+    for key, value in json.loads(path.read_text()).get("env", {}).items():
+        os.environ.setdefault(key, value)
+    reload_settings()
+
+
+@click.group()
+def main() -> None:
+    """dreamq: serving system for generative video."""
+
+
+@main.command()
+@click.option("--gpu-workers", type=int, default=None, help="GPU workers to start (default: one per visible GPU, else one on CPU)")
+@click.option("--grace", type=float, default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL on stop")
+@click.option("--detach-after-ready", is_flag=True, hidden=True, help="(tests) exit 0 once ready, leaving nothing running")
+def up(gpu_workers: int | None, grace: float, detach_after_ready: bool) -> None:
+    """Start the whole stack (Postgres, Redis, SeaweedFS, API, workers, beat, Flower) until Ctrl-C."""
+    from app.stack.up import run_stack
+
+    sys.exit(run_stack(gpu_workers=gpu_workers, grace_s=grace, exit_when_ready=detach_after_ready))
+
+
+def _visible_gpus() -> list[str]:
+    """GPU indices from nvidia-smi, without initialising CUDA in this (forking) process."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.split(",")[0].strip() for line in out.splitlines() if line.strip()]
+
+
+def _gpu_label(gpus: str) -> str:
+    if not gpus:
+        return "cpu"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={gpus}", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return f"cuda:{gpus} ({', '.join(sorted(set(out.split(chr(10))) - {''}))})"
+    except (subprocess.SubprocessError, OSError):
+        return f"cuda:{gpus}"
+
+
+def worker_command(cluster: str, model: str, gpus: str, name: str, *, concurrency: int = 1) -> tuple[list[str], dict[str, str]]:
+    """The Celery command line and environment of one GPU worker (also used by `dreamq up`)."""
+    from tasks.celery_app import pool_queues
+
+    env = dict(os.environ)
+    # Pin the GPU set before anything can initialise CUDA: device 0 in the worker is "my GPU".
+    # An empty value hides every GPU (a CPU worker).
+    env["CUDA_VISIBLE_DEVICES"] = gpus
+    env["DREAMQ_WORKER_CLUSTER"] = cluster
+    env["DREAMQ_WORKER_MODEL"] = model
+    env["DREAMQ_DEVICE_LABEL"] = _gpu_label(gpus)
+    env["DREAMQ_LOG_COMPONENT"] = f"gpu-worker:{name}"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker",
+        "-Q", ",".join(pool_queues(cluster, model)),
+        "-c", str(concurrency), "--prefetch-multiplier", "1", "-P", "prefork",
+        "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-E", "--loglevel", "INFO",
+    ]
+    return argv, env
+
+
+@main.command()
+@click.option("--cluster", default=None, help="Cluster name (default: DREAMQ_CLUSTER or 'local')")
+@click.option("--model", default=None, help="Model this worker's pool serves (default: DREAMQ_DEFAULT_MODEL)")
+@click.option("--gpus", default=None, help="GPU indices for this worker, e.g. 0 or 0,1; 'cpu' or empty for none")
+@click.option("--name", default=None, help="Worker name (default: gpu<N> or cpu)")
+def worker(cluster: str | None, model: str | None, gpus: str | None, name: str | None) -> None:
+    """Run one GPU-pinned Celery worker consuming its pool's tier queues in tier order."""
+    load_stack_env()
+    settings = get_settings()
+    settings.require("database_url", "broker_url")
+    if gpus is None:
+        visible = _visible_gpus()
+        gpus = visible[0] if visible else ""
+    if gpus == "cpu":
+        gpus = ""
+    name = name or (f"gpu{gpus.replace(',', '-')}" if gpus else "cpu")
+    argv, env = worker_command(cluster or settings.default_cluster, model or settings.default_model, gpus, name)
+    os.execvpe(argv[0], argv, env)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--video", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Input video: makes a modify-video job")
+@click.option("--wait/--no-wait", default=False, help="Wait for the job, showing progress")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Save the MP4 here (implies --wait)")
+@click.option("--model", default=None)
+@click.option("--width", type=int)
+@click.option("--height", type=int)
+@click.option("--frames", "num_frames", type=int)
+@click.option("--fps", type=int)
+@click.option("--seed", type=int)
+@click.option("--timeout", type=float, default=600, show_default=True)
+def generate(prompt, video, wait, out, model, width, height, num_frames, fps, seed, timeout) -> None:
+    """Submit a job through the HTTP API; with --wait show a progress bar; with --out save the MP4."""
+    from app.client import ApiClientError, DreamqClient
+
+    client = DreamqClient()
+    try:
+        upload_id = None
+        if video is not None:
+            upload_id = client.upload(video)["id"]
+        job = client.submit(prompt, type="modify_video" if upload_id else "text_to_video", upload_id=upload_id,
+                            model=model, width=width, height=height, num_frames=num_frames, fps=fps, seed=seed)
+        click.echo(f"job {job['id']} {job['state']} (tier {job['tier']}, model {job['model']['name']}@{job['model']['version']})", err=True)
+        if not (wait or out):
+            click.echo(json.dumps(job, indent=2))
+            return
+        with click.progressbar(length=100, label="generating", file=sys.stderr) as bar:
+            shown = [0]
+
+            def update(current: dict) -> None:
+                pct = int(current["progress"] * 100)
+                bar.label = current["state"]
+                if pct > shown[0]:
+                    bar.update(pct - shown[0])
+                    shown[0] = pct
+
+            job = client.wait(job["id"], timeout_s=timeout, on_update=update)
+        if job["state"] != "succeeded":
+            failure = job.get("failure") or {}
+            raise click.ClickException(f"job {job['id']} {job['state']}: {failure.get('message', '')}")
+        if out:
+            size = client.download(job["assets"]["video"], out)
+            click.echo(f"saved {out} ({size} bytes)", err=True)
+        click.echo(json.dumps(job, indent=2))
+    except ApiClientError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        client.close()
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """alembic upgrade head."""
+    from app.db.migrate import upgrade
+
+    load_stack_env()
+    get_settings().require("database_url")
+    upgrade(get_settings().database_url)
+    click.echo("schema at head")
+
+
+@main.group()
+def models() -> None:
+    """Model repository: push, list, verify versions."""
+
+
+@models.command("push")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name")
+@click.option("--by", "created_by", default=lambda: os.environ.get("USER", "cli"), help="Recorded as the pusher")
+def models_push(bundle: Path, name: str, created_by: str) -> None:
+    """Upload BUNDLE (model.json, code/, weights/*.safetensors, env/) as the next immutable version."""
+    from app.db.session import transaction
+    from app.storage import ensure_buckets
+    from workers.repository import RepositoryError, push_version
+
+    load_stack_env()
+    get_settings().require("database_url")
+    ensure_buckets()
+    total = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    try:
+        with click.progressbar(length=total, label=f"pushing {name}", file=sys.stderr) as bar:
+            with transaction() as session:
+                pushed = push_version(session, bundle, name, created_by=created_by, progress=bar.update)
+    except RepositoryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({"name": pushed.name, "version": pushed.number, "digest": pushed.digest,
+                           "size_bytes": pushed.size_bytes, "files": pushed.files}, indent=2))
+
+
+@models.command("list")
+def models_list() -> None:
+    """Every model, its versions and aliases."""
+    from sqlalchemy import select
+
+    from app.db.models import Model, ModelAlias, ModelVersion
+    from app.db.session import transaction
+
+    load_stack_env()
+    with transaction() as session:
+        aliases = {(a.model_id, a.version_id): a.alias for a in session.scalars(select(ModelAlias))}
+        for model in session.scalars(select(Model).order_by(Model.name)):
+            click.echo(model.name)
+            for v in session.scalars(select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.number)):
+                tag = aliases.get((model.id, v.id), "")
+                click.echo(f"  v{v.number:<4} {v.digest[:23]}…  {v.size_bytes:>10} B  {v.created_at:%Y-%m-%d %H:%M}  {tag}")
+
+
+@models.command("verify")
+@click.argument("name")
+@click.argument("version", type=int)
+def models_verify(name: str, version: int) -> None:
+    """Re-hash every file of a version in object storage against its manifest."""
+    from sqlalchemy import select
+
+    from app.db.models import Model, ModelVersion
+    from app.db.session import transaction
+    from workers.repository import verify_remote
+
+    load_stack_env()
+    with transaction() as session:
+        row = session.scalar(select(ModelVersion).join(Model).where(Model.name == name, ModelVersion.number == version))
+        if row is None:
+            raise click.ClickException(f"{name} has no version {version}")
+        digest = row.digest
+    problems = verify_remote(name, version, digest)
+    if problems:
+        for problem in problems:
+            click.echo(f"MISMATCH {problem}", err=True)
+        raise click.ClickException(f"{name} v{version} failed verification ({len(problems)} problem(s))")
+    click.echo(f"{name} v{version} {digest}: every file matches its manifest")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,162 @@
+"""Typed settings, each read from the environment with a converter.
+
+Every setting is one line: its variable, its converter, its default and why. A malformed value
+fails fast with the variable's name, at import of the first component that reads settings,
+instead of surfacing later as a confusing error deep in Celery or SQLAlchemy.
+
+`dreamq up` exports the URLs of the services it started, so every process it supervises reads
+the same values from here; in production the operator sets them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+
+class ConfigError(RuntimeError):
+    """A required setting is missing or malformed; the message names the variable."""
+
+
+def _str(value: str) -> str:
+    return value
+
+
+def _int(value: str) -> int:
+    return int(value)
+
+
+def _float(value: str) -> float:
+    return float(value)
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
+
+
+def _env(name: str, default, convert: Callable[[str], object] = _str):
+    """Declare a setting read from `name`; the default applies when it is unset or empty."""
+
+    def factory():
+        raw = os.environ.get(name)
+        if raw is None or raw == "":
+            return default() if callable(default) else default
+        try:
+            return convert(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}={raw!r} is malformed: {exc}") from None
+
+    return field(default_factory=factory, metadata={"env": name})
+
+
+def _default_home() -> str:
+    return str(Path.cwd() / ".dreamq")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where `dreamq up` keeps data (embedded Postgres, Redis AOF, SeaweedFS volumes, model cache,
+    # credentials.json). Relative to the working directory so each checkout has its own.
+    home: str = _env("DREAMQ_HOME", _default_home)
+
+    # Postgres is the source of truth for jobs. Empty means "not configured": `dreamq up` starts
+    # the embedded one and exports the URL; other commands refuse to run without it.
+    database_url: str = _env("DATABASE_URL", "")
+    # Pool per process. gunicorn workers and Celery children each hold their own pool.
+    db_pool_size: int = _env("DREAMQ_DB_POOL_SIZE", 5, _int)
+    db_statement_timeout_ms: int = _env("DREAMQ_DB_STATEMENT_TIMEOUT_MS", 30_000, _int)
+
+    # Celery transport. Redis (appendonly, noeviction) or RabbitMQ both work.
+    broker_url: str = _env("CELERY_BROKER_URL", "")
+    # Redis for rate-limit buckets, dispatch coalescing and worker heartbeats. Defaults to the
+    # broker URL when that is Redis.
+    redis_url: str = _env("DREAMQ_REDIS_URL", "")
+
+    # Object storage (S3 API). Empty endpoint means AWS S3 itself.
+    s3_endpoint_url: str = _env("S3_ENDPOINT_URL", "")
+    s3_region: str = _env("S3_REGION", "us-east-1")
+    s3_access_key: str = _env("AWS_ACCESS_KEY_ID", "")
+    s3_secret_key: str = _env("AWS_SECRET_ACCESS_KEY", "")
+    # Models (immutable versions) and outputs live in separate buckets so retention policies can
+    # differ and a bad lifecycle rule on outputs can never touch a model.
+    models_bucket: str = _env("DREAMQ_MODELS_BUCKET", "dreamq-models")
+    media_bucket: str = _env("DREAMQ_MEDIA_BUCKET", "dreamq-media")
+    # Pre-signed asset URLs expire; a client re-reads the job to get a fresh one.
+    presign_ttl_s: int = _env("DREAMQ_PRESIGN_TTL_S", 3600, _int)
+    # URL clients use to reach S3 when it differs from the one services use (NAT, CDN).
+    s3_public_endpoint_url: str = _env("S3_PUBLIC_ENDPOINT_URL", "")
+
+    # Longest a model may run for one job. Soft < hard < visibility timeout, always: if Redis
+    # redelivered a job still running it would run twice (see tasks/celery_app.py).
+    job_soft_time_limit_s: int = _env("DREAMQ_JOB_SOFT_TIME_LIMIT_S", 1800, _int)
+    job_hard_time_limit_s: int = _env("DREAMQ_JOB_HARD_TIME_LIMIT_S", 1900, _int)
+    broker_visibility_timeout_s: int = _env("DREAMQ_VISIBILITY_TIMEOUT_S", 7200, _int)
+    max_attempts: int = _env("DREAMQ_MAX_ATTEMPTS", 3, _int)
+
+    # Input limits for POST /v1/uploads and generation parameters.
+    max_upload_bytes: int = _env("DREAMQ_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, _int)
+    max_upload_duration_s: float = _env("DREAMQ_MAX_UPLOAD_DURATION_S", 30.0, _float)
+    max_prompt_chars: int = _env("DREAMQ_MAX_PROMPT_CHARS", 2000, _int)
+
+    # The pool a local `dreamq up` serves: cluster name and the model its GPU workers load.
+    default_cluster: str = _env("DREAMQ_CLUSTER", "local")
+    default_model: str = _env("DREAMQ_DEFAULT_MODEL", "demo")
+    # Jobs dispatched but not yet started that one pool may hold (back pressure).
+    default_dispatch_limit: int = _env("DREAMQ_DISPATCH_LIMIT", 8, _int)
+
+    # Flower basic auth; `dreamq up` generates a password when unset.
+    flower_user: str = _env("FLOWER_USER", "admin")
+    flower_password: str = _env("FLOWER_PASSWORD", "")
+
+    # Worker-local model cache (content addressed, size bounded).
+    model_cache_dir: str = _env("DREAMQ_MODEL_CACHE", "")
+    model_cache_max_bytes: int = _env("DREAMQ_MODEL_CACHE_MAX_BYTES", 20 * 1024**3, _int)
+
+    log_level: str = _env("DREAMQ_LOG_LEVEL", "INFO")
+    log_json: bool = _env("DREAMQ_LOG_JSON", True, _bool)
+
+    @property
+    def effective_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url.startswith("redis"):
+            return self.broker_url
+        return ""
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.model_cache_dir or Path(self.home) / "cache")
+
+    def require(self, *names: str) -> None:
+        """Fail fast, naming the variable, when a setting this component needs is empty."""
+        by_name = {f.name: f.metadata.get("env", f.name) for f in fields(self)}
+        missing = [by_name[n] for n in names if not getattr(self, n)]
+        if missing:
+            raise ConfigError(
+                "missing required setting(s): " + ", ".join(missing)
+                + " (export them, or run `dreamq up` which starts embedded services)"
+            )
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """Settings of this process, read once. Tests call `reload_settings()` after changing env."""
+    global _settings
+    if _settings is None:
+        _settings = Settings()
+    return _settings
+
+
+def reload_settings() -> Settings:
+    global _settings
+    _settings = Settings()
+    return _settings

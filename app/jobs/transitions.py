@@ -1,0 +1,125 @@
+"""Job state changes: compare-and-set UPDATE plus a job_events row, in one round trip.
+
+    queued -> dispatched -> running -> succeeded | failed | cancelled
+    dispatched | running -> queued      (worker lost / broker lost the message; attempts counted)
+    queued | dispatched -> cancelled    (user cancel before a worker claims it)
+
+Every change names the state it expects. If the row is not in that state any more (a duplicate
+delivery, a cancel that won the race, a reaper that requeued it), the UPDATE matches nothing and
+the caller learns it lost: a job can never be completed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Iterable
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from app.db.models import JobState
+
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.queued: frozenset({JobState.dispatched, JobState.cancelled, JobState.failed}),
+    JobState.dispatched: frozenset({JobState.running, JobState.queued, JobState.cancelled, JobState.failed}),
+    # running -> running: the message was redelivered because the worker running it died; the
+    # new claim counts another attempt.
+    JobState.running: frozenset(
+        {JobState.running, JobState.succeeded, JobState.failed, JobState.cancelled, JobState.queued}
+    ),
+    JobState.succeeded: frozenset(),
+    JobState.failed: frozenset(),
+    JobState.cancelled: frozenset(),
+}
+
+# Columns a transition may set besides state; names come from code, never from a request.
+_SETTABLE = {
+    "pool_id", "worker_id", "attempts", "progress", "dispatched_at", "started_at", "finished_at",
+    "video_key", "thumbnail_key", "failure_code", "failure_message", "cancel_requested",
+    "dispatch_seq",
+}
+# Values that are SQL expressions rather than bound parameters.
+NOW = object()
+INCREMENT = object()
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def transition(
+    session: Session,
+    job_id: uuid.UUID | str,
+    expected: JobState | Iterable[JobState],
+    to: JobState,
+    *,
+    worker_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+    guard: dict[str, Any] | None = None,
+    **values: Any,
+) -> str | None:
+    """Move a job from one of `expected` to `to`. Returns the state it left, or None if it lost.
+
+    `values` set extra columns in the same UPDATE; pass NOW for `now()` and INCREMENT to add one.
+    `guard` adds equality conditions (e.g. the dispatch_seq a message carries).
+    """
+    expected_set = {expected} if isinstance(expected, JobState) else set(expected)
+    for state in expected_set:
+        if to not in ALLOWED[state]:
+            raise IllegalTransition(f"{state.value} -> {to.value} is not a job transition")
+    unknown = (set(values) | set(guard or {})) - _SETTABLE
+    if unknown:
+        raise ValueError(f"transition cannot set or guard {sorted(unknown)}")
+
+    assignments = ["state = :to", "updated_at = now()"]
+    params: dict[str, Any] = {
+        "id": str(job_id),
+        "expected": [s.value for s in expected_set],
+        "to": to.value,
+        "worker": worker_id,
+        "detail": json.dumps(detail or {}),
+    }
+    for column, value in values.items():
+        if value is NOW:
+            assignments.append(f"{column} = now()")
+        elif value is INCREMENT:
+            assignments.append(f"{column} = j.{column} + 1")
+        else:
+            assignments.append(f"{column} = :v_{column}")
+            params[f"v_{column}"] = str(value) if isinstance(value, uuid.UUID) else value
+    conditions = ["id = :id", "state = ANY(:expected)"]
+    for column, value in (guard or {}).items():
+        conditions.append(f"{column} = :g_{column}")
+        params[f"g_{column}"] = value
+    sql = text(
+        f"""
+        WITH old AS (
+            SELECT id, state FROM jobs WHERE {" AND ".join(conditions)} FOR UPDATE
+        ), upd AS (
+            UPDATE jobs j SET {", ".join(assignments)}
+            FROM old WHERE j.id = old.id
+            RETURNING j.id, old.state AS from_state
+        ), ev AS (
+            INSERT INTO job_events (job_id, from_state, to_state, worker_id, detail)
+            SELECT id, from_state, :to, :worker, CAST(:detail AS jsonb) FROM upd
+        )
+        SELECT from_state FROM upd
+        """
+    )
+    row = session.execute(sql, params).first()
+    return row[0] if row else None
+
+
+def record_event(
+    session: Session, job_id: uuid.UUID | str, state: JobState, *, worker_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """A notable step that is not a state change (model loaded, frames generated, encoded)."""
+    session.execute(
+        text(
+            "INSERT INTO job_events (job_id, from_state, to_state, worker_id, detail) "
+            "VALUES (:id, :state, :state, :worker, CAST(:detail AS jsonb))"
+        ),
+        {"id": str(job_id), "state": state.value, "worker": worker_id, "detail": json.dumps(detail or {})},
+    )

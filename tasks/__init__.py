@@ -1,0 +1,1 @@
+"""Celery side: the app and its queues (celery_app), and the tasks (dispatch, generate, finalize)."""

@@ -1,0 +1,107 @@
+"""The Celery app: every setting that matters for long GPU jobs, in one place.
+
+Queues:
+    control                     dispatch, maintenance (beat)
+    cpu                         encode MP4 + thumbnail, upload, webhooks
+    <cluster>.<model>.<tier>    per pool and tier; a GPU worker consumes its pool's five queues
+                                in tier order (api first), see `pool_queues()`.
+
+Why these settings:
+- JSON only: a pickle payload from anyone who can write to the broker would be code execution.
+- acks_late + prefetch 1 + concurrency 1 per GPU: a message is acknowledged only after the job
+  ends, and a worker never holds a second job it cannot start (which would also hide it from
+  the dispatcher's back-pressure count).
+- Redis visibility_timeout above the hard time limit: Redis redelivers an unacknowledged message
+  after the visibility timeout, so a shorter one would run a long job twice. Postgres guards
+  against that too (compare-and-set claim), but the GPU time would still be wasted.
+- task_reject_on_worker_lost: when the child running a job dies (OOM kill, segfault in a CUDA
+  kernel) the message goes back to the queue instead of being acknowledged and forgotten; the
+  claim counts an attempt in Postgres so a job that kills its worker every time ends failed.
+- queue_order_strategy=priority: kombu's Redis transport BRPOPs the queues in the order given
+  instead of rotating them, so a worker takes api work before free work.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from app.config import get_settings
+
+TIER_ORDER = ("api", "enterprise", "unlimited", "light", "free")
+
+CONTROL_QUEUE = "control"
+CPU_QUEUE = "cpu"
+
+
+def pool_queue_prefix(cluster: str, model: str) -> str:
+    return f"{cluster}.{model}"
+
+
+def pool_queue(cluster: str, model: str, tier: str) -> str:
+    return f"{pool_queue_prefix(cluster, model)}.{tier}"
+
+
+def pool_queues(cluster: str, model: str) -> list[str]:
+    return [pool_queue(cluster, model, tier) for tier in TIER_ORDER]
+
+
+def _broker_transport_options(settings) -> dict:
+    return {
+        "visibility_timeout": settings.broker_visibility_timeout_s,
+        "queue_order_strategy": "priority",
+    }
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    broker = settings.broker_url or "redis://127.0.0.1:6379/0"
+    # Task modules are imported by the worker (include=); publishers send by task name and never
+    # import them, which keeps the API process free of worker code.
+    app = Celery("dreamq", broker=broker, set_as_current=True,
+                 include=["tasks.dispatch", "tasks.generate", "tasks.finalize"])
+    direct = Exchange("", type="direct")
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        # Results live in Postgres (the job row); the broker carries no result traffic.
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=_broker_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        broker_pool_limit=10,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=CPU_QUEUE,
+        task_queues=[Queue(CONTROL_QUEUE, direct, routing_key=CONTROL_QUEUE), Queue(CPU_QUEUE, direct, routing_key=CPU_QUEUE)],
+        # Pool queues are not declared up front: there is one per pool and tier, created by the
+        # dispatcher's publish and by the workers that consume them.
+        task_create_missing_queues=True,
+        task_routes={
+            "dreamq.dispatch": {"queue": CONTROL_QUEUE},
+            "dreamq.maintenance.*": {"queue": CONTROL_QUEUE},
+            "dreamq.finalize": {"queue": CPU_QUEUE},
+        },
+        # CPU tasks: soft limit raises inside the task so it can clean up; hard limit kills.
+        task_soft_time_limit=300,
+        task_time_limit=360,
+        timezone="UTC",
+        enable_utc=True,
+        beat_schedule={},
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+    return app
+
+
+celery_app = make_celery()
+
+# Worker lifecycle hooks must be connected before the worker boots (logging setup, fork init).
+import tasks.signals  # noqa: E402,F401

@@ -1,0 +1,60 @@
+"""CPU task: encode the frames to H.264 MP4 and a JPEG thumbnail, upload both, finish the job."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import numpy as np
+from sqlalchemy import text
+
+from app.config import get_settings
+from app.db.models import JobState
+from app.db.session import transaction
+from app.jobs.transitions import NOW, transition
+from app.logging_setup import job_context
+from app.media import encode_mp4, thumbnail_jpeg
+from app.storage import get_bytes, put_bytes, s3_client
+from tasks.celery_app import celery_app
+from tasks.dispatch import request_dispatch
+
+log = logging.getLogger(__name__)
+
+
+def output_keys(job_id: str, dispatch_seq: int) -> tuple[str, str]:
+    # Per dispatch: a late finalize of an earlier run can then never overwrite or delete the
+    # outputs of the run that actually completed the job.
+    return f"outputs/{job_id}/{dispatch_seq}/video.mp4", f"outputs/{job_id}/{dispatch_seq}/thumbnail.jpg"
+
+
+@celery_app.task(name="dreamq.finalize", bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True,
+                 autoretry_for=(OSError,), retry_backoff=2, retry_backoff_max=60, max_retries=8)
+def finalize(self, job_id: str, dispatch_seq: int, staging_key: str) -> None:
+    settings = get_settings()
+    with job_context(job_id=job_id):
+        started = time.perf_counter()
+        frames = np.load(io.BytesIO(get_bytes(settings.media_bucket, staging_key)), allow_pickle=False)
+        with transaction() as session:
+            fps = session.execute(text("SELECT params->>'fps' FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+        video = encode_mp4(frames, int(fps))
+        thumb = thumbnail_jpeg(frames)
+        video_key, thumb_key = output_keys(job_id, dispatch_seq)
+        # Uploads are idempotent (same key, same bytes), so a retried finalize is harmless.
+        put_bytes(settings.media_bucket, video_key, video, "video/mp4")
+        put_bytes(settings.media_bucket, thumb_key, thumb, "image/jpeg")
+        with transaction() as session:
+            left = transition(
+                session, job_id, JobState.running, JobState.succeeded, guard={"dispatch_seq": dispatch_seq},
+                video_key=video_key, thumbnail_key=thumb_key, progress=1.0, finished_at=NOW,
+                detail={"encode_s": round(time.perf_counter() - started, 3), "video_bytes": len(video)},
+            )
+        if left is None:
+            # Cancelled or requeued while encoding: the outputs belong to no finished job.
+            log.info("finalize lost the race; outputs discarded", extra={"dispatch_seq": dispatch_seq})
+            s3_client().delete_objects(
+                Bucket=settings.media_bucket, Delete={"Objects": [{"Key": video_key}, {"Key": thumb_key}], "Quiet": True}
+            )
+        s3_client().delete_object(Bucket=settings.media_bucket, Key=staging_key)
+        request_dispatch()
+        log.info("finalized", extra={"succeeded": left is not None, "encode_s": round(time.perf_counter() - started, 3)})

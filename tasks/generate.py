@@ -1,0 +1,237 @@
+"""The GPU task: claim the job, run the model with per-step progress, hand the frames on.
+
+The GPU task only runs the model. Encoding and upload run on the `cpu` queue (tasks/finalize.py)
+so the GPU is free for the next job while the last one is being encoded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from billiard.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import text
+
+from app.config import get_settings
+from app.db.models import JobState
+from app.db.session import transaction
+from app.jobs.transitions import INCREMENT, NOW, transition
+from app.logging_setup import job_context
+from app.storage import get_bytes, put_bytes
+from tasks.celery_app import CPU_QUEUE, celery_app
+from tasks.dispatch import request_dispatch
+from workers.repository import IntegrityError as ModelIntegrityError
+
+log = logging.getLogger(__name__)
+
+_settings = get_settings()
+# How often progress is written to Postgres: often enough for a progress bar, rare enough that
+# a 1,000-step job does not write 1,000 rows.
+PROGRESS_INTERVAL_S = 0.25
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: uuid.UUID
+    user_id: uuid.UUID
+    tier: str
+    kind: str
+    prompt: str
+    params: dict[str, Any]
+    model: str
+    version: int
+    digest: str
+    upload_key: str | None
+    attempts: int
+    dispatch_seq: int
+
+
+_CLAIMED_SQL = text(
+    """
+    SELECT j.id, j.user_id, j.tier, j.kind, j.prompt, j.params, j.attempts, j.max_attempts, j.dispatch_seq,
+           m.name AS model, v.number AS version, v.digest, u.object_key AS upload_key
+    FROM jobs j
+    JOIN model_versions v ON v.id = j.model_version_id
+    JOIN models m ON m.id = v.model_id
+    LEFT JOIN uploads u ON u.id = j.upload_id
+    WHERE j.id = :id
+    """
+)
+
+
+def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
+    """dispatched -> running, or running -> running for a message redelivered after its worker died.
+
+    The message's dispatch_seq must match the row's: a stale message from an earlier dispatch, or
+    one for a job cancelled meanwhile, claims nothing and is simply acknowledged.
+    """
+    with transaction() as session:
+        left = transition(
+            session, job_id, {JobState.dispatched, JobState.running}, JobState.running,
+            worker_id=worker_id, guard={"dispatch_seq": dispatch_seq},
+            attempts=INCREMENT, started_at=NOW, progress=0.0,
+        )
+        if left is None:
+            log.info("message does not match the job's state; acknowledged without running",
+                     extra={"job_id": job_id, "dispatch_seq": dispatch_seq})
+            return None
+        row = session.execute(_CLAIMED_SQL, {"id": job_id}).mappings().one()
+        if row["attempts"] > row["max_attempts"]:
+            transition(
+                session, job_id, JobState.running, JobState.failed, worker_id=worker_id,
+                failure_code="max_attempts_exceeded",
+                failure_message=f"the job was started {row['attempts'] - 1} times and its worker was lost each time",
+                finished_at=NOW,
+            )
+            log.warning("job failed: worker lost on every attempt", extra={"job_id": job_id, "attempts": row["attempts"]})
+            return None
+        if left == JobState.running.value:
+            log.warning("job redelivered after its worker was lost", extra={"job_id": job_id, "attempt": row["attempts"]})
+        session.execute(
+            text("UPDATE workers SET state = 'busy', current_job_id = :job, heartbeat_at = now() WHERE id = :w"),
+            {"job": job_id, "w": worker_id},
+        )
+    return ClaimedJob(
+        id=row["id"], user_id=row["user_id"], tier=row["tier"], kind=row["kind"], prompt=row["prompt"],
+        params=row["params"], model=row["model"], version=row["version"], digest=row["digest"],
+        upload_key=row["upload_key"], attempts=row["attempts"], dispatch_seq=row["dispatch_seq"],
+    )
+
+
+class ProgressReporter:
+    """on_step callback: throttled progress writes that double as the cancellation check."""
+
+    def __init__(self, job_id: uuid.UUID, dispatch_seq: int):
+        self.job_id = job_id
+        self.dispatch_seq = dispatch_seq
+        self._last = 0.0
+        self.steps = 0
+
+    def __call__(self, done: int, total: int) -> bool:
+        self.steps += 1
+        now = time.monotonic()
+        if done < total and now - self._last < PROGRESS_INTERVAL_S:
+            return True
+        self._last = now
+        with transaction() as session:
+            row = session.execute(
+                text(
+                    "UPDATE jobs SET progress = :p, updated_at = now() "
+                    "WHERE id = :id AND state = 'running' AND dispatch_seq = :seq RETURNING cancel_requested"
+                ),
+                {"p": round(0.95 * done / max(total, 1), 4), "id": str(self.job_id), "seq": self.dispatch_seq},
+            ).first()
+        # No row: the job left `running` under us (cancelled, or requeued by the reaper). Stop.
+        return row is not None and not row[0]
+
+
+def _fail(job: ClaimedJob, worker_id: str, code: str, message: str) -> None:
+    with transaction() as session:
+        transition(
+            session, job.id, JobState.running, JobState.failed, worker_id=worker_id,
+            guard={"dispatch_seq": job.dispatch_seq},
+            failure_code=code, failure_message=message[:2000], finished_at=NOW,
+        )
+        _worker_idle(session, worker_id)
+    request_dispatch()
+
+
+def _worker_idle(session, worker_id: str) -> None:
+    session.execute(
+        text("UPDATE workers SET state = 'idle', current_job_id = NULL, heartbeat_at = now() WHERE id = :w"),
+        {"w": worker_id},
+    )
+
+
+def staging_key(job_id: uuid.UUID, dispatch_seq: int) -> str:
+    return f"staging/{job_id}/{dispatch_seq}/frames.npy"
+
+
+def run_claimed(job: ClaimedJob, worker_id: str) -> None:
+    from app.media import decode_video
+    from workers.runtime import get_runtime
+
+    settings = get_settings()
+    runtime = get_runtime()
+    params = job.params
+    try:
+        loaded = runtime.get(job.model, job.version, job.digest)
+    except ModelIntegrityError as exc:
+        _fail(job, worker_id, "model_integrity", str(exc))
+        return
+    input_video = None
+    if job.kind == "modify_video":
+        data = get_bytes(settings.media_bucket, job.upload_key)
+        input_video = decode_video(data, width=params["width"], height=params["height"], num_frames=params["num_frames"])
+    reporter = ProgressReporter(job.id, job.dispatch_seq)
+    started = time.perf_counter()
+    try:
+        frames = loaded.model.generate(
+            job.prompt, width=params["width"], height=params["height"], num_frames=params["num_frames"],
+            seed=params["seed"], input_video=input_video, on_step=reporter,
+        )
+    except loaded.cancelled_exc:
+        with transaction() as session:
+            left = transition(
+                session, job.id, JobState.running, JobState.cancelled, worker_id=worker_id,
+                guard={"dispatch_seq": job.dispatch_seq}, finished_at=NOW,
+                detail={"at_step": reporter.steps},
+            )
+            _worker_idle(session, worker_id)
+        log.info("job stopped at a step boundary", extra={"job_id": str(job.id), "cancelled": bool(left)})
+        request_dispatch()
+        return
+    gen_s = time.perf_counter() - started
+    frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    buffer = io.BytesIO()
+    np.save(buffer, frames, allow_pickle=False)
+    key = staging_key(job.id, job.dispatch_seq)
+    put_bytes(settings.media_bucket, key, buffer.getvalue())
+    with transaction() as session:
+        session.execute(
+            text(
+                "UPDATE jobs SET progress = 0.95, updated_at = now() WHERE id = :id AND state = 'running' AND dispatch_seq = :seq"
+            ),
+            {"id": str(job.id), "seq": job.dispatch_seq},
+        )
+        session.execute(
+            text(
+                "INSERT INTO job_events (job_id, from_state, to_state, worker_id, detail) "
+                "VALUES (:id, 'running', 'running', :w, CAST(:d AS jsonb))"
+            ),
+            {"id": str(job.id), "w": worker_id,
+             "d": f'{{"step": "generated", "generate_s": {gen_s:.3f}, "model_load_s": {loaded.load_s:.3f}}}'},
+        )
+        _worker_idle(session, worker_id)
+    celery_app.send_task(
+        "dreamq.finalize", args=[str(job.id), job.dispatch_seq, key], queue=CPU_QUEUE,
+        task_id=f"{job.id}-{job.dispatch_seq}-finalize",
+    )
+    log.info("generated", extra={"job_id": str(job.id), "generate_s": round(gen_s, 3), "frames": int(frames.shape[0])})
+
+
+@celery_app.task(
+    name="dreamq.generate", bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True,
+    soft_time_limit=_settings.job_soft_time_limit_s, time_limit=_settings.job_hard_time_limit_s,
+)
+def generate(self, job_id: str, dispatch_seq: int) -> None:
+    worker_id = self.request.hostname or "unknown"
+    with job_context(job_id=job_id):
+        job = claim(job_id, dispatch_seq, worker_id)
+        if job is None:
+            return
+        # A slot under the dispatch limit just freed up (dispatched -> running).
+        request_dispatch()
+        with job_context(job_id=job_id, user_id=str(job.user_id), tier=job.tier):
+            try:
+                run_claimed(job, worker_id)
+            except SoftTimeLimitExceeded:
+                _fail(job, worker_id, "timeout", f"the job exceeded its time limit of {_settings.job_soft_time_limit_s} s")
+            except Exception as exc:  # a crash in model code fails this job; the worker keeps serving
+                log.exception("job failed in model code")
+                _fail(job, worker_id, "model_error", f"{type(exc).__name__}: {exc}")

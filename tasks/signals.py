@@ -1,0 +1,144 @@
+"""Worker lifecycle: fork safety, logging, the GPU worker's heartbeat and model preload.
+
+- worker_process_init (in each prefork child): drop DB connections and boto3 clients inherited
+  from the parent, and only now touch the device (CUDA must not be initialised before fork).
+- worker_ready (main process of a GPU worker): register in `workers` and heartbeat every few
+  seconds from a thread, so the dispatcher knows the pool has capacity.
+- worker_shutdown: mark the worker stopped, so its pool stops receiving work at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+
+from celery import signals
+from sqlalchemy import text
+
+from app.db.session import dispose_after_fork, transaction
+from app.logging_setup import configure_logging
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = float(os.environ.get("DREAMQ_HEARTBEAT_INTERVAL_S", "5"))
+
+
+def gpu_worker_pool() -> tuple[str, str] | None:
+    """(cluster, model) when this process is a GPU worker started by `dreamq worker`."""
+    cluster, model = os.environ.get("DREAMQ_WORKER_CLUSTER"), os.environ.get("DREAMQ_WORKER_MODEL")
+    return (cluster, model) if cluster and model else None
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_kwargs) -> None:
+    configure_logging(os.environ.get("DREAMQ_LOG_COMPONENT", "worker"))
+
+
+@signals.worker_process_init.connect
+def _child_init(**_kwargs) -> None:
+    from app import storage
+
+    dispose_after_fork()
+    storage.reset_clients()
+    if gpu_worker_pool() is not None and os.environ.get("DREAMQ_PRELOAD", "1") == "1":
+        _preload()
+
+
+def _preload() -> None:
+    """Load the pool's prod version before the first job arrives (warm-up is the slow part)."""
+    from workers.runtime import get_runtime
+
+    cluster, model = gpu_worker_pool()
+    try:
+        with transaction() as session:
+            row = session.execute(
+                text(
+                    "SELECT m.name, v.number, v.digest FROM model_aliases a JOIN models m ON m.id = a.model_id "
+                    "JOIN model_versions v ON v.id = a.version_id WHERE m.name = :m AND a.alias = 'prod'"
+                ),
+                {"m": model},
+            ).first()
+        if row is not None:
+            get_runtime().get(row.name, row.number, row.digest)
+    except Exception:  # a broken version must not keep the worker from serving other versions
+        log.exception("model preload failed", extra={"model": model})
+
+
+_UPSERT = text(
+    """
+    INSERT INTO workers (id, pool_id, hostname, pid, device, state, info, heartbeat_at)
+    VALUES (:id, (SELECT p.id FROM pools p JOIN clusters c ON c.id = p.cluster_id JOIN models m ON m.id = p.model_id
+                  WHERE c.name = :cluster AND m.name = :model),
+            :host, :pid, :device, :state, CAST(:info AS jsonb), now())
+    ON CONFLICT (id) DO UPDATE SET
+        pool_id = EXCLUDED.pool_id, pid = EXCLUDED.pid, device = EXCLUDED.device, heartbeat_at = now(),
+        info = EXCLUDED.info,
+        -- busy/idle are set by the child that runs jobs; the heartbeat only revives a stopped row
+        state = CASE WHEN workers.state IN ('stopped', 'starting') OR :state IN ('stopped', 'draining')
+                     THEN :state ELSE workers.state END,
+        started_at = CASE WHEN workers.state = 'stopped' THEN now() ELSE workers.started_at END
+    """
+)
+
+
+class Heartbeat:
+    def __init__(self, worker_id: str, cluster: str, model: str):
+        self.worker_id, self.cluster, self.model = worker_id, cluster, model
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dreamq-heartbeat", daemon=True)
+        self.state = "idle"
+
+    def beat(self, state: str | None = None) -> None:
+        import json
+
+        info = {"gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "")}
+        with transaction() as session:
+            session.execute(
+                _UPSERT,
+                {"id": self.worker_id, "cluster": self.cluster, "model": self.model, "host": socket.gethostname(),
+                 "pid": os.getpid(), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "cpu"),
+                 "state": state or self.state, "info": json.dumps(info)},
+            )
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                self.beat()
+            except Exception:
+                log.warning("heartbeat failed", exc_info=True)
+
+    def start(self) -> None:
+        self.beat("idle")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.beat("stopped")
+        except Exception:
+            log.warning("could not mark worker stopped", exc_info=True)
+
+
+_heartbeat: Heartbeat | None = None
+
+
+@signals.worker_ready.connect
+def _worker_ready(sender=None, **_kwargs) -> None:
+    global _heartbeat
+    pool = gpu_worker_pool()
+    if pool is None:
+        return
+    _heartbeat = Heartbeat(sender.hostname, *pool)
+    _heartbeat.start()
+    # Jobs may have queued while no worker served this pool.
+    from tasks.dispatch import request_dispatch
+
+    request_dispatch()
+
+
+@signals.worker_shutdown.connect
+def _worker_shutdown(**_kwargs) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

@@ -1,0 +1,1 @@
+"""GPU worker runtime: device pinning, model repository client, local cache, demo models."""
