@@ -95,7 +95,13 @@ def make_celery() -> Celery:
         task_time_limit=360,
         timezone="UTC",
         enable_utc=True,
-        beat_schedule={},
+        # Each periodic task is declared here next to the routing it needs; the tasks themselves
+        # are idempotent, so a late or doubled tick is harmless.
+        beat_schedule={
+            # Safety net under event-driven dispatch: a lost request costs at most one interval.
+            "dispatch-safety-tick": {"task": "dreamq.dispatch", "schedule": 5.0,
+                                     "options": {"queue": CONTROL_QUEUE, "expires": 5}},
+        },
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
     return app

@@ -1,0 +1,1 @@
+"""Local service stack: process supervision and embedded Postgres, Redis and SeaweedFS (S3)."""

@@ -1,0 +1,106 @@
+"""Test setup: real Postgres, Redis and SeaweedFS, once per session.
+
+Services come from DREAMQ_TEST_DATABASE_URL / DREAMQ_TEST_REDIS_URL / DREAMQ_TEST_S3_URL when
+set (CI points the first two at the machine's own PostgreSQL and Redis), else the embedded ones
+are started under a temporary directory. Either way the schema is migrated to head once, and
+each test makes its own users, so tests never see each other's jobs.
+
+Pure unit tests request none of these fixtures and start nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+# Settings read at import by some modules: keep test processes quiet and fast.
+os.environ.setdefault("DREAMQ_LOG_JSON", "0")
+os.environ.setdefault("DREAMQ_LOG_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    from support.services import test_services
+
+    with test_services(tmp_path_factory.mktemp("services")) as urls:
+        yield urls
+
+
+@pytest.fixture(scope="session")
+def stack_env(services, tmp_path_factory, run_id):
+    """Point this process's settings at the test services; migrate; seed tiers; buckets."""
+    from support.stack import configure_environment
+
+    home = tmp_path_factory.mktemp("dreamq-home")
+    env = configure_environment(services, home, run_id)
+    yield env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(stack_env):
+    """The tiny fixture model pushed as version(s) of model `tiny`, served by pool local.tiny."""
+    from support.stack import push_fixture_model
+
+    return push_fixture_model("tiny", ROOT / "tests" / "fixtures" / "bundles" / "tiny", dispatch_limit=4)
+
+
+@pytest.fixture(scope="session")
+def parked_model(stack_env):
+    """The tiny bundle as model `parked`: it has a pool but no worker, so its jobs never run."""
+    from support.stack import push_fixture_model
+
+    return push_fixture_model("parked", ROOT / "tests" / "fixtures" / "bundles" / "tiny", dispatch_limit=2)
+
+
+@pytest.fixture(scope="session")
+def demo_model(stack_env):
+    """The real demo model (workers/demo_models/shapes) pushed as model `demo`."""
+    from support.stack import push_fixture_model
+
+    return push_fixture_model("demo", ROOT / "workers" / "demo_models" / "shapes", dispatch_limit=4)
+
+
+@pytest.fixture(scope="session")
+def workers(stack_env, tiny_model, demo_model, tmp_path_factory):
+    """Real Celery workers as subprocesses: control+cpu, and one CPU-device GPU worker per pool."""
+    from support.stack import running_workers
+
+    # Each tiny-model step sleeps 50 ms so a test can watch progress and cancel mid-run.
+    with running_workers(stack_env, tmp_path_factory.mktemp("worker-logs"), models=["tiny", "demo"],
+                         extra_env={"DREAMQ_TINY_STEP_S": "0.05"}) as handles:
+        yield handles
+
+
+@pytest.fixture(scope="session")
+def flask_app(stack_env):
+    from app.api import create_app
+
+    app = create_app()
+    app.testing = False  # errors go through our handlers, as in production
+    return app
+
+
+@pytest.fixture()
+def client(flask_app):
+    return flask_app.test_client()
+
+
+@pytest.fixture()
+def make_user(stack_env):
+    """Factory: a fresh user (unique name) in a tier, with a key; returns (user_id, key)."""
+    from support.factories import create_user
+
+    return create_user

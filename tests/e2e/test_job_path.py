@@ -1,0 +1,166 @@
+"""The whole job path on real services and real Celery workers (subprocesses, no eager mode).
+
+POST -> Postgres -> dispatcher (control worker) -> pool tier queue -> GPU worker (CPU device)
+running the real demo model -> cpu worker encoding H.264 + thumbnail -> S3 -> pre-signed URLs.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import av
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from sqlalchemy import select, text
+
+from app.config import get_settings
+from app.db.models import JobEvent
+from app.db.session import transaction
+from app.storage import s3_client
+from support.factories import auth
+from support.frames import dominant_colour, motion_direction
+from support.media import moving_square_mp4
+from workers.repository import version_prefix
+
+pytestmark = pytest.mark.slow
+
+
+def wait_done(client, key, job_id, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/generations/{job_id}", headers={**auth(key), "Prefer": "wait=5"}).json
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+    raise AssertionError(f"job {job_id} not done after {timeout}s: {job}")
+
+
+def decode(url: str) -> np.ndarray:
+    data = requests.get(url, timeout=30).content
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+
+
+@pytest.fixture()
+def user(make_user, workers):
+    return make_user("api")
+
+
+@pytest.mark.parametrize(("prompt", "colour", "direction"), [
+    ("a red circle moving right", "red", "right"),
+    ("a blue square moving up", "blue", "up"),
+])
+def test_text_to_video_follows_the_prompt(client, user, prompt, colour, direction):
+    _, key = user
+    response = client.post("/v1/generations", json={"prompt": prompt, "model": "demo", "seed": 3}, headers=auth(key))
+    assert response.status_code == 202, response.json
+    job = wait_done(client, key, response.json["id"])
+    assert job["state"] == "succeeded", job
+    assert job["progress"] == 1.0 and job["attempts"] == 1
+    params = job["params"]
+    frames = decode(job["assets"]["video"])
+    assert frames.shape == (params["num_frames"], params["height"], params["width"], 3)
+    assert dominant_colour(frames) == colour
+    assert motion_direction(frames) == direction
+    thumb = Image.open(io.BytesIO(requests.get(job["assets"]["thumbnail"], timeout=30).content))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 320
+    timings = job["timings"]
+    assert timings["created_at"] <= timings["dispatched_at"] <= timings["started_at"] <= timings["finished_at"]
+    with transaction() as session:
+        states = session.scalars(select(JobEvent.to_state).where(JobEvent.job_id == uuid.UUID(job["id"])).order_by(JobEvent.id)).all()
+    assert states[:3] == ["queued", "dispatched", "running"] and states[-1] == "succeeded"
+
+
+def test_custom_size_and_frame_count(client, user):
+    _, key = user
+    response = client.post("/v1/generations", json={"prompt": "a green triangle moving left", "model": "demo",
+                                                    "width": 96, "height": 64, "num_frames": 10, "fps": 10},
+                           headers=auth(key))
+    job = wait_done(client, key, response.json["id"])
+    assert job["state"] == "succeeded", job
+    frames = decode(job["assets"]["video"])
+    assert frames.shape == (10, 64, 96, 3)
+    assert motion_direction(frames) == "left"
+
+
+def test_modify_video_recolours_the_uploaded_clip(client, user):
+    _, key = user
+    clip = moving_square_mp4(frames=16, size=64, colour=(230, 30, 30), direction="right")
+    upload = client.post("/v1/uploads", data=clip, headers={**auth(key), "Content-Type": "video/mp4"})
+    assert upload.status_code == 201, upload.json
+    response = client.post("/v1/generations", json={"prompt": "make it blue", "model": "demo", "type": "modify_video",
+                                                    "upload_id": upload.json["id"]}, headers=auth(key))
+    job = wait_done(client, key, response.json["id"])
+    assert job["state"] == "succeeded", job
+    frames = decode(job["assets"]["video"])
+    assert dominant_colour(frames) == "blue"
+    assert motion_direction(frames) == "right"
+
+
+def test_prefer_wait_holds_the_post_until_done(client, user):
+    _, key = user
+    started = time.monotonic()
+    response = client.post("/v1/generations", json={"prompt": "quick", "model": "tiny"},
+                           headers={**auth(key), "Prefer": "wait=30"})
+    assert response.status_code == 202
+    assert response.json["state"] == "succeeded", response.json
+    assert time.monotonic() - started < 30
+
+
+def test_a_crash_in_model_code_fails_that_job_and_the_worker_keeps_serving(client, user):
+    _, key = user
+    bad = client.post("/v1/generations", json={"prompt": "please explode", "model": "tiny"}, headers=auth(key)).json
+    job = wait_done(client, key, bad["id"])
+    assert job["state"] == "failed"
+    assert job["failure"] == {"code": "model_error", "message": "RuntimeError: tiny model exploded on purpose"}
+    good = client.post("/v1/generations", json={"prompt": "fine", "model": "tiny"}, headers=auth(key)).json
+    assert wait_done(client, key, good["id"])["state"] == "succeeded"
+
+
+def test_a_version_whose_weights_were_corrupted_fails_with_a_clear_error(client, user, tiny_model):
+    from support.stack import TINY_BUNDLE, push_fixture_model
+
+    _, key = user
+    pushed = push_fixture_model("tiny", TINY_BUNDLE, dispatch_limit=4, force=True)
+    assert pushed["version"] > tiny_model["version"]
+    s3_client().put_object(Bucket=get_settings().models_bucket,
+                           Key=version_prefix("tiny", pushed["version"]) + "weights/tiny.safetensors", Body=b"\x00" * 176)
+    response = client.post("/v1/generations", json={"prompt": "x", "model": "tiny", "model_version": pushed["version"]},
+                           headers=auth(key))
+    job = wait_done(client, key, response.json["id"])
+    assert job["state"] == "failed"
+    assert job["failure"]["code"] == "model_integrity"
+    assert "weights/tiny.safetensors has sha256" in job["failure"]["message"]
+    # The intact version still serves.
+    ok = client.post("/v1/generations", json={"prompt": "x", "model": "tiny", "model_version": tiny_model["version"]},
+                     headers=auth(key)).json
+    assert wait_done(client, key, ok["id"])["state"] == "succeeded"
+
+
+def test_cancel_a_running_job_stops_it_at_the_next_step(client, user):
+    _, key = user
+    job = client.post("/v1/generations", json={"prompt": "slow", "model": "tiny", "num_frames": 64}, headers=auth(key)).json
+    deadline = time.monotonic() + 30
+    progress_seen = []
+    while time.monotonic() < deadline:
+        current = client.get(f"/v1/generations/{job['id']}", headers=auth(key)).json
+        if current["state"] == "running" and current["progress"] > 0:
+            progress_seen.append(current["progress"])
+            if len(progress_seen) >= 2:
+                break
+        time.sleep(0.1)
+    assert len(progress_seen) >= 2 and progress_seen[-1] >= progress_seen[0]
+    response = client.post(f"/v1/generations/{job['id']}/cancel", headers=auth(key))
+    assert response.status_code == 202 and response.json["cancel_requested"] is True
+    done = wait_done(client, key, job["id"])
+    assert done["state"] == "cancelled"
+    assert done["progress"] < 0.95
+    with transaction() as session:
+        detail = session.execute(text("SELECT detail FROM job_events WHERE job_id = :id AND to_state = 'cancelled'"),
+                                 {"id": job["id"]}).scalar_one()
+    assert 0 < detail["at_step"] < 64

@@ -1,0 +1,143 @@
+"""Wiring the test process and its subprocess workers to the test services."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class StackEnv:
+    env: dict[str, str]
+    home: Path
+    run_id: str
+
+
+def configure_environment(services, home: Path, run_id: str) -> StackEnv:
+    from app import redis_client, storage
+    from app.config import reload_settings
+    from app.db import session as db_session
+    from app.db.migrate import upgrade
+    from app.seed import seed_tiers
+
+    env = {
+        "DATABASE_URL": services.database_url,
+        "CELERY_BROKER_URL": services.redis_url,
+        "DREAMQ_REDIS_URL": services.redis_url,
+        "S3_ENDPOINT_URL": services.s3_url,
+        "AWS_ACCESS_KEY_ID": services.s3_access_key,
+        "AWS_SECRET_ACCESS_KEY": services.s3_secret_key,
+        # Per run, so a shared external S3 never mixes two runs' objects.
+        "DREAMQ_MODELS_BUCKET": f"dq-models-{run_id}",
+        "DREAMQ_MEDIA_BUCKET": f"dq-media-{run_id}",
+        "DREAMQ_HOME": str(home),
+        "DREAMQ_MODEL_CACHE": str(home / "cache"),
+        "DREAMQ_HEARTBEAT_INTERVAL_S": "1",
+        "DREAMQ_LOG_JSON": "1",
+    }
+    os.environ.update(env)
+    reload_settings()
+    db_session.dispose_all()
+    storage.reset_clients()
+    redis_client.reset()
+    upgrade(services.database_url)
+    storage.ensure_buckets()
+    from app.db.session import transaction
+
+    with transaction() as session:
+        seed_tiers(session)
+    return StackEnv(env, home, run_id)
+
+
+TINY_BUNDLE = ROOT / "tests" / "fixtures" / "bundles" / "tiny"
+
+
+def push_fixture_model(name: str, bundle: Path, *, dispatch_limit: int, force: bool = False) -> dict:
+    """Push `bundle` as model `name` (once per content unless `force`) and give it a local pool."""
+    from sqlalchemy import select
+
+    from app.db.models import Model, ModelVersion
+    from app.db.session import transaction
+    from app.seed import ensure_demo_model, ensure_pool
+    from workers.repository import push_version
+
+    with transaction() as session:
+        if force:
+            push_version(session, bundle, name, created_by="test")
+        else:
+            ensure_demo_model(session, name, bundle)
+        ensure_pool(session, "local", name, dispatch_limit)
+        version = session.scalar(
+            select(ModelVersion).join(Model).where(Model.name == name).order_by(ModelVersion.number.desc())
+        )
+        return {"name": name, "version": version.number, "digest": version.digest}
+
+
+def _worker_ready(worker_name: str) -> bool:
+    from sqlalchemy import text
+
+    from app.db.session import transaction
+
+    with transaction() as session:
+        return bool(session.execute(
+            text("SELECT 1 FROM workers WHERE id LIKE :n AND state <> 'stopped' AND heartbeat_at > now() - interval '10 seconds'"),
+            {"n": f"{worker_name}@%"},
+        ).first())
+
+
+def _wait_for_ping(prefix: str, proc, log: Path, deadline: float) -> None:
+    from tasks.celery_app import celery_app
+
+    while True:
+        replies = celery_app.control.ping(timeout=0.5) or []
+        if any(name.startswith(prefix) for reply in replies for name in reply):
+            return
+        if not proc.alive():
+            raise RuntimeError("control worker exited:\n" + log.read_text()[-4000:])
+        if time.monotonic() > deadline:
+            raise TimeoutError("control worker not ready:\n" + log.read_text()[-4000:])
+
+
+@contextlib.contextmanager
+def running_workers(stack: StackEnv, log_dir: Path, *, models: list[str], extra_env: dict[str, str] | None = None,
+                    control: bool = True, tag: str = "t") -> Iterator[dict]:
+    """Start a control+cpu worker and one GPU worker per model; stop them all at the end."""
+    from app.cli import worker_command
+    from app.stack.process import ManagedProcess
+
+    base_env = {**os.environ, **stack.env, **(extra_env or {})}
+    procs: dict[str, ManagedProcess] = {}
+    try:
+        if control:
+            argv = [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker", "-Q", "control,cpu",
+                    "-c", "2", "-n", f"cpu-{tag}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+            procs["cpu"] = ManagedProcess("cpu-worker", argv, env={**base_env, "DREAMQ_LOG_COMPONENT": "cpu-worker"},
+                                          cwd=str(ROOT), log_path=log_dir / "cpu-worker.log")
+            procs["cpu"].start()
+        for model in models:
+            name = f"{model}-{tag}"
+            argv, env = worker_command("local", model, "", name)
+            procs[model] = ManagedProcess(f"gpu-worker-{model}", argv, env={**env, **base_env, "CUDA_VISIBLE_DEVICES": ""},
+                                          cwd=str(ROOT), log_path=log_dir / f"gpu-worker-{model}.log")
+            procs[model].start()
+        deadline = time.monotonic() + 90
+        for model in models:
+            while not _worker_ready(f"{model}-{tag}"):
+                if not procs[model].alive():
+                    raise RuntimeError(f"worker {model} exited:\n" + (log_dir / f"gpu-worker-{model}.log").read_text()[-4000:])
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {model} not ready:\n" + (log_dir / f"gpu-worker-{model}.log").read_text()[-4000:])
+                time.sleep(0.2)
+        if control:
+            _wait_for_ping(f"cpu-{tag}@", procs["cpu"], log_dir / "cpu-worker.log", deadline)
+        yield {"procs": procs, "log_dir": log_dir}
+    finally:
+        for proc in reversed(list(procs.values())):
+            proc.stop(grace_s=10)
