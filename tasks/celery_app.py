@@ -26,7 +26,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from app.config import get_settings
+from app.config import ConfigError, get_settings
 
 TIER_ORDER = ("api", "enterprise", "unlimited", "light", "free")
 
@@ -53,8 +53,20 @@ def _broker_transport_options(settings) -> dict:
     }
 
 
+def check_time_limits(settings) -> None:
+    """soft < hard < visibility timeout, or a long job could be redelivered while it still runs."""
+    soft, hard, visibility = (settings.job_soft_time_limit_s, settings.job_hard_time_limit_s,
+                              settings.broker_visibility_timeout_s)
+    if not soft < hard < visibility:
+        raise ConfigError(
+            "need DREAMQ_JOB_SOFT_TIME_LIMIT_S < DREAMQ_JOB_HARD_TIME_LIMIT_S < DREAMQ_VISIBILITY_TIMEOUT_S, "
+            f"got {soft} / {hard} / {visibility}"
+        )
+
+
 def make_celery() -> Celery:
     settings = get_settings()
+    check_time_limits(settings)
     broker = settings.broker_url or "redis://127.0.0.1:6379/0"
     # Task modules are imported by the worker (include=); publishers send by task name and never
     # import them, which keeps the API process free of worker code.
