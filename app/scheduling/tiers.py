@@ -6,15 +6,17 @@ least this fraction of all dispatches in every 10-minute window. `user_concurren
 the jobs one user may have dispatched or running at once, so a single user's burst queues
 behind itself instead of occupying the pool.
 
-The defaults mirror the `tiers` table seeded by the migrations (the live dispatcher reads the
-table; the simulator and tests use these). The floors are tuned, not arbitrary:
+The live dispatcher reads the `tiers` table (app/db/models.py: slo_s, concurrency_cap,
+min_share); the simulator and tests use these defaults, which are also what the table should be
+seeded with. The floors are tuned, not arbitrary:
 
-* api and enterprise have no floor: rank protects them (see policy.py), a floor would only
-  let them take capacity ahead of rank, which they already have.
+* api and enterprise have no floor: rank protects them (see policy.py); a floor would only let
+  them take capacity ahead of rank, which they already have.
 * unlimited 0.08, light 0.05, free 0.03 sum to 0.16, so whatever the lower tiers' backlog, at
   least 84% of dispatches remain for rank order. On our traces api + enterprise never need
-  more than ~60% of the GPUs, so the floors never cost them their SLO; the floors are still
-  well above zero, so a 10-minute window in which a backlogged tier gets nothing is impossible.
+  more than ~40% of the GPUs, so the floors never cost them their SLO (they do cost light ~1.5
+  points of within-W on launch-day: the price of free never being starved). A floor of 3% of
+  ~4-60 dispatches/s is still dozens to a thousand jobs per window, so a backlogged tier moves.
 """
 
 from __future__ import annotations
