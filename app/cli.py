@@ -247,5 +247,73 @@ def models_verify(name: str, version: int) -> None:
     click.echo(f"{name} v{version} {digest}: every file matches its manifest")
 
 
+@main.group()
+def tiers() -> None:
+    """Customer tiers: SLO (W), rate limits, floors, caps. Changes apply without restarts."""
+
+
+@tiers.command("list")
+def tiers_list() -> None:
+    from app.admin.tiers import list_tiers
+    from app.db.session import transaction
+
+    load_stack_env()
+    with transaction() as session:
+        click.echo(f"{'tier':<11}{'W (s)':>8}{'rate/min':>10}{'burst':>7}{'tier rate':>11}{'cap':>6}{'floor':>7}{'quota':>7}{'keep d':>8}")
+        for t in list_tiers(session):
+            click.echo(f"{t.name:<11}{t.slo_s:>8g}{t.rate_per_min:>10g}{t.burst:>7}{t.tier_rate_per_min or '-':>11}"
+                       f"{t.concurrency_cap:>6}{t.min_share:>7g}{t.monthly_quota or '-':>7}{t.retention_days:>8}")
+
+
+def _none_or(convert):
+    def parse(value):
+        return None if value in (None, "none", "null", "") else convert(value)
+    return parse
+
+
+@tiers.command("set")
+@click.argument("name")
+@click.option("--slo", "slo_s", type=float, help="W, the promised worst-case wait, in seconds")
+@click.option("--rate", "rate_per_min", type=float, help="Per-user submissions per minute")
+@click.option("--burst", type=int, help="Per-user bucket size")
+@click.option("--tier-rate", "tier_rate_per_min", help="Whole-tier submissions per minute, or 'none'")
+@click.option("--tier-burst", help="Whole-tier bucket size, or 'none'")
+@click.option("--cap", "concurrency_cap", type=int, help="Jobs dispatched or running per user")
+@click.option("--min-share", type=float, help="Starvation guard: floor on the tier's share of dispatches")
+@click.option("--quota", "monthly_quota", help="Jobs per user per month, or 'none'")
+@click.option("--retention", "retention_days", type=int, help="Days outputs and uploads are kept")
+def tiers_set(name: str, **options) -> None:
+    """Change tier NAME; validated exactly like PATCH /v1/admin/tiers/NAME."""
+    from pydantic import ValidationError
+
+    from app.admin.tiers import TierChangeError, tier_view, update_tier
+    from app.api.schemas import TierPatch
+    from app.db.session import transaction
+
+    load_stack_env()
+    parsers = {"tier_rate_per_min": _none_or(float), "tier_burst": _none_or(int), "monthly_quota": _none_or(int)}
+    given = {k: parsers.get(k, lambda v: v)(v) for k, v in options.items() if v is not None}
+    try:
+        patch = TierPatch.model_validate(given)
+        with transaction() as session:
+            tier = update_tier(session, name, patch.changes(), actor=f"cli:{os.environ.get('USER', '?')}")
+            click.echo(json.dumps(tier_view(tier), indent=2))
+    except ValidationError as exc:
+        raise click.ClickException("; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()))
+    except LookupError:
+        raise click.ClickException(f"no tier named {name!r}") from None
+    except TierChangeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def simulate(ctx) -> None:
+    """Discrete-event simulation of a dispatch policy on a trace (--help for options)."""
+    from app.scheduling.simulator import main as simulator_main
+
+    sys.exit(simulator_main(ctx.args))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

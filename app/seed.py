@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.api.auth import create_key
 from app.db.models import Cluster, Model, ModelVersion, Pool, Tier, User
+from app.scheduling.tiers import DEFAULT_TIERS
 
 log = logging.getLogger(__name__)
 
@@ -22,36 +23,39 @@ DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "workers" / "demo_models" / 
 
 
 @dataclass(frozen=True)
-class TierDefaults:
-    name: str
-    rank: int
-    slo_s: float
+class TierLimits:
+    """What the API enforces per tier; the scheduler's part (W, floors, caps) is in tiers.py."""
+
     rate_per_min: float
     burst: int
-    concurrency_cap: int
-    min_share: float
+    tier_rate_per_min: float | None
+    tier_burst: int | None
     monthly_quota: int | None
     retention_days: int
 
 
-# W (the promised worst-case wait) per tier, from the design: 1 min for api up to 2 h for free.
-# min_share is the starvation guard: the share of dispatches a backlogged tier always gets.
-TIER_DEFAULTS = (
-    TierDefaults("api", 0, 60, 600, 200, 64, 0.0, None, 30),
-    TierDefaults("enterprise", 1, 120, 300, 100, 32, 0.0, None, 30),
-    TierDefaults("unlimited", 2, 600, 60, 30, 4, 0.08, None, 14),
-    TierDefaults("light", 3, 1800, 20, 10, 2, 0.05, 300, 7),
-    TierDefaults("free", 4, 7200, 6, 5, 1, 0.03, 30, 3),
-)
+# Per-user submission buckets, tier-wide buckets, monthly quotas and output retention.
+TIER_LIMITS = {
+    "api": TierLimits(600, 200, None, None, None, 30),
+    "enterprise": TierLimits(300, 100, None, None, None, 30),
+    "unlimited": TierLimits(60, 30, 6000, 1000, None, 14),
+    "light": TierLimits(20, 10, 3000, 500, 300, 7),
+    "free": TierLimits(6, 5, 1200, 200, 30, 3),
+}
 
 
 def seed_tiers(session: Session) -> None:
     existing = set(session.scalars(select(Tier.name)))
-    for t in TIER_DEFAULTS:
-        if t.name not in existing:
-            session.add(Tier(name=t.name, rank=t.rank, slo_s=t.slo_s, rate_per_min=t.rate_per_min, burst=t.burst,
-                             concurrency_cap=t.concurrency_cap, min_share=t.min_share, monthly_quota=t.monthly_quota,
-                             retention_days=t.retention_days))
+    for name, spec in DEFAULT_TIERS.items():
+        if name in existing:
+            continue
+        limits = TIER_LIMITS[name]
+        session.add(Tier(
+            name=name, rank=spec.rank, slo_s=spec.slo_s, min_share=spec.min_share,
+            concurrency_cap=spec.user_concurrency_cap, rate_per_min=limits.rate_per_min, burst=limits.burst,
+            tier_rate_per_min=limits.tier_rate_per_min, tier_burst=limits.tier_burst,
+            monthly_quota=limits.monthly_quota, retention_days=limits.retention_days,
+        ))
     session.flush()
 
 

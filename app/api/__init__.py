@@ -14,7 +14,7 @@ log = logging.getLogger("app.api.access")
 
 
 def create_app() -> Flask:
-    from app.api import generations, health, openapi, uploads
+    from app.api import admin, generations, health, openapi, uploads
     from app.api.errors import register_error_handlers
 
     settings = get_settings()
@@ -23,7 +23,7 @@ def create_app() -> Flask:
     # Werkzeug refuses bodies above this before reading them (413); uploads are the largest.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + 1024 * 1024
     app.json.sort_keys = False
-    for module in (health, generations, uploads, openapi):
+    for module in (health, generations, uploads, admin, openapi):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
 

@@ -14,8 +14,9 @@ from sqlalchemy import and_, or_, select
 from app.api import schemas
 from app.api.errors import Conflict, NotFound, field_error
 from app.api.routing import Context, Deferred, endpoint
-from app.db.models import Job, JobState
+from app.db.models import Job, JobState, Tier
 from app.db.session import after_commit, transaction
+from app.jobs.limits import enforce_quota, enforce_rate
 from app.jobs.submit import create_job
 from app.jobs.transitions import NOW, transition
 from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
@@ -86,20 +87,18 @@ def create_generation(ctx: Context):
             if existing.request_hash != digest:
                 raise Conflict("Idempotency-Key was already used with a different request body", code="idempotency_conflict")
             return load_job_views(ctx.session, [existing])[0], 200, {"Location": url_for("generations.get_generation", job_id=existing.id)}
+    tier = ctx.session.get(Tier, ctx.user.tier)
+    enforce_quota(ctx.session, ctx.user, tier)
     job, model, version = create_job(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
+    # After the insert: a refusal raises inside the transaction and rolls the job back.
+    enforce_rate(ctx.user, tier)
     after_commit(ctx.session, request_dispatch)
     location = url_for("generations.get_generation", job_id=job.id)
     wait = _prefer_wait()
     if wait:
         return Deferred(lambda: (_wait_until_terminal(job.id, wait), 202, {"Location": location}))
     ctx.session.refresh(job)
-    return job_view(job, model.name, version, _slo(ctx, job.tier)), 202, {"Location": location}
-
-
-def _slo(ctx: Context, tier: str) -> float:
-    from app.db.models import Tier
-
-    return ctx.session.get(Tier, tier).slo_s
+    return job_view(job, model.name, version, tier.slo_s), 202, {"Location": location}
 
 
 @endpoint(bp, "/generations/<job_id>", methods=["GET"], auth="user", response=schemas.Job,

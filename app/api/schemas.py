@@ -127,6 +127,53 @@ class Upload(BaseModel):
     expires_at: dt.datetime
 
 
+class TierPatch(Strict):
+    """Fields of a tier an admin may change at run time (rank and name are fixed)."""
+
+    slo_s: Optional[float] = Field(None, gt=0, le=7 * 86400, description="W: the promised worst-case wait")
+    rate_per_min: Optional[float] = Field(None, gt=0, description="Per-user submissions per minute")
+    burst: Optional[int] = Field(None, ge=1, description="Per-user bucket size")
+    tier_rate_per_min: Optional[float] = Field(None, gt=0, description="All users of the tier together; null = none")
+    tier_burst: Optional[int] = Field(None, ge=1)
+    concurrency_cap: Optional[int] = Field(None, ge=1, le=100000, description="Jobs dispatched or running per user")
+    min_share: Optional[float] = Field(None, ge=0, le=1, description="Starvation guard: floor on the tier's dispatch share")
+    monthly_quota: Optional[int] = Field(None, ge=1, description="Jobs per user per calendar month; null = unlimited")
+    retention_days: Optional[int] = Field(None, ge=1, le=3650)
+
+    def changes(self) -> dict:
+        # Only what the client sent: an explicit null clears a nullable limit.
+        return {k: getattr(self, k) for k in self.model_fields_set}
+
+    @model_validator(mode="after")
+    def _not_null(self) -> "TierPatch":
+        for name in ("slo_s", "rate_per_min", "burst", "concurrency_cap", "min_share", "retention_days"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        if not self.model_fields_set:
+            raise ValueError("no field to change")
+        return self
+
+
+class TierOut(BaseModel):
+    name: str
+    rank: int
+    slo_s: float
+    rate_per_min: float
+    burst: int
+    tier_rate_per_min: Optional[float]
+    tier_burst: Optional[int]
+    concurrency_cap: int
+    min_share: float
+    monthly_quota: Optional[int]
+    retention_days: int
+    updated_at: dt.datetime
+
+
+class TierList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TierOut]
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}

@@ -87,6 +87,9 @@ class Tier(Base):
     # Token bucket per user: `rate_per_min` refill, `burst` capacity.
     rate_per_min: Mapped[float] = mapped_column(Float, nullable=False)
     burst: Mapped[int] = mapped_column(Integer, nullable=False)
+    # Token bucket for the whole tier (all its users together); NULL = no tier-wide limit.
+    tier_rate_per_min: Mapped[Optional[float]] = mapped_column(Float)
+    tier_burst: Mapped[Optional[int]] = mapped_column(Integer)
     # Jobs dispatched or running per user at once.
     concurrency_cap: Mapped[int] = mapped_column(Integer, nullable=False)
     # Minimum share of dispatches while the tier has a backlog (the starvation guard).
@@ -300,17 +303,19 @@ class Job(Base):
             "state IN ('queued','dispatched','running','succeeded','failed','cancelled')", name="state"
         ),
         CheckConstraint("kind IN ('text_to_video','modify_video')", name="kind"),
-        # Per-tier (and per-user) heads of the backlog in created_at order without a scan: the
-        # dispatcher reads the oldest queued jobs of each tier from this partial index, so its
-        # cost does not grow with millions of queued rows.
+        # Heads of the backlog per model and tier (and per user) in created_at order without a
+        # scan: the dispatcher reads the oldest queued jobs of each (model, tier) that has pool
+        # room from these partial indexes, so its cost does not grow with millions of queued rows,
+        # and a model without capacity never crowds the heads of one that has it.
         Index(
             "ix_jobs_queued_heads",
+            "model_id",
             "tier",
             "user_id",
             "created_at",
             postgresql_where=text("state = 'queued'"),
         ),
-        Index("ix_jobs_queued_tier_created", "tier", "created_at", postgresql_where=text("state = 'queued'")),
+        Index("ix_jobs_queued_oldest", "model_id", "tier", "created_at", postgresql_where=text("state = 'queued'")),
         # In-flight per pool (dispatch limit) and per user (concurrency cap).
         Index("ix_jobs_pool_inflight", "pool_id", "state", postgresql_where=text("state IN ('dispatched','running')")),
         Index("ix_jobs_user_inflight", "user_id", postgresql_where=text("state IN ('dispatched','running')")),

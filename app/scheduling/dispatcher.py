@@ -1,22 +1,57 @@
-"""The dispatcher: moves queued jobs from Postgres into their pool's tier queue.
+"""The live dispatcher: Postgres backlog -> plan_dispatch (policy.py) -> pool tier queues.
 
-Back pressure: a pool holds at most `dispatch_limit` jobs dispatched-but-not-started; the rest
-waits in Postgres, where its priority can still change. Two dispatchers may run at once (several
-control workers, the beat tick racing an event): each pool row is locked FOR UPDATE SKIP LOCKED,
-so one dispatcher owns a pool's room at a time and the other skips it, and queued rows are taken
-with SKIP LOCKED so no job is released twice.
+One pass, in one transaction:
 
-Publishing happens only after the commit (see tasks/dispatch.py): a message never names a job
-whose dispatch was rolled back.
+1. Pools, locked `FOR UPDATE SKIP LOCKED`. A pool's room = its effective dispatch limit minus
+   the jobs it holds dispatched-but-not-started. The effective limit is the configured
+   `dispatch_limit`, capped at DISPATCH_PER_WORKER x live workers (heartbeat fresh, not
+   draining): a pool whose workers are gone has room 0 and receives nothing, and a pool with
+   one live worker out of fifty does not fill its queue for fifty. Holding the pool rows locked
+   for the pass is what makes the limit exact with several dispatchers: a second dispatcher
+   skips a locked pool (another pass is already filling it) instead of counting the same room.
+2. Heads, one statement for every lane (a model with room x a tier), from the partial indexes
+   on queued jobs (never a scan of the backlog): the lane's K oldest jobs (ix_jobs_queued_oldest)
+   plus the N oldest jobs of each of up to M users (ix_jobs_queued_heads, walked as a loose
+   index scan from a per-lane user cursor). The cursor moves on every pass, so across passes
+   every user with queued work is visited even when a tier has more users than one pass looks
+   at; the K oldest keep the tier's true oldest job (its pressure) in view. Cost depends on K,
+   M, N and the number of lanes, not on how many jobs are queued.
+3. In-flight jobs per user of those heads (ix_jobs_user_inflight), for the concurrency caps.
+4. `plan_dispatch(...)` decides (pure; the same function the simulator proves).
+5. One statement applies the decisions: rows still queued are locked `FOR UPDATE SKIP LOCKED`,
+   moved to dispatched with dispatch_seq+1, and get a job_events row each. A job taken by a
+   concurrent dispatcher is skipped, so no job is ever released twice.
+
+The caller commits, then publishes one message per release (tasks/dispatch.py) and records the
+dispatches in the share ledger (Redis), which the starvation guard reads on the next pass.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
+
+from app.scheduling.policy import Candidate, PoolRoom, ShareLedger, TierBacklog, plan_dispatch
+from app.scheduling.tiers import TierSpec
+
+# A worker's heartbeat older than this and the worker no longer counts as pool capacity.
+WORKER_STALE_S = 30
+# Jobs a pool may hold queued per live worker (on top of the one each is running).
+DISPATCH_PER_WORKER = 2
+# Most decisions in one pass; a full batch makes the task run another pass at once.
+MAX_BATCH = 512
+# Users looked at per tier and pass, and jobs per user (the policy rotates between them).
+USERS_PER_TIER = 64
+JOBS_PER_USER = 4
+
+ZERO_UUID = uuid.UUID(int=0)
 
 
 @dataclass(frozen=True)
@@ -29,54 +64,250 @@ class Release:
     tier: str
 
 
+@dataclass
+class PassResult:
+    releases: list[Release]
+    room: int
+    candidates: int
+    reasons: dict[str, int]
+    planned: int
+    ms: float
+    now: float = 0.0
+
+    def per_tier(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for release in self.releases:
+            counts[release.tier] = counts.get(release.tier, 0) + 1
+        return counts
+
+
 _POOLS_SQL = text(
     """
     SELECT p.id, c.name AS cluster, m.name AS model, p.model_id, p.dispatch_limit,
-           (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'dispatched') AS in_flight
+           (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'dispatched') AS in_flight,
+           (SELECT count(*) FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')
+                AND w.heartbeat_at > now() - make_interval(secs => :stale)) AS live_workers,
+           extract(epoch FROM now()) AS db_now
     FROM pools p
     JOIN clusters c ON c.id = p.cluster_id
     JOIN models m ON m.id = p.model_id
-    WHERE p.enabled AND c.enabled
+    WHERE p.enabled AND c.enabled AND (CAST(:clusters AS text[]) IS NULL OR c.name = ANY(CAST(:clusters AS text[])))
     ORDER BY p.id
     FOR UPDATE OF p SKIP LOCKED
     """
 )
 
-_RELEASE_SQL = text(
+_TIERS_SQL = text("SELECT name, rank, slo_s, min_share, concurrency_cap FROM tiers ORDER BY rank")
+
+_HEADS_SQL = text(
     """
-    WITH picked AS (
-        SELECT j.id FROM jobs j
-        JOIN tiers t ON t.name = j.tier
-        WHERE j.state = 'queued' AND j.model_id = :model_id
-          AND (SELECT count(*) FROM jobs u WHERE u.user_id = j.user_id AND u.state IN ('dispatched', 'running'))
-              < t.concurrency_cap
-        ORDER BY t.rank, j.created_at
-        LIMIT :room
+    WITH RECURSIVE lanes AS (
+        SELECT * FROM unnest(CAST(:models AS uuid[]), CAST(:tiers AS text[]), CAST(:afters AS uuid[]))
+            AS l(model_id, tier, after)
+    ), walk(model_id, tier, user_id, depth) AS (
+        SELECT l.model_id, l.tier,
+               (SELECT j.user_id FROM jobs j
+                WHERE j.state = 'queued' AND j.model_id = l.model_id AND j.tier = l.tier AND j.user_id > l.after
+                ORDER BY j.user_id LIMIT 1),
+               1
+        FROM lanes l
+        UNION ALL
+        SELECT w.model_id, w.tier,
+               (SELECT j.user_id FROM jobs j
+                WHERE j.state = 'queued' AND j.model_id = w.model_id AND j.tier = w.tier AND j.user_id > w.user_id
+                ORDER BY j.user_id LIMIT 1),
+               w.depth + 1
+        FROM walk w WHERE w.user_id IS NOT NULL AND w.depth < :users
+    ), per_user AS (
+        SELECT h.id, h.tier, h.user_id, h.model_id, h.created_at, w.depth
+        FROM walk w
+        CROSS JOIN LATERAL (
+            SELECT j.id, j.tier, j.user_id, j.model_id, j.created_at FROM jobs j
+            WHERE j.state = 'queued' AND j.model_id = w.model_id AND j.tier = w.tier AND j.user_id = w.user_id
+            ORDER BY j.created_at LIMIT :per_user
+        ) h
+        WHERE w.user_id IS NOT NULL
+    ), oldest AS (
+        SELECT o.id, o.tier, o.user_id, o.model_id, o.created_at, NULL::int AS depth
+        FROM lanes l
+        CROSS JOIN LATERAL (
+            SELECT j.id, j.tier, j.user_id, j.model_id, j.created_at FROM jobs j
+            WHERE j.state = 'queued' AND j.model_id = l.model_id AND j.tier = l.tier
+            ORDER BY j.created_at LIMIT :oldest
+        ) o
+    )
+    SELECT id, tier, user_id, model_id, extract(epoch FROM created_at) AS enqueued_at, max(depth) AS depth
+    FROM (SELECT * FROM per_user UNION ALL SELECT * FROM oldest) c
+    GROUP BY id, tier, user_id, model_id, created_at
+    """
+)
+
+_INFLIGHT_SQL = text(
+    """
+    SELECT user_id, count(*) FROM jobs
+    WHERE state IN ('dispatched', 'running') AND user_id = ANY(CAST(:users AS uuid[]))
+    GROUP BY user_id
+    """
+)
+
+_APPLY_SQL = text(
+    """
+    WITH d AS (
+        SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:pools AS uuid[]), CAST(:reasons AS text[]))
+            AS d(id, pool_id, reason)
+    ), locked AS (
+        SELECT j.id, d.pool_id, d.reason FROM jobs j JOIN d ON d.id = j.id
+        WHERE j.state = 'queued'
         FOR UPDATE OF j SKIP LOCKED
     ), upd AS (
-        UPDATE jobs SET state = 'dispatched', pool_id = :pool_id, dispatched_at = now(), updated_at = now(),
-            dispatch_seq = jobs.dispatch_seq + 1
-        FROM picked WHERE jobs.id = picked.id
-        RETURNING jobs.id, jobs.tier, jobs.dispatch_seq
+        UPDATE jobs SET state = 'dispatched', pool_id = locked.pool_id, dispatched_at = now(), updated_at = now(),
+                        dispatch_seq = jobs.dispatch_seq + 1
+        FROM locked WHERE jobs.id = locked.id
+        RETURNING jobs.id, jobs.tier, jobs.dispatch_seq, jobs.pool_id, locked.reason
     ), ev AS (
         INSERT INTO job_events (job_id, from_state, to_state, detail)
-        SELECT id, 'queued', 'dispatched', jsonb_build_object('pool', CAST(:pool_name AS text)) FROM upd
+        SELECT upd.id, 'queued', 'dispatched',
+               jsonb_build_object('pool', CAST(:pool_names AS jsonb) ->> CAST(upd.pool_id AS text), 'reason', upd.reason)
+        FROM upd
     )
-    SELECT id, tier, dispatch_seq FROM upd
+    SELECT id, tier, dispatch_seq, pool_id FROM upd
     """
 )
 
 
-def release_batch(session: Session, *, max_per_pool: int = 256) -> list[Release]:
-    releases: list[Release] = []
-    for pool in session.execute(_POOLS_SQL).mappings().all():
-        room = min(pool["dispatch_limit"] - pool["in_flight"], max_per_pool)
-        if room <= 0:
-            continue
-        name = f"{pool['cluster']}.{pool['model']}"
-        rows = session.execute(
-            _RELEASE_SQL,
-            {"model_id": pool["model_id"], "pool_id": pool["id"], "room": room, "pool_name": name},
-        ).all()
-        releases.extend(Release(row.id, f"{name}.{row.tier}", row.dispatch_seq, row.tier) for row in rows)
-    return releases
+def load_tier_specs(session: Session) -> dict[str, TierSpec]:
+    return {
+        row.name: TierSpec(row.name, row.rank, float(row.slo_s), float(row.min_share), int(row.concurrency_cap))
+        for row in session.execute(_TIERS_SQL)
+    }
+
+
+class Dispatcher:
+    """Stateful only in its per-tier user cursors (rotation); safe to run several at once."""
+
+    def __init__(self, *, policy: str = "slo", max_batch: int = MAX_BATCH, ledger_store: "LedgerStore | None" = None,
+                 tier_cache_s: float = 2.0, clusters: list[str] | None = None):
+        self.policy = policy
+        # Dispatch for these clusters only (None = all): shards dispatch per cluster region.
+        self.clusters = clusters
+        self.max_batch = max_batch
+        self.ledger_store = ledger_store or LedgerStore(None)
+        self.cursors: dict[tuple[str, str], uuid.UUID] = {}
+        self.tier_cache_s = tier_cache_s
+        self._tiers: tuple[float, dict[str, TierSpec]] | None = None
+
+    def tiers(self, session: Session) -> dict[str, TierSpec]:
+        # Admins edit tiers at run time; a couple of seconds of staleness saves a query per pass.
+        now = time.monotonic()
+        if self._tiers is None or now - self._tiers[0] > self.tier_cache_s:
+            self._tiers = (now, load_tier_specs(session))
+        return self._tiers[1]
+
+    def run_pass(self, session: Session) -> PassResult:
+        started = time.perf_counter()
+        pools = session.execute(_POOLS_SQL, {"stale": WORKER_STALE_S, "clusters": self.clusters}).mappings().all()
+        rooms: list[PoolRoom] = []
+        names: dict[str, str] = {}
+        db_now = time.time()
+        for pool in pools:
+            db_now = float(pool["db_now"])
+            limit = min(pool["dispatch_limit"], DISPATCH_PER_WORKER * pool["live_workers"])
+            room = max(limit - pool["in_flight"], 0)
+            names[str(pool["id"])] = f"{pool['cluster']}.{pool['model']}"
+            if room:
+                rooms.append(PoolRoom(pool["id"], str(pool["model_id"]), room))
+        total_room = min(sum(r.room for r in rooms), self.max_batch)
+        if total_room == 0:
+            return PassResult([], 0, 0, {}, 0, (time.perf_counter() - started) * 1000, db_now)
+
+        tiers = self.tiers(session)
+        tier_names = list(tiers)
+        # Lanes: every (model with room, tier). Heads come per lane, so a model without
+        # capacity never fills the heads of one that has it.
+        lanes = [(model, tier) for model in sorted({r.model for r in rooms}) for tier in tier_names]
+        walk_users = min(USERS_PER_TIER, max(total_room, 4))
+        heads_rows = session.execute(_HEADS_SQL, {
+            "models": [m for m, _ in lanes],
+            "tiers": [t for _, t in lanes],
+            "afters": [self.cursors.get(lane, ZERO_UUID) for lane in lanes],
+            "users": walk_users,
+            "per_user": min(JOBS_PER_USER, total_room),
+            "oldest": total_room,
+        }).all()
+        heads: dict[str, list[Candidate]] = {t: [] for t in tier_names}
+        last_user: dict[tuple[str, str], tuple[int, uuid.UUID]] = {}
+        for row in sorted(heads_rows, key=lambda r: r.enqueued_at):
+            model = str(row.model_id)
+            heads[row.tier].append(Candidate(row.id, row.tier, row.user_id, model, float(row.enqueued_at)))
+            lane = (model, row.tier)
+            if row.depth is not None and row.depth >= last_user.get(lane, (0, ZERO_UUID))[0]:
+                last_user[lane] = (row.depth, row.user_id)
+        self._advance_cursors(lanes, last_user, walk_users)
+        users = list({c.user_id for cands in heads.values() for c in cands})
+        inflight = dict(session.execute(_INFLIGHT_SQL, {"users": users}).all()) if users else {}
+        backlog = {t: TierBacklog(t, len(c), c[0].enqueued_at if c else None) for t, c in heads.items()}
+        ledger = self.ledger_store.load(db_now)
+        decisions = plan_dispatch(db_now, tiers, heads, backlog, rooms, inflight, ledger,
+                                  policy=self.policy, max_decisions=total_room)
+        reasons: dict[str, int] = {}
+        for decision in decisions:
+            reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
+        releases: list[Release] = []
+        if decisions:
+            rows = session.execute(_APPLY_SQL, {
+                "ids": [d.candidate.job_id for d in decisions],
+                "pools": [d.pool_id for d in decisions],
+                "reasons": [d.reason for d in decisions],
+                "pool_names": json.dumps(names),
+            }).all()
+            releases = [Release(r.id, f"{names[str(r.pool_id)]}.{r.tier}", r.dispatch_seq, r.tier) for r in rows]
+        return PassResult(releases, total_room, sum(len(c) for c in heads.values()), reasons, len(decisions),
+                          (time.perf_counter() - started) * 1000, db_now)
+
+    def _advance_cursors(self, lanes: list[tuple[str, str]], last_user: dict[tuple[str, str], tuple[int, uuid.UUID]],
+                         users: int) -> None:
+        for lane in lanes:
+            depth, user = last_user.get(lane, (0, ZERO_UUID))
+            # A full walk continues after its last user next time; a short one wrapped around.
+            self.cursors[lane] = user if depth >= users else ZERO_UUID
+
+
+class LedgerStore:
+    """Dispatches per tier in the current 10-minute window, in Redis (one hash per window).
+
+    Redis rather than a COUNT over jobs: at launch-day rates a window holds a million dispatches,
+    and the guard is read on every pass. Without Redis the ledger is kept in process memory,
+    which is exact for a single dispatcher and conservative (under-counts) for several.
+    """
+
+    def __init__(self, redis_client, *, key_prefix: str = "dreamq:ledger:", window_s: float = 600.0):
+        self.redis = redis_client
+        self.prefix = key_prefix
+        self.window_s = window_s
+        self._local = ShareLedger(window_s=window_s)
+
+    def _key(self, window_start: float) -> str:
+        return f"{self.prefix}{int(window_start)}"
+
+    def load(self, now: float) -> ShareLedger:
+        if self.redis is None:
+            return self._local
+        window = math.floor(now / self.window_s) * self.window_s
+        raw: Mapping[Any, Any] = self.redis.hgetall(self._key(window))
+        counts = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+        return ShareLedger.from_counts(now, counts, window_s=self.window_s)
+
+    def record(self, now: float, per_tier: Mapping[str, int]) -> None:
+        if not per_tier:
+            return
+        if self.redis is None:
+            for tier, n in per_tier.items():
+                self._local.record(tier, n, now)
+            return
+        window = math.floor(now / self.window_s) * self.window_s
+        key = self._key(window)
+        pipe = self.redis.pipeline(transaction=False)
+        for tier, n in per_tier.items():
+            pipe.hincrby(key, tier, n)
+        pipe.expire(key, int(self.window_s * 2))
+        pipe.execute()

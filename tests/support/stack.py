@@ -107,37 +107,42 @@ def _wait_for_ping(prefix: str, proc, log: Path, deadline: float) -> None:
 
 @contextlib.contextmanager
 def running_workers(stack: StackEnv, log_dir: Path, *, models: list[str], extra_env: dict[str, str] | None = None,
-                    control: bool = True, tag: str = "t") -> Iterator[dict]:
-    """Start a control+cpu worker and one GPU worker per model; stop them all at the end."""
+                    control: int = 1, tag: str = "t") -> Iterator[dict]:
+    """Start `control` control+cpu workers and one GPU worker per entry of `models` (a model may
+    repeat: several workers in its pool); stop them all at the end."""
     from app.cli import worker_command
     from app.stack.process import ManagedProcess
 
     base_env = {**os.environ, **stack.env, **(extra_env or {})}
     procs: dict[str, ManagedProcess] = {}
+    gpu_names: list[str] = []
     try:
-        if control:
+        for index in range(control):
+            name = f"cpu-{tag}-{index}"
             argv = [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker", "-Q", "control,cpu",
-                    "-c", "2", "-n", f"cpu-{tag}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
-            procs["cpu"] = ManagedProcess("cpu-worker", argv, env={**base_env, "DREAMQ_LOG_COMPONENT": "cpu-worker"},
-                                          cwd=str(ROOT), log_path=log_dir / "cpu-worker.log")
-            procs["cpu"].start()
-        for model in models:
-            name = f"{model}-{tag}"
+                    "-c", "2", "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
+            procs[name] = ManagedProcess(name, argv, env={**base_env, "DREAMQ_LOG_COMPONENT": name}, cwd=str(ROOT),
+                                         log_path=log_dir / f"{name}.log", signal_group=False)
+            procs[name].start()
+        for index, model in enumerate(models):
+            name = f"{model}-{tag}-{index}"
             argv, env = worker_command("local", model, "", name)
-            procs[model] = ManagedProcess(f"gpu-worker-{model}", argv, env={**env, **base_env, "CUDA_VISIBLE_DEVICES": ""},
-                                          cwd=str(ROOT), log_path=log_dir / f"gpu-worker-{model}.log")
-            procs[model].start()
-        deadline = time.monotonic() + 90
-        for model in models:
-            while not _worker_ready(f"{model}-{tag}"):
-                if not procs[model].alive():
-                    raise RuntimeError(f"worker {model} exited:\n" + (log_dir / f"gpu-worker-{model}.log").read_text()[-4000:])
+            procs[name] = ManagedProcess(name, argv, env={**env, **base_env, "CUDA_VISIBLE_DEVICES": ""},
+                                         cwd=str(ROOT), log_path=log_dir / f"{name}.log", signal_group=False)
+            procs[name].start()
+            gpu_names.append(name)
+        deadline = time.monotonic() + 120
+        for name in gpu_names:
+            while not _worker_ready(name):
+                if not procs[name].alive():
+                    raise RuntimeError(f"worker {name} exited:\n" + (log_dir / f"{name}.log").read_text()[-4000:])
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"worker {model} not ready:\n" + (log_dir / f"gpu-worker-{model}.log").read_text()[-4000:])
+                    raise TimeoutError(f"worker {name} not ready:\n" + (log_dir / f"{name}.log").read_text()[-4000:])
                 time.sleep(0.2)
-        if control:
-            _wait_for_ping(f"cpu-{tag}@", procs["cpu"], log_dir / "cpu-worker.log", deadline)
-        yield {"procs": procs, "log_dir": log_dir}
+        for index in range(control):
+            name = f"cpu-{tag}-{index}"
+            _wait_for_ping(f"{name}@", procs[name], log_dir / f"{name}.log", deadline)
+        yield {"procs": procs, "log_dir": log_dir, "gpu_workers": gpu_names}
     finally:
         for proc in reversed(list(procs.values())):
             proc.stop(grace_s=10)

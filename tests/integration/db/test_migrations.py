@@ -21,5 +21,5 @@ def test_database_is_at_head_and_models_match_migrations(stack_env):
 
 def test_backlog_heads_come_from_partial_indexes(stack_env):
     indexes = {ix["name"]: ix for ix in inspect(get_engine()).get_indexes("jobs")}
-    assert indexes["ix_jobs_queued_heads"]["column_names"] == ["tier", "user_id", "created_at"]
+    assert indexes["ix_jobs_queued_heads"]["column_names"] == ["model_id", "tier", "user_id", "created_at"]
     assert "'queued'" in indexes["ix_jobs_queued_heads"]["dialect_options"]["postgresql_where"]

@@ -1,0 +1,1 @@
+"""Operator actions shared by the admin HTTP routes and the CLI (one implementation each)."""

@@ -1,0 +1,71 @@
+"""Submission limits: the tier's monthly quota and its token buckets (per user, per tier).
+
+Checked in this order so a refused request changes nothing: body validation (422) first, then
+the quota (429 quota_exceeded; counting takes no token), then the job is inserted and only then
+a token is taken: a refusal there raises inside the transaction, which rolls the insert back.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import logging
+import math
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from app.api.errors import TooManyRequests
+from app.db.models import Job, Tier
+
+log = logging.getLogger(__name__)
+
+
+def _month_bounds(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    days = calendar.monthrange(now.year, now.month)[1]
+    return start, start + dt.timedelta(days=days)
+
+
+def enforce_quota(session: Session, principal, tier: Tier) -> None:
+    if tier.monthly_quota is None:
+        return
+    # Two concurrent submissions of one user must not both see "one left".
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext('dreamq.quota.' || :u))"), {"u": str(principal.user_id)})
+    now = dt.datetime.now(dt.timezone.utc)
+    start, end = _month_bounds(now)
+    used = session.scalar(
+        select(func.count()).select_from(Job).where(Job.user_id == principal.user_id, Job.created_at >= start)
+    )
+    if used >= tier.monthly_quota:
+        raise TooManyRequests(
+            f"monthly quota of {tier.monthly_quota} jobs for tier {tier.name} is used up; it renews {end.date()}",
+            code="quota_exceeded", headers={"Retry-After": str(math.ceil((end - now).total_seconds()))},
+        )
+
+
+def enforce_rate(principal, tier: Tier) -> None:
+    from app.ratelimit import RateLimiter, RateLimiterUnavailable
+    from app.redis_client import get_redis
+
+    redis = get_redis()
+    if redis is None:
+        return
+    limiter = RateLimiter(redis)
+    buckets = limiter.submission_buckets(
+        user_id=str(principal.user_id), tier=tier.name, user_rate_per_min=tier.rate_per_min, user_burst=tier.burst,
+        tier_rate_per_min=tier.tier_rate_per_min, tier_burst=tier.tier_burst,
+    )
+    try:
+        verdict = limiter.take(buckets)
+    except RateLimiterUnavailable:
+        # Fail open: Postgres is the source of truth and losing Redis must not stop intake.
+        log.warning("rate limiter unavailable; submission accepted without a token")
+        return
+    if not verdict.allowed:
+        scope = "tier" if verdict.limited_by and ":tier:" in verdict.limited_by else "user"
+        retry = max(1, math.ceil(verdict.retry_after_s))
+        raise TooManyRequests(
+            f"submission rate limit of the {tier.name} tier ({scope} bucket) reached; retry in {retry} s",
+            code="rate_limited", headers={"Retry-After": str(retry)},
+        )

@@ -1,0 +1,225 @@
+"""The live dispatcher against real Postgres: limits, liveness, rotation, floors, concurrency.
+
+Each test gets its own cluster, model and pool (a "lane") and a dispatcher restricted to that
+cluster, so the session's other pools and jobs never interfere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from app.db.session import after_commit, transaction
+from app.scheduling.dispatcher import DISPATCH_PER_WORKER, Dispatcher, LedgerStore
+from support.factories import create_user
+
+
+class Lane:
+    def __init__(self, dispatch_limit: int):
+        suffix = uuid.uuid4().hex[:8]
+        self.cluster, self.model = f"c-{suffix}", f"m-{suffix}"
+        with transaction() as session:
+            self.cluster_id = session.execute(text("INSERT INTO clusters (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"),
+                                              {"n": self.cluster}).scalar_one()
+            self.model_id = session.execute(text("INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"),
+                                            {"n": self.model}).scalar_one()
+            self.version_id = session.execute(text(
+                "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
+                "VALUES (gen_random_uuid(), :m, 1, :d, '{}'::jsonb, 0) RETURNING id"),
+                {"m": self.model_id, "d": f"sha256:{uuid.uuid4().hex}"}).scalar_one()
+            self.pool_id = session.execute(text(
+                "INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) VALUES (gen_random_uuid(), :c, :m, :l) RETURNING id"),
+                {"c": self.cluster_id, "m": self.model_id, "l": dispatch_limit}).scalar_one()
+
+    def workers(self, n: int, *, age_s: float = 0, state: str = "idle") -> None:
+        with transaction() as session:
+            for _ in range(n):
+                session.execute(text(
+                    "INSERT INTO workers (id, pool_id, hostname, pid, device, state, heartbeat_at) "
+                    "VALUES (:id, :p, 'test', 1, 'cpu', :s, now() - make_interval(secs => :age))"),
+                    {"id": f"w-{uuid.uuid4().hex[:8]}@test", "p": self.pool_id, "s": state, "age": age_s})
+
+    def jobs(self, user_id, tier: str, n: int, *, age_s: float = 0) -> list[uuid.UUID]:
+        with transaction() as session:
+            return list(session.execute(text(
+                "INSERT INTO jobs (id, user_id, tier, kind, prompt, params, model_id, model_version_id, max_attempts, created_at) "
+                "SELECT gen_random_uuid(), :u, :t, 'text_to_video', 'p', '{}'::jsonb, :m, :v, 3, "
+                "       now() - make_interval(secs => :age) + g * interval '1 millisecond' "
+                "FROM generate_series(1, :n) g RETURNING id"),
+                {"u": user_id, "t": tier, "m": self.model_id, "v": self.version_id, "n": n, "age": age_s}).scalars())
+
+    def count(self, state: str) -> int:
+        with transaction() as session:
+            return session.execute(text("SELECT count(*) FROM jobs WHERE model_id = :m AND state = :s"),
+                                   {"m": self.model_id, "s": state}).scalar_one()
+
+    def start(self, n: int) -> None:
+        """What a worker's claim does: dispatched -> running."""
+        with transaction() as session:
+            session.execute(text(
+                "UPDATE jobs SET state = 'running', started_at = now() WHERE id IN "
+                "(SELECT id FROM jobs WHERE model_id = :m AND state = 'dispatched' ORDER BY dispatched_at LIMIT :n)"),
+                {"m": self.model_id, "n": n})
+
+    def finish_running(self) -> None:
+        with transaction() as session:
+            session.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE model_id = :m AND state = 'running'"),
+                            {"m": self.model_id})
+
+    def dispatcher(self, **kwargs) -> Dispatcher:
+        return Dispatcher(clusters=[self.cluster], ledger_store=LedgerStore(None), **kwargs)
+
+
+def run_pass(dispatcher: Dispatcher):
+    with transaction() as session:
+        return dispatcher.run_pass(session)
+
+
+@pytest.fixture()
+def users(stack_env):
+    return lambda tier="api", n=1: [create_user(tier)[0] for _ in range(n)]
+
+
+def test_the_dispatch_limit_is_never_exceeded_and_freed_room_is_refilled(users):
+    lane = Lane(dispatch_limit=8)
+    lane.workers(4)
+    (user,) = users("api")
+    lane.jobs(user, "api", 30)
+    dispatcher = lane.dispatcher()
+    first = run_pass(dispatcher)
+    assert len(first.releases) == 8 and first.room == 8
+    assert {r.queue for r in first.releases} == {f"{lane.cluster}.{lane.model}.api"}
+    assert run_pass(dispatcher).releases == []
+    lane.start(3)
+    assert len(run_pass(dispatcher).releases) == 3
+    assert lane.count("dispatched") == 8 and lane.count("running") == 3
+
+
+def test_a_pool_without_live_workers_receives_nothing(users):
+    lane = Lane(dispatch_limit=8)
+    (user,) = users("api")
+    lane.jobs(user, "api", 10)
+    dispatcher = lane.dispatcher()
+    assert run_pass(dispatcher).releases == []
+    lane.workers(2, age_s=120)          # heartbeats too old: gone
+    lane.workers(1, state="draining")  # draining takes nothing new
+    assert run_pass(dispatcher).releases == []
+    lane.workers(1)
+    # One live worker: its share of the limit, not the pool's whole limit.
+    assert len(run_pass(dispatcher).releases) == DISPATCH_PER_WORKER
+
+
+def test_one_users_burst_does_not_hold_back_other_users_of_the_tier(users):
+    lane = Lane(dispatch_limit=4)
+    lane.workers(4)
+    heavy, light = users("enterprise", 2)
+    lane.jobs(heavy, "enterprise", 300, age_s=60)  # older than the light user's job
+    (light_job,) = lane.jobs(light, "enterprise", 1)
+    released = {r.job_id for r in run_pass(lane.dispatcher()).releases}
+    assert light_job in released and len(released) == 4
+
+
+def test_user_concurrency_cap_is_respected(users):
+    lane = Lane(dispatch_limit=16)
+    lane.workers(8)
+    (user,) = users("free")  # free tier: cap 2 per user
+    lane.jobs(user, "free", 10)
+    dispatcher = lane.dispatcher()
+    assert len(run_pass(dispatcher).releases) == 2
+    lane.start(2)
+    assert run_pass(dispatcher).releases == []
+    lane.finish_running()
+    assert len(run_pass(dispatcher).releases) == 2
+
+
+def test_paid_tiers_go_first_but_the_free_floor_is_kept(users):
+    lane = Lane(dispatch_limit=10)
+    lane.workers(5)
+    api_users = users("api", 5)
+    free_users = users("free", 60)
+    for user in api_users:
+        lane.jobs(user, "api", 200, age_s=50)  # api is pressed: 50 s of its 60 s W
+    for user in free_users:
+        lane.jobs(user, "free", 1, age_s=60)
+    dispatcher = lane.dispatcher()
+    tiers = {"api": 0, "free": 0}
+    for _ in range(30):
+        result = run_pass(dispatcher)
+        dispatcher.ledger_store.record(result.now, result.per_tier())
+        for release in result.releases:
+            tiers[release.tier] += 1
+        lane.start(len(result.releases))
+        lane.finish_running()
+    total = sum(tiers.values())
+    assert total == 300
+    assert tiers["api"] > 0.9 * total
+    # min_share of free is 0.03: it gets at least that while it has a backlog.
+    assert tiers["free"] >= int(0.03 * total)
+
+
+def test_two_dispatchers_at_once_never_release_a_job_twice_or_exceed_the_limit(users):
+    lane = Lane(dispatch_limit=6)
+    lane.workers(3)
+    all_users = users("unlimited", 12)
+    for user in all_users:
+        lane.jobs(user, "unlimited", 25)
+    stop = threading.Event()
+    released: list[uuid.UUID] = []
+    over_limit: list[int] = []
+    errors: list[BaseException] = []
+
+    def dispatch_loop():
+        dispatcher = lane.dispatcher()
+        try:
+            while not stop.is_set():
+                released.extend(r.job_id for r in run_pass(dispatcher).releases)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    def worker_loop():
+        while not stop.is_set():
+            lane.start(2)
+            lane.finish_running()
+            time.sleep(0.005)
+
+    def sampler():
+        while not stop.is_set():
+            in_flight = lane.count("dispatched")
+            if in_flight > 6:
+                over_limit.append(in_flight)
+
+    threads = [threading.Thread(target=f) for f in (dispatch_loop, dispatch_loop, worker_loop, sampler)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while lane.count("queued") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert lane.count("queued") == 0
+    assert over_limit == []
+    assert len(released) == len(set(released)) == 300
+    with transaction() as session:
+        doubled = session.execute(text(
+            "SELECT e.job_id FROM job_events e JOIN jobs j ON j.id = e.job_id "
+            "WHERE j.model_id = :m AND e.to_state = 'dispatched' GROUP BY e.job_id HAVING count(*) > 1"),
+            {"m": lane.model_id}).all()
+    assert doubled == []
+
+
+def test_after_commit_callbacks_run_only_when_the_transaction_commits(stack_env):
+    ran = []
+    with transaction() as session:
+        after_commit(session, lambda: ran.append("committed"))
+        session.execute(text("SELECT 1"))
+    with pytest.raises(RuntimeError):
+        with transaction() as session:
+            after_commit(session, lambda: ran.append("rolled back"))
+            raise RuntimeError("boom")
+    assert ran == ["committed"]
