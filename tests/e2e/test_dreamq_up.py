@@ -21,6 +21,7 @@ import av
 import numpy as np
 import psutil
 import pytest
+import redis
 import requests
 
 from support.frames import dominant_colour, motion_direction
@@ -36,18 +37,20 @@ SERVICE_VARS = ("DATABASE_URL", "CELERY_BROKER_URL", "DREAMQ_REDIS_URL", "S3_END
                 "DREAMQ_API_URL", "DREAMQ_API_KEY")
 
 
-def clean_env(home: Path) -> dict[str, str]:
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARS}
     env.update({"DREAMQ_HOME": str(home), "PYTHONUNBUFFERED": "1", "DREAMQ_LOG_JSON": "1", "DREAMQ_LOG_LEVEL": "INFO"})
+    env.update(extra)
     return env
 
 
 class Stack:
-    def __init__(self, workdir: Path, *args: str):
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None):
         self.workdir = workdir
         self.home = workdir / ".dreamq"
         self.out = (workdir / f"up-{time.monotonic_ns()}.log").open("w+")
-        self.proc = subprocess.Popen([DREAMQ, "up", "--grace", "5", *args], cwd=workdir, env=clean_env(self.home),
+        self.proc = subprocess.Popen([DREAMQ, "up", "--grace", "5", *args], cwd=workdir,
+                                     env=clean_env(self.home, **(env or {})),
                                      stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
@@ -95,7 +98,7 @@ def decode(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def test_up_generate_stop_restart_keeps_jobs(tmp_path):
+def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
     stack = Stack(tmp_path)
     creds = stack.wait_ready()
     try:
@@ -148,10 +151,17 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path):
         assert stack.stop(signal.SIGTERM) == 0
     assert leftovers(stack.home) == []
 
-    # Restart with a worker: the job accepted before the restart completes.
-    stack = Stack(tmp_path)
+    # Restart with a worker and an external Redis (CELERY_BROKER_URL given, so none is started):
+    # the job accepted before the restart waited in Postgres, not in the broker, and completes.
+    external_redis = services.redis_url.rsplit("/", 1)[0] + "/3"
+    with redis.Redis.from_url(external_redis) as client:
+        client.flushdb()  # a database of its own: nothing left from an earlier run
+    stack = Stack(tmp_path, env={"CELERY_BROKER_URL": external_redis})
     creds3 = stack.wait_ready()
     try:
+        stack_json = json.loads((stack.home / "stack.json").read_text())
+        assert stack_json["services"] == {"postgres": "embedded", "redis": "external", "seaweedfs": "embedded"}
+        assert "redis ready" not in stack.output()
         headers = {"Authorization": f"Bearer {creds3['api_key']}"}
         job = requests.get(f"{creds3['api_url']}/v1/generations/{queued['id']}",
                            headers={**headers, "Prefer": "wait=60"}, timeout=90).json()
