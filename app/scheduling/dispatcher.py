@@ -2,7 +2,8 @@
 
 One pass, in one transaction:
 
-1. Pools, locked `FOR UPDATE SKIP LOCKED`. A pool's room = its effective dispatch limit minus
+1. Pools, locked `FOR UPDATE SKIP LOCKED`, then counted in a second statement (see
+   _LOCK_POOLS_SQL for why the count must come after the lock). A pool's room = its effective dispatch limit minus
    the jobs it holds dispatched-but-not-started. The effective limit is the configured
    `dispatch_limit`, capped at DISPATCH_PER_WORKER x live workers (heartbeat fresh, not
    draining): a pool whose workers are gone has room 0 and receives nothing, and a pool with
@@ -81,6 +82,19 @@ class PassResult:
         return counts
 
 
+# Two statements on purpose. Under READ COMMITTED a statement's snapshot is taken before it
+# waits for or takes row locks: counting in-flight jobs in the same statement that locks the
+# pool could miss the dispatches a concurrent dispatcher committed just before releasing that
+# lock, and overfill the pool. A second statement, issued once the lock is held, sees them.
+_LOCK_POOLS_SQL = text(
+    """
+    SELECT p.id FROM pools p JOIN clusters c ON c.id = p.cluster_id
+    WHERE p.enabled AND c.enabled AND (CAST(:clusters AS text[]) IS NULL OR c.name = ANY(CAST(:clusters AS text[])))
+    ORDER BY p.id
+    FOR UPDATE OF p SKIP LOCKED
+    """
+)
+
 _POOLS_SQL = text(
     """
     SELECT p.id, c.name AS cluster, m.name AS model, p.model_id, p.dispatch_limit,
@@ -91,9 +105,8 @@ _POOLS_SQL = text(
     FROM pools p
     JOIN clusters c ON c.id = p.cluster_id
     JOIN models m ON m.id = p.model_id
-    WHERE p.enabled AND c.enabled AND (CAST(:clusters AS text[]) IS NULL OR c.name = ANY(CAST(:clusters AS text[])))
+    WHERE p.id = ANY(CAST(:ids AS uuid[]))
     ORDER BY p.id
-    FOR UPDATE OF p SKIP LOCKED
     """
 )
 
@@ -136,7 +149,8 @@ _HEADS_SQL = text(
             ORDER BY j.created_at LIMIT :oldest
         ) o
     )
-    SELECT id, tier, user_id, model_id, extract(epoch FROM created_at) AS enqueued_at, max(depth) AS depth
+    SELECT id, tier, user_id, CAST(model_id AS text) AS model, CAST(extract(epoch FROM created_at) AS float8) AS enqueued_at,
+           max(depth) AS depth
     FROM (SELECT * FROM per_user UNION ALL SELECT * FROM oldest) c
     GROUP BY id, tier, user_id, model_id, created_at
     """
@@ -205,7 +219,8 @@ class Dispatcher:
 
     def run_pass(self, session: Session) -> PassResult:
         started = time.perf_counter()
-        pools = session.execute(_POOLS_SQL, {"stale": WORKER_STALE_S, "clusters": self.clusters}).mappings().all()
+        locked = list(session.execute(_LOCK_POOLS_SQL, {"clusters": self.clusters}).scalars())
+        pools = session.execute(_POOLS_SQL, {"stale": WORKER_STALE_S, "ids": locked}).mappings().all() if locked else []
         rooms: list[PoolRoom] = []
         names: dict[str, str] = {}
         db_now = time.time()
@@ -237,9 +252,8 @@ class Dispatcher:
         heads: dict[str, list[Candidate]] = {t: [] for t in tier_names}
         last_user: dict[tuple[str, str], tuple[int, uuid.UUID]] = {}
         for row in sorted(heads_rows, key=lambda r: r.enqueued_at):
-            model = str(row.model_id)
-            heads[row.tier].append(Candidate(row.id, row.tier, row.user_id, model, float(row.enqueued_at)))
-            lane = (model, row.tier)
+            heads[row.tier].append(Candidate(row.id, row.tier, row.user_id, row.model, row.enqueued_at))
+            lane = (row.model, row.tier)
             if row.depth is not None and row.depth >= last_user.get(lane, (0, ZERO_UUID))[0]:
                 last_user[lane] = (row.depth, row.user_id)
         self._advance_cursors(lanes, last_user, walk_users)

@@ -164,3 +164,22 @@ def test_cancel_a_running_job_stops_it_at_the_next_step(client, user):
         detail = session.execute(text("SELECT detail FROM job_events WHERE job_id = :id AND to_state = 'cancelled'"),
                                  {"id": job["id"]}).scalar_one()
     assert 0 < detail["at_step"] < 64
+
+
+def test_a_busy_worker_takes_the_api_queue_before_the_free_queue(client, make_user, workers):
+    """GPU workers consume their pool's tier queues in tier order (kombu priority strategy)."""
+    _, api_key = make_user("api")
+    _, free_key = make_user("free")
+    long_job = client.post("/v1/generations", json={"prompt": "long", "model": "tiny", "num_frames": 40},
+                           headers=auth(api_key)).json
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/generations/{long_job['id']}", headers=auth(api_key)).json["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Both wait in the broker behind the running job; free was queued first.
+    free = client.post("/v1/generations", json={"prompt": "free", "model": "tiny"}, headers=auth(free_key)).json
+    time.sleep(0.3)
+    api = client.post("/v1/generations", json={"prompt": "api", "model": "tiny"}, headers=auth(api_key)).json
+    done = {job["id"]: wait_done(client, key, job["id"]) for job, key in ((free, free_key), (api, api_key))}
+    started = {tier: done[job["id"]]["timings"]["started_at"] for tier, job in (("free", free), ("api", api))}
+    assert started["api"] < started["free"], started

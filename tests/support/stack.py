@@ -42,6 +42,12 @@ def configure_environment(services, home: Path, run_id: str) -> StackEnv:
         "DREAMQ_HEARTBEAT_INTERVAL_S": "1",
         "DREAMQ_LOG_JSON": "1",
     }
+    # DREAMQ_TEST_REDIS_URL names a database reserved for tests: start it empty, so no message
+    # or coalescing key from an earlier (maybe interrupted) run can reach this run's workers.
+    import redis
+
+    with redis.Redis.from_url(services.redis_url) as client:
+        client.flushdb()
     os.environ.update(env)
     reload_settings()
     db_session.dispose_all()

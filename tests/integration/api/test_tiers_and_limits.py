@@ -7,6 +7,7 @@ behaviour other tests see.
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from sqlalchemy import func, select
 from app.db.models import Job, Tier
 from app.db.session import transaction
 from support.factories import auth, create_user
+from support.loadgen import hammer_submissions
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -136,8 +138,9 @@ def test_concurrent_submissions_through_gunicorn_never_exceed_the_bucket(stack_e
         burst, rate_per_min = 10, 12
         user_id, key = create_user(make_tier(rate_per_min=rate_per_min, burst=burst))
         started = time.monotonic()
-        with concurrent.futures.ProcessPoolExecutor(4) as pool:
-            results = list(pool.map(_hammer, [f"http://127.0.0.1:{port}"] * 4, [key] * 4, [3.0] * 4))
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(4, mp_context=spawn) as pool:
+            results = list(pool.map(hammer_submissions, [f"http://127.0.0.1:{port}"] * 4, [key] * 4, [3.0] * 4))
         elapsed = time.monotonic() - started
     finally:
         api.stop(5)
@@ -153,22 +156,3 @@ def _ok(url: str) -> bool:
         return requests.get(url, timeout=1).status_code == 200
     except requests.RequestException:
         return False
-
-
-def _hammer(base: str, key: str, seconds: float) -> tuple[int, int, bool]:
-    accepted = refused = 0
-    retry_after_always = True
-    deadline = time.monotonic() + seconds
-    with requests.Session() as http:
-        while time.monotonic() < deadline:
-            response = http.post(f"{base}/v1/generations", json={"prompt": "burst", "model": "parked"},
-                                 headers={"Authorization": f"Bearer {key}"}, timeout=10)
-            if response.status_code == 202:
-                accepted += 1
-            elif response.status_code == 429:
-                refused += 1
-                retry_after_always &= "Retry-After" in response.headers
-            else:
-                raise AssertionError(f"{response.status_code}: {response.text}")
-    return accepted, refused, retry_after_always
-

@@ -223,3 +223,26 @@ def test_after_commit_callbacks_run_only_when_the_transaction_commits(stack_env)
             after_commit(session, lambda: ran.append("rolled back"))
             raise RuntimeError("boom")
     assert ran == ["committed"]
+
+
+def test_a_failed_publish_returns_the_batch_to_the_queue(users, monkeypatch):
+    import tasks.dispatch as dispatch_module
+
+    lane = Lane(dispatch_limit=4)
+    lane.workers(2)
+    (user,) = users("api")
+    lane.jobs(user, "api", 6)
+
+    def broker_down(releases):
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(dispatch_module, "publish_releases", broker_down)
+    result = dispatch_module.dispatch_once(lane.dispatcher())
+    assert len(result.releases) == 4
+    # Committed as dispatched, then put back by the after-commit handler: nothing holds room.
+    assert lane.count("dispatched") == 0 and lane.count("queued") == 6
+    with transaction() as session:
+        reasons = session.execute(text(
+            "SELECT e.detail->>'reason' FROM job_events e JOIN jobs j ON j.id = e.job_id "
+            "WHERE j.model_id = :m AND e.from_state = 'dispatched' AND e.to_state = 'queued'"), {"m": lane.model_id}).scalars().all()
+    assert reasons == ["publish_failed"] * 4
