@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psutil
 
@@ -175,6 +175,24 @@ class EmbeddedService:
             self.last_start_s = time.monotonic() - t0
             log.info("%s ready at %s in %.2fs", self.name, self.url, self.last_start_s)
             return self
+
+    def _start_on_a_free_port(self, make_process: Callable[[int], ManagedProcess], timeout_s: float) -> None:
+        """Start on the previous (or preferred) port, else a free one; retry when another
+        process takes the port between our check and the server's bind."""
+        for attempt in range(_PORT_CLASH_RETRIES):
+            # A restart keeps the previous port when it can: clients hold the URL.
+            self.port = find_free_port((self.port or self.preferred_port) if attempt == 0 else None)
+            self.process = make_process(self.port)
+            self.process.start()
+            try:
+                self.process.wait_ready(timeout_s)
+                return
+            except ProcessStartError as exc:
+                self.process.stop(0)
+                release_port(self.port)
+                if not _is_port_clash(exc) or attempt == _PORT_CLASH_RETRIES - 1:
+                    raise
+                log.warning("%s port %s was taken meanwhile; retrying", self.name, self.port)
 
     def stop(self, grace_s: float = 10.0) -> str:
         with self._lock:
@@ -411,14 +429,13 @@ class EmbeddedPostgres(EmbeddedService):
         self._initdb(owner)
         self._clear_stale_pidfile()
         socket_dir = self._socket_dir(owner)
-        for attempt in range(_PORT_CLASH_RETRIES):
-            # A restart keeps the previous port when it can: clients hold the URL.
-            self.port = find_free_port((self.port or self.preferred_port) if attempt == 0 else None)
+
+        def make_process(port: int) -> ManagedProcess:
             argv = [
                 str(self.binary),
                 "-D", str(self.pgdata),
                 "-h", HOST,
-                "-p", str(self.port),
+                "-p", str(port),
                 "-k", str(socket_dir),
                 "-c", f"max_connections={self.max_connections}",
                 "-c", "shared_buffers=128MB",
@@ -426,7 +443,7 @@ class EmbeddedPostgres(EmbeddedService):
                 "-c", "logging_collector=off",
                 "-c", "log_line_prefix=%m [%p] ",
             ]
-            self.process = ManagedProcess(
+            return ManagedProcess(
                 "postgres",
                 argv,
                 cwd=self.data_dir,
@@ -439,16 +456,8 @@ class EmbeddedPostgres(EmbeddedService):
                 term_signal=signal.SIGINT,
                 signal_group=False,
             )
-            self.process.start()
-            try:
-                self.process.wait_ready(timeout_s)
-                break
-            except ProcessStartError as exc:
-                self.process.stop(0)
-                release_port(self.port)
-                if not _is_port_clash(exc) or attempt == _PORT_CLASH_RETRIES - 1:
-                    raise
-                log.warning("postgres port %s was taken meanwhile; retrying", self.port)
+
+        self._start_on_a_free_port(make_process, timeout_s)
         self._ensure_database()
 
 
@@ -487,13 +496,11 @@ class EmbeddedRedis(EmbeddedService):
             client.close()
 
     def _launch(self, timeout_s: float) -> None:
-        for attempt in range(_PORT_CLASH_RETRIES):
-            # A restart keeps the previous port when it can: clients hold the URL.
-            self.port = find_free_port((self.port or self.preferred_port) if attempt == 0 else None)
+        def make_process(port: int) -> ManagedProcess:
             argv = [
                 str(self.binary),
                 "--bind", HOST,
-                "--port", str(self.port),
+                "--port", str(port),
                 "--dir", str(self.data_dir),
                 # AOF: queued Celery messages survive a restart or a redis crash (the AOF is
                 # written before replies go out); everysec risks the last second only on an
@@ -506,19 +513,9 @@ class EmbeddedRedis(EmbeddedService):
                 "--daemonize", "no",
                 "--logfile", "",
             ]
-            self.process = ManagedProcess(
-                "redis", argv, cwd=self.data_dir, log_path=self.log_path, ready=self._ready
-            )
-            self.process.start()
-            try:
-                self.process.wait_ready(timeout_s)
-                return
-            except ProcessStartError as exc:
-                self.process.stop(0)
-                release_port(self.port)
-                if not _is_port_clash(exc) or attempt == _PORT_CLASH_RETRIES - 1:
-                    raise
-                log.warning("redis port %s was taken meanwhile; retrying", self.port)
+            return ManagedProcess("redis", argv, cwd=self.data_dir, log_path=self.log_path, ready=self._ready)
+
+        self._start_on_a_free_port(make_process, timeout_s)
 
     def stop(self, grace_s: float = 5.0) -> str:
         # SIGTERM makes redis fsync the AOF and exit, which takes milliseconds.
