@@ -247,6 +247,68 @@ def models_verify(name: str, version: int) -> None:
     click.echo(f"{name} v{version} {digest}: every file matches its manifest")
 
 
+def _model_admin(action, *args, **kwargs) -> None:
+    """Run one alias operation in a transaction and print the model; errors as CLI errors."""
+    from app.admin.models import ModelAdminError
+    from app.db.session import transaction
+
+    load_stack_env()
+    try:
+        with transaction() as session:
+            click.echo(json.dumps(action(session, *args, **kwargs), indent=2))
+    except ModelAdminError as exc:
+        raise click.ClickException(exc.reason) from None
+
+
+def _cli_actor() -> str:
+    return f"cli:{os.environ.get('USER', '?')}"
+
+
+@models.command("show")
+@click.argument("name")
+def models_show(name: str) -> None:
+    """Versions (digest, size, environment), aliases and the audit history of NAME."""
+    from app.admin.models import get_model, model_view
+
+    _model_admin(lambda session: model_view(session, get_model(session, name)))
+
+
+@models.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+def models_promote(name: str, version: int) -> None:
+    """Point prod at VERSION; new jobs that pin no version get it."""
+    from app.admin.models import promote
+
+    _model_admin(promote, name, version, actor=_cli_actor())
+
+
+@models.command("canary")
+@click.argument("name")
+@click.argument("version", type=int, required=False)
+@click.option("--percent", type=float, help="Share of new jobs the canary gets (0-100]")
+@click.option("--clear", is_flag=True, help="Remove the canary")
+def models_canary(name: str, version: int | None, percent: float | None, clear: bool) -> None:
+    """Give VERSION --percent of new jobs, or --clear the canary."""
+    from app.admin.models import clear_canary, set_canary
+
+    if clear:
+        _model_admin(clear_canary, name, actor=_cli_actor())
+        return
+    if version is None or percent is None:
+        raise click.UsageError("give VERSION and --percent, or --clear")
+    _model_admin(set_canary, name, version, percent, actor=_cli_actor())
+
+
+@models.command("rollback")
+@click.argument("name")
+def models_rollback(name: str) -> None:
+    """Point prod back at the previous prod version (and clear the canary)."""
+    from app.admin.models import rollback
+
+    _model_admin(rollback, name, actor=_cli_actor())
+
+
 @main.group()
 def tiers() -> None:
     """Customer tiers: SLO (W), rate limits, floors, caps. Changes apply without restarts."""

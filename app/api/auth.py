@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.errors import Forbidden, Unauthorized
-from app.db.models import ApiKey, User
+from app.db.models import ApiKey, Tier, User
 
 KEY_PREFIX = "dq_"
 SCOPES = ("user", "admin")
@@ -43,6 +43,9 @@ class Principal:
     scopes: frozenset[str]
     key_id: uuid.UUID
     key_prefix: str
+    # The user's tier row, loaded with the key in the same query (limits, SLO) so a submission
+    # does not pay another round trip for it.
+    tier_row: Tier | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_admin(self) -> bool:
@@ -73,11 +76,12 @@ def _bearer() -> str:
 def authenticate(session: Session, required_scope: str) -> Principal:
     token = _bearer()
     row = session.execute(
-        select(ApiKey, User).join(User, User.id == ApiKey.user_id).where(ApiKey.key_hash == hash_key(token))
+        select(ApiKey, User, Tier).join(User, User.id == ApiKey.user_id).join(Tier, Tier.name == User.tier)
+        .where(ApiKey.key_hash == hash_key(token))
     ).first()
     if row is None:
         raise Unauthorized("API key is not valid")
-    key, user = row
+    key, user, tier = row
     if key.revoked_at is not None:
         raise Unauthorized("API key has been revoked")
     if user.disabled:
@@ -85,4 +89,4 @@ def authenticate(session: Session, required_scope: str) -> Principal:
     scopes = frozenset(key.scopes)
     if required_scope not in scopes and "admin" not in scopes:
         raise Forbidden(f"this key lacks the '{required_scope}' scope")
-    return Principal(user.id, user.name, user.tier, scopes, key.id, key.prefix)
+    return Principal(user.id, user.name, user.tier, scopes, key.id, key.prefix, tier)

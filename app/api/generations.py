@@ -14,7 +14,7 @@ from sqlalchemy import and_, or_, select
 from app.api import schemas
 from app.api.errors import Conflict, NotFound, field_error
 from app.api.routing import Context, Deferred, endpoint
-from app.db.models import Job, JobState, Tier
+from app.db.models import Job, JobState
 from app.db.session import after_commit, transaction
 from app.jobs.limits import enforce_quota, enforce_rate
 from app.jobs.submit import create_job
@@ -87,9 +87,9 @@ def create_generation(ctx: Context):
             if existing.request_hash != digest:
                 raise Conflict("Idempotency-Key was already used with a different request body", code="idempotency_conflict")
             return load_job_views(ctx.session, [existing])[0], 200, {"Location": url_for("generations.get_generation", job_id=existing.id)}
-    tier = ctx.session.get(Tier, ctx.user.tier)
+    tier = ctx.user.tier_row
     enforce_quota(ctx.session, ctx.user, tier)
-    job, model, version = create_job(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
+    job, version = create_job(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
     # After the insert: a refusal raises inside the transaction and rolls the job back.
     enforce_rate(ctx.user, tier)
     after_commit(ctx.session, request_dispatch)
@@ -97,8 +97,7 @@ def create_generation(ctx: Context):
     wait = _prefer_wait()
     if wait:
         return Deferred(lambda: (_wait_until_terminal(job.id, wait), 202, {"Location": location}))
-    ctx.session.refresh(job)
-    return job_view(job, model.name, version, tier.slo_s), 202, {"Location": location}
+    return job_view(job, version.model, version, tier.slo_s), 202, {"Location": location}
 
 
 @endpoint(bp, "/generations/<job_id>", methods=["GET"], auth="user", response=schemas.Job,

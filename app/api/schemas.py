@@ -174,6 +174,63 @@ class TierList(BaseModel):
     data: list[TierOut]
 
 
+class PromoteBody(Strict):
+    version: int = Field(ge=1, description="Version number to make prod")
+
+
+class CanaryBody(Strict):
+    version: int = Field(ge=1, description="Version number that takes a share of new jobs")
+    percent: float = Field(gt=0, le=100, description="Share of new jobs (that pin no version) it gets")
+
+
+class AliasOut(BaseModel):
+    version: Optional[int]
+    percent: Optional[float]
+    updated_by: str
+    updated_at: dt.datetime
+
+
+class VersionOut(BaseModel):
+    version: int
+    digest: str
+    size_bytes: int
+    files: int
+    environment: dict
+    created_by: str
+    created_at: dt.datetime
+
+
+class AliasEventOut(BaseModel):
+    alias: str
+    action: str
+    from_version: Optional[int]
+    to_version: Optional[int]
+    percent: Optional[float]
+    actor: str
+    at: dt.datetime
+
+
+class ModelOut(BaseModel):
+    name: str
+    description: str
+    aliases: dict[str, AliasOut]
+    versions: list[VersionOut]
+    history: list[AliasEventOut]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+
+
+class VerifyOut(BaseModel):
+    name: str
+    version: int
+    digest: str
+    ok: bool
+    problems: list[str]
+
+
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}

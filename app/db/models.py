@@ -185,6 +185,27 @@ class ModelAlias(Base):
     )
 
 
+class ModelAliasEvent(Base):
+    """Audit of alias moves: who pointed which alias where, when (promote, canary, rollback)."""
+
+    __tablename__ = "model_alias_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), nullable=False)
+    alias: Mapped[str] = mapped_column(String(32), nullable=False)
+    action: Mapped[str] = mapped_column(String(16), nullable=False)
+    from_version_id: Mapped[Optional[uuid.UUID]] = mapped_column(ForeignKey("model_versions.id"))
+    to_version_id: Mapped[Optional[uuid.UUID]] = mapped_column(ForeignKey("model_versions.id"))
+    percent: Mapped[Optional[float]] = mapped_column(Float)
+    actor: Mapped[str] = mapped_column(String(200), nullable=False)
+    at: Mapped[created_at]
+
+    __table_args__ = (
+        Index("ix_model_alias_events_model_alias_at", "model_id", "alias", "at"),
+        CheckConstraint("action IN ('promote', 'canary', 'clear', 'rollback', 'push')", name="action"),
+    )
+
+
 class Cluster(Base):
     __tablename__ = "clusters"
 
@@ -261,6 +282,9 @@ class Upload(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # Server defaults (created_at, state, progress...) come back in the INSERT's RETURNING: the
+    # 202 needs them, and a refresh would cost another round trip per submission.
+    __mapper_args__ = {"eager_defaults": True}
 
     id: Mapped[uuid_pk]
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)

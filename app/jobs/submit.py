@@ -9,34 +9,67 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.api.errors import field_error
 from app.config import get_settings
-from app.db.models import Job, JobEvent, JobKind, JobState, Model, ModelAlias, ModelVersion, Pool, Upload
+from app.db.models import Job, JobEvent, JobKind, JobState, Upload
 
 PARAMS = ("width", "height", "num_frames", "fps")
 FALLBACK_DEFAULTS = {"width": 128, "height": 128, "num_frames": 24, "fps": 12}
 
 
-def resolve_version(session: Session, name: str, number: int | None) -> tuple[Model, ModelVersion]:
-    model = session.scalar(select(Model).where(Model.name == name))
-    if model is None:
+@dataclass(frozen=True)
+class ResolvedVersion:
+    model_id: uuid.UUID
+    model: str
+    id: uuid.UUID
+    number: int
+    digest: str
+    manifest: dict[str, Any]
+
+
+# One round trip: the model, whether a pool serves it, and the candidate versions (the pinned
+# number, or the versions its aliases point at).
+_RESOLVE_SQL = text(
+    """
+    SELECT m.id AS model_id, EXISTS (SELECT 1 FROM pools p WHERE p.model_id = m.id) AS has_pool,
+           v.id AS version_id, v.number, v.digest, v.manifest, a.alias, a.percent
+    FROM models m
+    LEFT JOIN model_aliases a ON a.model_id = m.id AND CAST(:number AS int) IS NULL
+    LEFT JOIN model_versions v ON v.model_id = m.id
+         AND (v.number = CAST(:number AS int) OR (CAST(:number AS int) IS NULL AND v.id = a.version_id))
+    WHERE m.name = :name
+    """
+)
+
+
+def resolve_version(session: Session, name: str, number: int | None) -> tuple[ResolvedVersion, bool]:
+    """The exact version a new job runs on, and whether any pool serves the model."""
+    rows = session.execute(_RESOLVE_SQL, {"name": name, "number": number}).all()
+    if not rows:
         raise field_error("model", f"unknown model '{name}'")
+    has_pool = rows[0].has_pool
+    found = [r for r in rows if r.version_id is not None]
     if number is not None:
-        version = session.scalar(
-            select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
-        )
-        if version is None:
+        if not found:
             raise field_error("model_version", f"model '{name}' has no version {number}")
-        return model, version
-    alias = session.get(ModelAlias, (model.id, "prod"))
-    if alias is None:
-        raise field_error("model", f"model '{name}' has no prod version yet")
-    return model, session.get(ModelVersion, alias.version_id)
+        chosen = found[0]
+    else:
+        by_alias = {r.alias: r for r in found}
+        if "prod" not in by_alias:
+            raise field_error("model", f"model '{name}' has no prod version yet")
+        chosen = by_alias["prod"]
+        canary = by_alias.get("canary")
+        # An independent draw per job: over N jobs the canary's share is within a few
+        # sqrt(N)/N of its percentage, with no shared counter to contend on.
+        if canary is not None and secrets.randbelow(10_000) < canary.percent * 100:
+            chosen = canary
+    return ResolvedVersion(chosen.model_id, name, chosen.version_id, chosen.number, chosen.digest, chosen.manifest), has_pool
 
 
 def check_params(manifest: dict[str, Any], requested: dict[str, int | None]) -> dict[str, int]:
@@ -64,11 +97,11 @@ def check_params(manifest: dict[str, Any], requested: dict[str, int | None]) -> 
 
 
 def create_job(session: Session, principal, body, *, idempotency_key: str | None = None,
-               request_hash: str | None = None) -> tuple[Job, Model, ModelVersion]:
+               request_hash: str | None = None) -> tuple[Job, ResolvedVersion]:
     settings = get_settings()
     name = body.model or settings.default_model
-    model, version = resolve_version(session, name, body.model_version)
-    if session.scalar(select(Pool.id).where(Pool.model_id == model.id).limit(1)) is None:
+    version, has_pool = resolve_version(session, name, body.model_version)
+    if not has_pool:
         raise field_error("model", f"no pool serves model '{name}'")
     params = check_params(version.manifest, body.model_dump())
 
@@ -89,7 +122,7 @@ def create_job(session: Session, principal, body, *, idempotency_key: str | None
         state=JobState.queued.value,
         prompt=body.prompt,
         params=params,
-        model_id=model.id,
+        model_id=version.model_id,
         model_version_id=version.id,
         upload_id=upload_id,
         max_attempts=settings.max_attempts,
@@ -100,4 +133,4 @@ def create_job(session: Session, principal, body, *, idempotency_key: str | None
     session.add(JobEvent(job_id=job.id, from_state=None, to_state=JobState.queued.value,
                          detail={"model": name, "version": version.number}))
     session.flush()
-    return job, model, version
+    return job, version

@@ -22,7 +22,8 @@ def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None
     return round((end - start).total_seconds(), 3)
 
 
-def job_view(job: Job, model_name: str, version: ModelVersion, slo_s: float, now: dt.datetime | None = None) -> dict[str, Any]:
+def job_view(job: Job, model_name: str, version, slo_s: float, now: dt.datetime | None = None) -> dict[str, Any]:
+    """`version`: anything with .number and .digest (a ModelVersion or a ResolvedVersion)."""
     now = now or dt.datetime.now(dt.timezone.utc)
     waited_until = job.started_at or (job.finished_at if job.state in ("cancelled", "failed") else None) or now
     assets = None
