@@ -20,16 +20,12 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import platform
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from filelock import FileLock
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
@@ -157,21 +153,32 @@ def push_version(
     description: str | None = None,
     set_prod_if_missing: bool = True,
     progress: Callable[[int], None] | None = None,
+    number: int | None = None,
 ) -> PushedVersion:
-    """Upload `bundle` as the next version of `name` and register it (caller commits)."""
+    """Upload `bundle` as version `number` (default: the next) of `name` and register it.
+
+    The caller commits. Pushes of one model are serialised by an advisory lock held until
+    that commit, taken before anything else (even creating the model row), so of two
+    concurrent pushes of the same number exactly one writes it and the other is refused
+    before it uploads a byte.
+    """
     settings = get_settings()
     bucket = settings.models_bucket
     client = s3_client()
     bundle = bundle.resolve()
 
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext('dreamq.push.' || :name))"), {"name": name})
     model = session.scalar(select(Model).where(Model.name == name))
     if model is None:
         model = Model(id=uuid.uuid4(), name=name, description=description or "")
         session.add(model)
         session.flush()
-    # Serialise pushes of one model (across hosts) so two never take the same number.
-    session.execute(text("SELECT pg_advisory_xact_lock(hashtext('dreamq.push.' || :name))"), {"name": name})
-    number = (session.scalar(select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)) or 0) + 1
+    latest = session.scalar(select(func.max(ModelVersion.number)).where(ModelVersion.model_id == model.id)) or 0
+    if number is None:
+        number = latest + 1
+    elif number <= latest:
+        raise VersionExists(f"{name} version {number} exists or is older than the latest (v{latest}); "
+                            "versions are immutable and numbers only grow")
     prefix = version_prefix(name, number)
     if _object_exists(client, bucket, prefix + MANIFEST):
         raise VersionExists(f"{name} version {number} already exists in s3://{bucket}/{prefix} (versions are immutable)")
@@ -182,8 +189,15 @@ def push_version(
     for path, rel in uploads:
         client.upload_file(str(path), bucket, prefix + rel, Config=TRANSFER, Callback=progress)
         total += path.stat().st_size
-    # The manifest goes last: until it exists, readers see no version.
-    client.put_object(Bucket=bucket, Key=prefix + MANIFEST, Body=manifest_bytes, ContentType="application/json")
+    # The manifest goes last: until it exists, readers see no version. If-None-Match makes the
+    # store itself refuse a second manifest for this number (a writer outside our lock).
+    try:
+        client.put_object(Bucket=bucket, Key=prefix + MANIFEST, Body=manifest_bytes, ContentType="application/json",
+                          IfNoneMatch="*")
+    except client.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "412"}:
+            raise VersionExists(f"{name} version {number} was written by another push meanwhile") from None
+        raise
     manifest = json.loads(manifest_bytes)
     version = ModelVersion(
         id=uuid.uuid4(), model_id=model.id, number=number, digest=digest, manifest=manifest,
@@ -192,7 +206,10 @@ def push_version(
     session.add(version)
     session.flush()
     if set_prod_if_missing and session.get(ModelAlias, (model.id, "prod")) is None:
-        session.add(ModelAlias(model_id=model.id, alias="prod", version_id=version.id, updated_by=created_by))
+        from app.admin.models import set_alias
+
+        # The first version becomes prod, audited like any later promote.
+        set_alias(session, model, "prod", version, action="promote", actor=created_by)
     log.info("pushed model version", extra={"model": name, "version": number, "digest": digest, "bytes": total})
     return PushedVersion(name, number, digest, total, len(uploads))
 
@@ -207,14 +224,22 @@ def _object_exists(client: Any, bucket: str, key: str) -> bool:
         raise
 
 
-def fetch_manifest(name: str, number: int, digest: str) -> dict[str, Any]:
-    """Read a version's manifest from storage and check it is the one the registry recorded."""
+def fetch_manifest_bytes(name: str, number: int, digest: str) -> bytes:
+    """A version's manifest exactly as stored, after checking it is the one the registry recorded.
+
+    The exact bytes (not a re-serialisation) let a local copy be checked against `digest` later.
+    """
     settings = get_settings()
     body = s3_client().get_object(Bucket=settings.models_bucket, Key=version_prefix(name, number) + MANIFEST)["Body"].read()
     actual = manifest_digest(body)
     if actual != digest:
         raise IntegrityError(f"{name} v{number}: manifest digest is {actual}, registry says {digest}")
-    return json.loads(body)
+    return body
+
+
+def fetch_manifest(name: str, number: int, digest: str) -> dict[str, Any]:
+    """Read a version's manifest from storage and check it is the one the registry recorded."""
+    return json.loads(fetch_manifest_bytes(name, number, digest))
 
 
 def verify_remote(name: str, number: int, digest: str) -> list[str]:
@@ -246,57 +271,15 @@ def verify_remote(name: str, number: int, digest: str) -> list[str]:
     return problems
 
 
-class LocalVersionCache:
-    """Verified local copies of versions, one directory per manifest digest.
+def __getattr__(attr: str) -> Any:
+    # The per-digest download cache that lived here became workers.cache.ModelCache (shared
+    # blobs, LRU bound, pins); the old name keeps imports elsewhere working. Lazy, because
+    # workers.cache imports this module.
+    if attr == "LocalVersionCache":
+        from workers.cache import ModelCache
 
-    Shared by the workers of one host: a file lock per digest means two workers never download
-    the same version at once (the second waits, then finds it complete). A version directory is
-    built under a temporary name and renamed into place only after every file's sha256 matched,
-    so a crash mid-download never leaves a directory that looks complete.
-    """
-
-    def __init__(self, root: Path | None = None):
-        self.root = Path(root or get_settings().cache_dir)
-        (self.root / "versions").mkdir(parents=True, exist_ok=True)
-        (self.root / "locks").mkdir(parents=True, exist_ok=True)
-
-    def path_for(self, digest: str) -> Path:
-        return self.root / "versions" / digest.replace(":", "-")
-
-    def ensure(self, name: str, number: int, digest: str) -> Path:
-        final = self.path_for(digest)
-        if (final / MANIFEST).is_file():
-            return final
-        with FileLock(str(self.root / "locks" / (digest.replace(":", "-") + ".lock")), timeout=600):
-            if (final / MANIFEST).is_file():
-                return final
-            self._download(name, number, digest, final)
-        return final
-
-    def _download(self, name: str, number: int, digest: str, final: Path) -> None:
-        settings = get_settings()
-        client = s3_client()
-        manifest = fetch_manifest(name, number, digest)
-        prefix = version_prefix(name, number)
-        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self.root / "versions"))
-        try:
-            for entry in manifest["files"]:
-                target = staging / entry["path"]
-                if ".." in Path(entry["path"]).parts or Path(entry["path"]).is_absolute():
-                    raise IntegrityError(f"manifest path escapes the version: {entry['path']}")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(settings.models_bucket, prefix + entry["path"], str(target), Config=TRANSFER)
-                actual = sha256_file(target)
-                if actual != entry["sha256"] or target.stat().st_size != entry["size"]:
-                    raise IntegrityError(
-                        f"{name} v{number}: {entry['path']} has sha256 {actual}, manifest says {entry['sha256']}"
-                        " (refusing to load a corrupted or tampered version)"
-                    )
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            os.replace(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        return ModelCache
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 def iter_versions(session: Session, name: str) -> Iterable[ModelVersion]:

@@ -47,7 +47,7 @@ def get_version(session: Session, model: Model, number: int) -> ModelVersion:
     return version
 
 
-def _set_alias(session: Session, model: Model, alias: str, version: ModelVersion | None, *, action: str, actor: str,
+def set_alias(session: Session, model: Model, alias: str, version: ModelVersion | None, *, action: str, actor: str,
                percent: float | None = None) -> None:
     current = session.get(ModelAlias, (model.id, alias))
     previous = current.version_id if current else None
@@ -73,11 +73,11 @@ def promote(session: Session, name: str, number: int, *, actor: str) -> dict[str
     prod = session.get(ModelAlias, (model.id, PROD))
     if prod is not None and prod.version_id == version.id:
         raise ModelAdminError("version", f"v{number} is already prod", status=409)
-    _set_alias(session, model, PROD, version, action="promote", actor=actor)
+    set_alias(session, model, PROD, version, action="promote", actor=actor)
     canary = session.get(ModelAlias, (model.id, CANARY))
     if canary is not None and canary.version_id == version.id:
         # The canary graduated: it no longer needs a share of its own.
-        _set_alias(session, model, CANARY, None, action="clear", actor=actor)
+        set_alias(session, model, CANARY, None, action="clear", actor=actor)
     return model_view(session, model)
 
 
@@ -91,7 +91,7 @@ def set_canary(session: Session, name: str, number: int, percent: float, *, acto
         raise ModelAdminError("version", "the model has no prod version to share traffic with", status=409)
     if prod.version_id == version.id:
         raise ModelAdminError("version", f"v{number} is prod already; a canary must be another version", status=409)
-    _set_alias(session, model, CANARY, version, action="canary", actor=actor, percent=percent)
+    set_alias(session, model, CANARY, version, action="canary", actor=actor, percent=percent)
     return model_view(session, model)
 
 
@@ -99,7 +99,7 @@ def clear_canary(session: Session, name: str, *, actor: str) -> dict[str, Any]:
     model = get_model(session, name, lock=True)
     if session.get(ModelAlias, (model.id, CANARY)) is None:
         raise ModelAdminError("alias", "the model has no canary", status=409)
-    _set_alias(session, model, CANARY, None, action="clear", actor=actor)
+    set_alias(session, model, CANARY, None, action="clear", actor=actor)
     return model_view(session, model)
 
 
@@ -133,9 +133,9 @@ def rollback(session: Session, name: str, *, actor: str) -> dict[str, Any]:
     if len(stack) < 2:
         raise ModelAdminError("alias", "there is no earlier prod version to roll back to", status=409)
     target = session.get(ModelVersion, stack[-2])
-    _set_alias(session, model, PROD, target, action="rollback", actor=actor)
+    set_alias(session, model, PROD, target, action="rollback", actor=actor)
     if session.get(ModelAlias, (model.id, CANARY)) is not None:
-        _set_alias(session, model, CANARY, None, action="clear", actor=actor)
+        set_alias(session, model, CANARY, None, action="clear", actor=actor)
     return model_view(session, model)
 
 

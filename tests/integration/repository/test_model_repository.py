@@ -14,10 +14,10 @@ from app.config import get_settings
 from app.db.models import Model, ModelAlias, ModelVersion
 from app.db.session import transaction
 from app.storage import s3_client
+from workers.cache import ModelCache
 from workers.repository import (
     BundleError,
     IntegrityError,
-    LocalVersionCache,
     VersionExists,
     fetch_manifest,
     push_version,
@@ -103,7 +103,7 @@ def test_a_corrupted_weight_is_refused_by_the_cache_and_by_verify(model_name, tm
     s3_client().put_object(Bucket=get_settings().models_bucket, Key=key, Body=b"\x00" * 176)
     problems = verify_remote(model_name, 1, pushed.digest)
     assert len(problems) == 1 and problems[0].startswith("weights/tiny.safetensors: sha256")
-    cache = LocalVersionCache(tmp_path / "cache")
+    cache = ModelCache(tmp_path / "cache")
     with pytest.raises(IntegrityError, match=r"weights/tiny.safetensors has sha256 .* manifest says"):
         cache.ensure(model_name, 1, pushed.digest)
     # Nothing half-downloaded is left looking like a usable version.
@@ -118,7 +118,7 @@ def test_a_tampered_manifest_is_refused(model_name, tmp_path):
     body["files"][0]["sha256"] = "0" * 64
     s3_client().put_object(Bucket=get_settings().models_bucket, Key=key, Body=json.dumps(body).encode())
     with pytest.raises(IntegrityError, match="manifest digest"):
-        LocalVersionCache(tmp_path / "cache").ensure(model_name, 1, pushed.digest)
+        ModelCache(tmp_path / "cache").ensure(model_name, 1, pushed.digest)
 
 
 def test_bundles_with_pickles_or_missing_parts_are_refused(model_name, tmp_path):
@@ -140,7 +140,7 @@ def test_two_versions_of_one_package_load_side_by_side(model_name, tmp_path):
     init = second_bundle / "code" / "tiny_model" / "__init__.py"
     init.write_text(init.read_text().replace("class TinyModel:", "VERSION_MARK = 2\n\n\nclass TinyModel:"))
     second = push(model_name, second_bundle)
-    runtime = ModelRuntime(LocalVersionCache(tmp_path / "cache"), max_loaded=2)
+    runtime = ModelRuntime(ModelCache(tmp_path / "cache"), max_loaded=2)
     a = runtime.get(model_name, 1, first.digest)
     b = runtime.get(model_name, 2, second.digest)
     assert type(a.model).__module__ != type(b.model).__module__
@@ -151,3 +151,25 @@ def test_two_versions_of_one_package_load_side_by_side(model_name, tmp_path):
     frames = a.model.generate("x", width=16, height=16, num_frames=2, seed=0)
     assert frames.shape == (2, 16, 16, 3)
     assert runtime.get(model_name, 1, first.digest) is a and runtime.loads == 2
+
+
+def test_concurrent_pushes_of_the_same_version_one_wins(model_name, stack_env):
+    import concurrent.futures
+    import multiprocessing
+    import time
+
+    from support.pushers import push_in_process
+
+    spawn = multiprocessing.get_context("spawn")
+    start_at = time.time() + 3  # both processes are up (torch imported) before either pushes
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
+        results = list(pool.map(push_in_process, [stack_env.env] * 2, [str(TINY)] * 2, [model_name] * 2, [7, 7],
+                                [start_at] * 2))
+    assert sorted(r.split(":")[0] for r in results) == ["VersionExists", "ok"], results
+    with transaction() as session:
+        rows = session.scalars(select(ModelVersion).join(Model).where(Model.name == model_name)).all()
+    assert [v.number for v in rows] == [7]
+    assert verify_remote(model_name, 7, rows[0].digest) == []
+    with pytest.raises(VersionExists, match="numbers only grow"):
+        with transaction() as session:
+            push_version(session, TINY, model_name, number=5)
