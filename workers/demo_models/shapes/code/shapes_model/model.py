@@ -42,7 +42,9 @@ class ShapesVideoModel:
         self.device = device
 
     @classmethod
-    def load(cls, bundle_dir: Path, device: "torch.device | str") -> "ShapesVideoModel":
+    def load(cls, bundle_dir: Path, device: "torch.device | str", load_weights=None) -> "ShapesVideoModel":
+        """`load_weights(path, device) -> dict of tensors`: the worker passes its staged loader
+        (straight to device memory through pinned buffers); standalone, safetensors is used."""
         bundle_dir = Path(bundle_dir)
         device = torch.device(device)
         config = json.loads((bundle_dir / "weights" / "config.json").read_text())
@@ -51,9 +53,13 @@ class ShapesVideoModel:
         model_json = bundle_dir / "model.json"
         info = json.loads(model_json.read_text()) if model_json.is_file() else {}
         limits = {**DEFAULT_LIMITS, **info.get("limits", {})}
-        # Loaded to CPU first: safetensors then maps the file instead of touching the device
-        # allocator once per tensor.
-        tensors = load_file(str(bundle_dir / "weights" / "model.safetensors"), device="cpu")
+        weights = bundle_dir / "weights" / "model.safetensors"
+        if load_weights is not None:
+            tensors = load_weights(weights, device)
+        else:
+            # To CPU first: safetensors then maps the file instead of touching the device
+            # allocator once per tensor.
+            tensors = load_file(str(weights), device="cpu")
         generator = ShapesGenerator(len(TOKENS), **config["generator"])
         recolour = RecolourNet(len(TOKENS), **config["recolour"])
         generator.load_state_dict(_with_prefix(tensors, "generator."), strict=True)
