@@ -69,6 +69,8 @@ def _gpu_label(gpus: str) -> str:
 
 def worker_command(cluster: str, model: str, gpus: str, name: str, *, concurrency: int = 1) -> tuple[list[str], dict[str, str]]:
     """The Celery command line and environment of one GPU worker (also used by `dreamq up`)."""
+    import socket
+
     from tasks.celery_app import pool_queues
 
     env = dict(os.environ)
@@ -79,9 +81,14 @@ def worker_command(cluster: str, model: str, gpus: str, name: str, *, concurrenc
     env["DREAMQ_WORKER_MODEL"] = model
     env["DREAMQ_DEVICE_LABEL"] = _gpu_label(gpus)
     env["DREAMQ_LOG_COMPONENT"] = f"gpu-worker:{name}"
+    # The Celery node name, known before Celery starts: the child reports its loaded versions
+    # under it, and the dispatcher routes to its own queue.
+    env["DREAMQ_WORKER_NODENAME"] = f"{name}@{socket.gethostname()}"
     argv = [
         sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker",
-        "-Q", ",".join(pool_queues(cluster, model)),
+        # Per tier, its own queue (jobs routed to it because it holds their version) and then
+        # the pool's; tiers in order. Celery expands %h to socket.gethostname() too.
+        "-Q", ",".join(pool_queues(cluster, model, env["DREAMQ_WORKER_NODENAME"])),
         "-c", str(concurrency), "--prefetch-multiplier", "1", "-P", "prefork",
         "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-E", "--loglevel", "INFO",
     ]
@@ -184,7 +191,8 @@ def models() -> None:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--name", required=True, help="Model name")
 @click.option("--by", "created_by", default=lambda: os.environ.get("USER", "cli"), help="Recorded as the pusher")
-def models_push(bundle: Path, name: str, created_by: str) -> None:
+@click.option("--version", "number", type=int, default=None, help="Version number (default: the next one)")
+def models_push(bundle: Path, name: str, created_by: str, number: int | None) -> None:
     """Upload BUNDLE (model.json, code/, weights/*.safetensors, env/) as the next immutable version."""
     from app.db.session import transaction
     from app.storage import ensure_buckets
@@ -197,7 +205,7 @@ def models_push(bundle: Path, name: str, created_by: str) -> None:
     try:
         with click.progressbar(length=total, label=f"pushing {name}", file=sys.stderr) as bar:
             with transaction() as session:
-                pushed = push_version(session, bundle, name, created_by=created_by, progress=bar.update)
+                pushed = push_version(session, bundle, name, created_by=created_by, progress=bar.update, number=number)
     except RepositoryError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({"name": pushed.name, "version": pushed.number, "digest": pushed.digest,
@@ -222,29 +230,59 @@ def models_list() -> None:
                 click.echo(f"  v{v.number:<4} {v.digest[:23]}…  {v.size_bytes:>10} B  {v.created_at:%Y-%m-%d %H:%M}  {tag}")
 
 
+def _version_digest(name: str, version: int) -> str:
+    """The digest of NAME VERSION, or a CLI error when there is no such version."""
+    from sqlalchemy import select
+
+    from app.db.models import Model, ModelVersion
+    from app.db.session import transaction
+
+    with transaction() as session:
+        row = session.scalar(select(ModelVersion).join(Model).where(Model.name == name, ModelVersion.number == version))
+        if row is None:
+            raise click.ClickException(f"{name} has no version {version}")
+        return row.digest
+
+
 @models.command("verify")
 @click.argument("name")
 @click.argument("version", type=int)
 def models_verify(name: str, version: int) -> None:
     """Re-hash every file of a version in object storage against its manifest."""
-    from sqlalchemy import select
-
-    from app.db.models import Model, ModelVersion
-    from app.db.session import transaction
     from workers.repository import verify_remote
 
     load_stack_env()
-    with transaction() as session:
-        row = session.scalar(select(ModelVersion).join(Model).where(Model.name == name, ModelVersion.number == version))
-        if row is None:
-            raise click.ClickException(f"{name} has no version {version}")
-        digest = row.digest
+    digest = _version_digest(name, version)
     problems = verify_remote(name, version, digest)
     if problems:
         for problem in problems:
             click.echo(f"MISMATCH {problem}", err=True)
         raise click.ClickException(f"{name} v{version} failed verification ({len(problems)} problem(s))")
     click.echo(f"{name} v{version} {digest}: every file matches its manifest")
+
+
+@models.command("pull")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model cache to fill (default: the workers' cache, DREAMQ_MODEL_CACHE)")
+def models_pull(name: str, version: int, cache_dir: Path | None) -> None:
+    """Download NAME VERSION into this host's model cache, verified, so workers start warm."""
+    from workers.cache import ModelCache
+    from workers.repository import RepositoryError
+
+    load_stack_env()
+    digest = _version_digest(name, version)
+    cache = ModelCache(cache_dir)
+    try:
+        missing = cache.missing_bytes(name, version, digest)
+        # Same cache, locks and verification as the workers: a pull here is a download they skip.
+        with click.progressbar(length=missing, label=f"pulling {name} v{version}", file=sys.stderr) as bar:
+            path = cache.ensure(name, version, digest, progress=bar.update)
+    except RepositoryError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({"name": name, "version": version, "digest": digest, "path": str(path),
+                           "downloaded_bytes": missing, "cache": cache.stats()}, indent=2))
 
 
 def _model_admin(action, *args, **kwargs) -> None:

@@ -33,7 +33,8 @@ _dispatcher: Dispatcher | None = None
 def get_dispatcher() -> Dispatcher:
     global _dispatcher
     if _dispatcher is None:
-        _dispatcher = Dispatcher(policy=os.environ.get("DREAMQ_POLICY", "slo"), ledger_store=LedgerStore(get_redis()))
+        _dispatcher = Dispatcher(policy=os.environ.get("DREAMQ_POLICY", "slo"), ledger_store=LedgerStore(get_redis()),
+                                 affinity=os.environ.get("DREAMQ_DISPATCH_AFFINITY", "1") != "0")
     return _dispatcher
 
 

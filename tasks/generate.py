@@ -25,6 +25,8 @@ from app.logging_setup import job_context
 from app.storage import get_bytes, put_bytes
 from tasks.celery_app import CPU_QUEUE, celery_app
 from tasks.dispatch import request_dispatch
+from workers.cache import CacheFull
+from workers.environments import ModelEnvironmentError
 from workers.repository import IntegrityError as ModelIntegrityError
 
 log = logging.getLogger(__name__)
@@ -154,37 +156,50 @@ def staging_key(job_id: uuid.UUID, dispatch_seq: int) -> str:
 
 def run_claimed(job: ClaimedJob, worker_id: str) -> None:
     from app.media import decode_video
+    from tasks.signals import report_loaded
     from workers.runtime import get_runtime
 
     settings = get_settings()
     runtime = get_runtime()
     params = job.params
+    loads_before = runtime.loads
     try:
-        loaded = runtime.get(job.model, job.version, job.digest)
+        with runtime.using(job.model, job.version, job.digest) as loaded:
+            if runtime.loads != loads_before:
+                report_loaded()  # the dispatcher routes this version's next jobs here
+            input_video = None
+            if job.kind == "modify_video":
+                data = get_bytes(settings.media_bucket, job.upload_key)
+                input_video = decode_video(data, width=params["width"], height=params["height"],
+                                           num_frames=params["num_frames"])
+            reporter = ProgressReporter(job.id, job.dispatch_seq)
+            started = time.perf_counter()
+            try:
+                frames = loaded.model.generate(
+                    job.prompt, width=params["width"], height=params["height"], num_frames=params["num_frames"],
+                    seed=params["seed"], input_video=input_video, on_step=reporter,
+                )
+            except loaded.cancelled_exc:
+                with transaction() as session:
+                    left = transition(
+                        session, job.id, JobState.running, JobState.cancelled, worker_id=worker_id,
+                        guard={"dispatch_seq": job.dispatch_seq}, finished_at=NOW,
+                        detail={"at_step": reporter.steps},
+                    )
+                    _worker_idle(session, worker_id)
+                log.info("job stopped at a step boundary", extra={"job_id": str(job.id), "cancelled": bool(left)})
+                request_dispatch()
+                return
     except ModelIntegrityError as exc:
         _fail(job, worker_id, "model_integrity", str(exc))
         return
-    input_video = None
-    if job.kind == "modify_video":
-        data = get_bytes(settings.media_bucket, job.upload_key)
-        input_video = decode_video(data, width=params["width"], height=params["height"], num_frames=params["num_frames"])
-    reporter = ProgressReporter(job.id, job.dispatch_seq)
-    started = time.perf_counter()
-    try:
-        frames = loaded.model.generate(
-            job.prompt, width=params["width"], height=params["height"], num_frames=params["num_frames"],
-            seed=params["seed"], input_video=input_video, on_step=reporter,
-        )
-    except loaded.cancelled_exc:
-        with transaction() as session:
-            left = transition(
-                session, job.id, JobState.running, JobState.cancelled, worker_id=worker_id,
-                guard={"dispatch_seq": job.dispatch_seq}, finished_at=NOW,
-                detail={"at_step": reporter.steps},
-            )
-            _worker_idle(session, worker_id)
-        log.info("job stopped at a step boundary", extra={"job_id": str(job.id), "cancelled": bool(left)})
-        request_dispatch()
+    except ModelEnvironmentError as exc:
+        # The version needs packages this worker cannot provide: fail the job, keep serving.
+        _fail(job, worker_id, "model_environment", str(exc))
+        return
+    except CacheFull as exc:
+        # Every cached version is in use by this host's workers: the job fails with the reason.
+        _fail(job, worker_id, "model_cache_full", str(exc))
         return
     gen_s = time.perf_counter() - started
     frames = np.ascontiguousarray(frames, dtype=np.uint8)

@@ -62,8 +62,25 @@ def _preload() -> None:
             ).first()
         if row is not None:
             get_runtime().get(row.name, row.number, row.digest)
+            report_loaded()
     except Exception:  # a broken version must not keep the worker from serving other versions
         log.exception("model preload failed", extra={"model": model})
+
+
+def report_loaded() -> None:
+    """Publish which versions this worker holds in memory (the dispatcher's affinity reads it)."""
+    import json
+    import socket as _socket
+
+    from workers.runtime import get_runtime
+
+    worker_id = os.environ.get("DREAMQ_WORKER_NODENAME") or f"?@{_socket.gethostname()}"
+    with transaction() as session:
+        session.execute(
+            text("UPDATE workers SET info = info || jsonb_build_object('loaded', CAST(:loaded AS jsonb), "
+                 "'loads', CAST(:loads AS int)) WHERE id = :id"),
+            {"loaded": json.dumps(get_runtime().loaded_digests()), "loads": get_runtime().loads, "id": worker_id},
+        )
 
 
 _UPSERT = text(
@@ -74,7 +91,8 @@ _UPSERT = text(
             :host, :pid, :device, :state, CAST(:info AS jsonb), now())
     ON CONFLICT (id) DO UPDATE SET
         pool_id = EXCLUDED.pool_id, pid = EXCLUDED.pid, device = EXCLUDED.device, heartbeat_at = now(),
-        info = EXCLUDED.info,
+        -- merge: the child running jobs keeps its own keys (loaded versions) in the same object
+        info = workers.info || EXCLUDED.info,
         -- busy/idle are set by the child that runs jobs; the heartbeat only revives a stopped row
         state = CASE WHEN workers.state IN ('stopped', 'starting') OR :state IN ('stopped', 'draining')
                      THEN :state ELSE workers.state END,
@@ -90,10 +108,13 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name="dreamq-heartbeat", daemon=True)
         self.state = "idle"
 
-    def beat(self, state: str | None = None) -> None:
+    def beat(self, state: str | None = None, *, fresh: bool = False) -> None:
         import json
 
         info = {"gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "")}
+        if fresh:
+            # A (re)started worker holds no model yet, whatever its previous run reported.
+            info["loaded"] = []
         with transaction() as session:
             session.execute(
                 _UPSERT,
@@ -110,7 +131,7 @@ class Heartbeat:
                 log.warning("heartbeat failed", exc_info=True)
 
     def start(self) -> None:
-        self.beat("idle")
+        self.beat("idle", fresh=True)
         self._thread.start()
 
     def stop(self) -> None:

@@ -62,7 +62,9 @@ def transition(
     """Move a job from one of `expected` to `to`. Returns the state it left, or None if it lost.
 
     `values` set extra columns in the same UPDATE; pass NOW for `now()` and INCREMENT to add one.
-    `guard` adds equality conditions (e.g. the dispatch_seq a message carries).
+    `guard` adds equality conditions (e.g. the dispatch_seq a message carries). `worker_id` names
+    the worker in the event row; on a move to running it also becomes the job's owner
+    (jobs.worker_id), which reapers and dashboards read.
     """
     expected_set = {expected} if isinstance(expected, JobState) else set(expected)
     for state in expected_set:
@@ -73,6 +75,8 @@ def transition(
         raise ValueError(f"transition cannot set or guard {sorted(unknown)}")
 
     assignments = ["state = :to", "updated_at = now()"]
+    if to is JobState.running and worker_id is not None and "worker_id" not in values:
+        assignments.append("worker_id = :worker")
     params: dict[str, Any] = {
         "id": str(job_id),
         "expected": [s.value for s in expected_set],

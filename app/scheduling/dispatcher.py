@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from app.scheduling.policy import Candidate, PoolRoom, ShareLedger, TierBacklog, plan_dispatch
 from app.scheduling.tiers import TierSpec
+from tasks.celery_app import worker_queue
 
 # A worker's heartbeat older than this and the worker no longer counts as pool capacity.
 WORKER_STALE_S = 30
@@ -48,6 +49,12 @@ WORKER_STALE_S = 30
 DISPATCH_PER_WORKER = 2
 # Most decisions in one pass; a full batch makes the task run another pass at once.
 MAX_BATCH = 512
+# Jobs that may wait in one worker's own queue for its version (besides the one it runs): as
+# many as the dispatch limit gives each worker, so affinity never holds more work than the pool
+# would have released anyway. Measured on the mixed-version e2e test: depth 1 left half the jobs
+# to the shared queue, where a worker that takes the other version's job reloads, and one run in
+# three thrashed (20 loads for 32 jobs); depth 2 gave 2, 6 and 2 loads in three runs.
+AFFINITY_DEPTH = DISPATCH_PER_WORKER
 # Users looked at per lane and pass, and jobs per user (the policy rotates between them; the
 # cursor moves on, so the next pass looks at the next users). Measured: 64 x 4 added ~1,000
 # head rows a pass for the same decisions as 32 x 2.
@@ -179,16 +186,38 @@ _APPLY_SQL = text(
         FOR UPDATE OF j SKIP LOCKED
     ), upd AS (
         UPDATE jobs SET state = 'dispatched', pool_id = locked.pool_id, dispatched_at = now(), updated_at = now(),
-                        dispatch_seq = jobs.dispatch_seq + 1
+                        dispatch_seq = jobs.dispatch_seq + 1, worker_id = NULL
         FROM locked WHERE jobs.id = locked.id
-        RETURNING jobs.id, jobs.tier, jobs.dispatch_seq, jobs.pool_id, locked.reason
+        RETURNING jobs.id, jobs.tier, jobs.dispatch_seq, jobs.pool_id, jobs.model_version_id, locked.reason
     ), ev AS (
         INSERT INTO job_events (job_id, from_state, to_state, detail)
         SELECT upd.id, 'queued', 'dispatched',
                jsonb_build_object('pool', CAST(:pool_names AS jsonb) ->> CAST(upd.pool_id AS text), 'reason', upd.reason)
         FROM upd
     )
-    SELECT id, tier, dispatch_seq, pool_id FROM upd
+    SELECT upd.id, upd.tier, upd.dispatch_seq, upd.pool_id, v.digest
+    FROM upd JOIN model_versions v ON v.id = upd.model_version_id
+    """
+)
+
+# Live workers of the pools a pass dispatched to: the versions each holds in memory and how
+# many jobs already wait in its own queue (dispatched, routed to it, not yet started).
+_POOL_WORKERS_SQL = text(
+    """
+    SELECT w.id, w.pool_id, w.state, COALESCE(w.info -> 'loaded', '[]'::jsonb) AS loaded,
+           (SELECT count(*) FROM jobs j WHERE j.pool_id = w.pool_id AND j.state = 'dispatched'
+                AND j.worker_id = w.id) AS waiting
+    FROM workers w
+    WHERE w.pool_id = ANY(CAST(:pools AS uuid[])) AND w.state IN ('idle', 'busy')
+      AND w.heartbeat_at > now() - make_interval(secs => :stale)
+    """
+)
+
+_ROUTE_SQL = text(
+    """
+    UPDATE jobs SET worker_id = r.worker_id
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:workers AS text[])) AS r(id, worker_id)
+    WHERE jobs.id = r.id AND jobs.state = 'dispatched'
     """
 )
 
@@ -204,8 +233,9 @@ class Dispatcher:
     """Stateful only in its per-tier user cursors (rotation); safe to run several at once."""
 
     def __init__(self, *, policy: str = "slo", max_batch: int = MAX_BATCH, ledger_store: "LedgerStore | None" = None,
-                 tier_cache_s: float = 2.0, clusters: list[str] | None = None):
+                 tier_cache_s: float = 2.0, clusters: list[str] | None = None, affinity: bool = True):
         self.policy = policy
+        self.affinity = affinity
         # Dispatch for these clusters only (None = all): shards dispatch per cluster region.
         self.clusters = clusters
         self.max_batch = max_batch
@@ -278,9 +308,44 @@ class Dispatcher:
                 "reasons": [d.reason for d in decisions],
                 "pool_names": json.dumps(names),
             }).all()
-            releases = [Release(r.id, f"{names[str(r.pool_id)]}.{r.tier}", r.dispatch_seq, r.tier) for r in rows]
+            routes = self._affinity_routes(session, rows, names) if self.affinity else {}
+            releases = [Release(r.id, routes.get(r.id) or f"{names[str(r.pool_id)]}.{r.tier}", r.dispatch_seq, r.tier)
+                        for r in rows]
+            if routes:
+                reasons["affinity"] = len(routes)
         return PassResult(releases, total_room, sum(len(c) for c in heads.values()), reasons, len(decisions),
                           (time.perf_counter() - started) * 1000, db_now)
+
+    def _affinity_routes(self, session: Session, rows, names: dict[str, str]) -> dict[Any, str]:
+        """Send a job to the queue of a worker that already holds its version in memory.
+
+        Loading a video model takes far longer than a job waits for a free worker, so placement
+        by version saves most loads on a mixed-version workload. A holder is used when at most
+        AFFINITY_DEPTH jobs already wait in its own queue (idle holders first, then the least
+        loaded): deeper, and the job would wait behind that worker while another could run it.
+        Everything else goes to the pool's tier queue as usual. The policy has already decided
+        *which* jobs run now; affinity only decides *where*. A routed job records the worker in
+        jobs.worker_id while dispatched, which is how the next pass counts that queue's depth.
+        """
+        pools = list({str(r.pool_id) for r in rows})
+        holders: dict[tuple[str, str], list[list]] = {}
+        for worker in session.execute(_POOL_WORKERS_SQL, {"pools": pools, "stale": WORKER_STALE_S}):
+            slot = [worker.state != "idle", int(worker.waiting), worker.id]
+            for digest in worker.loaded:
+                holders.setdefault((str(worker.pool_id), digest), []).append(slot)
+        routes: dict[Any, str] = {}
+        routed_to: dict[Any, str] = {}
+        for row in rows:
+            candidates = [slot for slot in holders.get((str(row.pool_id), row.digest), ()) if slot[1] < AFFINITY_DEPTH]
+            if not candidates:
+                continue
+            best = min(candidates)
+            best[1] += 1  # the slot lists are shared across versions: depth counts every route
+            routes[row.id] = worker_queue(names[str(row.pool_id)], best[2], row.tier)
+            routed_to[row.id] = best[2]
+        if routed_to:
+            session.execute(_ROUTE_SQL, {"ids": list(routed_to), "workers": list(routed_to.values())})
+        return routes
 
     def _advance_cursors(self, lanes: list[tuple[str, str]], last_user: dict[tuple[str, str], tuple[int, str]],
                          users: int) -> None:

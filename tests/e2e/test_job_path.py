@@ -7,6 +7,7 @@ running the real demo model -> cpu worker encoding H.264 + thumbnail -> S3 -> pr
 from __future__ import annotations
 
 import io
+import os
 import time
 import uuid
 
@@ -122,20 +123,27 @@ def test_a_crash_in_model_code_fails_that_job_and_the_worker_keeps_serving(clien
     assert wait_done(client, key, good["id"])["state"] == "succeeded"
 
 
-def test_a_version_whose_weights_were_corrupted_fails_with_a_clear_error(client, user, tiny_model):
+def test_a_version_whose_weights_were_corrupted_fails_with_a_clear_error(client, user, tiny_model, tmp_path):
+    import shutil
+
     from support.stack import TINY_BUNDLE, push_fixture_model
 
     _, key = user
-    pushed = push_fixture_model("tiny", TINY_BUNDLE, dispatch_limit=4, force=True)
+    # A file no other version has: the cache shares identical files between versions, so a
+    # corrupted copy of a shared file would never be read (it is already cached, verified).
+    bundle = tmp_path / "bundle"
+    shutil.copytree(TINY_BUNDLE, bundle)
+    (bundle / "weights" / "own.safetensors").write_bytes(os.urandom(64))
+    pushed = push_fixture_model("tiny", bundle, dispatch_limit=4, force=True)
     assert pushed["version"] > tiny_model["version"]
     s3_client().put_object(Bucket=get_settings().models_bucket,
-                           Key=version_prefix("tiny", pushed["version"]) + "weights/tiny.safetensors", Body=b"\x00" * 176)
+                           Key=version_prefix("tiny", pushed["version"]) + "weights/own.safetensors", Body=b"\x00" * 176)
     response = client.post("/v1/generations", json={"prompt": "x", "model": "tiny", "model_version": pushed["version"]},
                            headers=auth(key))
     job = wait_done(client, key, response.json["id"])
     assert job["state"] == "failed"
     assert job["failure"]["code"] == "model_integrity"
-    assert "weights/tiny.safetensors has sha256" in job["failure"]["message"]
+    assert "weights/own.safetensors has sha256" in job["failure"]["message"]
     # The intact version still serves.
     ok = client.post("/v1/generations", json={"prompt": "x", "model": "tiny", "model_version": tiny_model["version"]},
                      headers=auth(key)).json
