@@ -77,10 +77,11 @@ def demo_model(stack_env):
 def workers(stack_env, tiny_model, demo_model, tmp_path_factory):
     """Real Celery workers as subprocesses: control+cpu, and one CPU-device GPU worker per pool."""
     from support.stack import running_workers
+    from support.webhooks import WEBHOOK_TEST_ENV
 
     # Each tiny-model step sleeps 50 ms so a test can watch progress and cancel mid-run.
     with running_workers(stack_env, tmp_path_factory.mktemp("worker-logs"), models=["tiny", "demo"],
-                         extra_env={"DREAMQ_TINY_STEP_S": "0.05"}) as handles:
+                         extra_env={"DREAMQ_TINY_STEP_S": "0.05", **WEBHOOK_TEST_ENV}) as handles:
         yield handles
 
 

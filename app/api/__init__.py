@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 
@@ -11,25 +12,29 @@ from flask import Flask, g, request
 from app.config import get_settings
 
 log = logging.getLogger("app.api.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def create_app() -> Flask:
-    from app.api import admin, generations, health, openapi, uploads
+    from app.api import admin, generations, health, openapi, uploads, webhooks
     from app.api.errors import register_error_handlers
 
     settings = get_settings()
     settings.require("database_url")
-    app = Flask("dreamq")
+    # No static folder: its route would be the one route that declares no permission.
+    app = Flask("dreamq", static_folder=None)
     # Werkzeug refuses bodies above this before reading them (413); uploads are the largest.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + 1024 * 1024
     app.json.sort_keys = False
-    for module in (health, generations, uploads, admin, openapi):
+    for module in (health, generations, uploads, admin, webhooks, openapi):
         app.register_blueprint(module.bp)
     register_error_handlers(app)
 
     @app.before_request
     def _start() -> None:
-        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        # A caller's id is kept only if it is a plain token: it is echoed and logged on every line.
+        supplied = request.headers.get("X-Request-Id", "")
+        g.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
         g.started = time.perf_counter()
 
     @app.after_request

@@ -15,24 +15,50 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.config import get_settings
 
+# Postgres `integer` columns: a larger number must be a 422, not an overflow in the database.
+INT32_MAX = 2**31 - 1
+
 JobStateName = Literal["queued", "dispatched", "running", "succeeded", "failed", "cancelled"]
+WebhookEvent = Literal["started", "progress", "completed"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    # No inf/NaN: they would be stored, then break every JSON response that echoes them.
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
 
 
 class GenerationCreate(Strict):
     prompt: str = Field(description="What the video should show.", examples=["a red circle moving right"])
     type: Literal["text_to_video", "modify_video"] = Field("text_to_video", description="modify_video needs upload_id")
     model: Optional[str] = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$", description="Model name; default: the server's default model")
-    model_version: Optional[int] = Field(None, ge=1, description="Pin an exact version number; default: the model's prod alias")
+    model_version: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Pin an exact version number; default: the model's prod alias")
     upload_id: Optional[uuid.UUID] = Field(None, description="Input video (POST /v1/uploads) for modify_video")
     width: Optional[int] = Field(None, ge=16, le=4096)
     height: Optional[int] = Field(None, ge=16, le=4096)
     num_frames: Optional[int] = Field(None, ge=1, le=1000)
     fps: Optional[int] = Field(None, ge=1, le=120)
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
+    callback_url: Optional[str] = Field(
+        None, max_length=2048, description="Webhook: POSTed signed job events (see webhook_events). "
+        "http(s) only, no credentials, and it must resolve to public addresses unless an admin allow-listed it",
+    )
+    webhook_events: Optional[list[WebhookEvent]] = Field(
+        None, min_length=1, max_length=3, description="Events the callback receives; default [started, completed]. "
+        "progress comes at most every DREAMQ_WEBHOOK_PROGRESS_INTERVAL_S; completed covers succeeded, failed, cancelled",
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, value: Optional[str]) -> Optional[str]:
+        # Syntax here; where the host resolves (and the allow-list) is checked at submission.
+        from app.webhooks.addresses import AddressRefused, parse_url
+
+        if value is not None:
+            try:
+                parse_url(value)
+            except AddressRefused as exc:
+                raise ValueError(exc.reason) from None
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -52,6 +78,8 @@ class GenerationCreate(Strict):
             raise ValueError("upload_id is required when type is modify_video")
         if self.type == "text_to_video" and self.upload_id is not None:
             raise ValueError("upload_id is only allowed when type is modify_video")
+        if self.webhook_events is not None and self.callback_url is None:
+            raise ValueError("webhook_events needs a callback_url")
         return self
 
 
@@ -105,6 +133,8 @@ class Job(BaseModel):
     timings: Timings
     assets: Optional[Assets]
     failure: Optional[Failure]
+    callback_url: Optional[str] = None
+    webhook_events: Optional[list[WebhookEvent]] = None
 
 
 class JobList(BaseModel):
@@ -132,12 +162,12 @@ class TierPatch(Strict):
 
     slo_s: Optional[float] = Field(None, gt=0, le=7 * 86400, description="W: the promised worst-case wait")
     rate_per_min: Optional[float] = Field(None, gt=0, description="Per-user submissions per minute")
-    burst: Optional[int] = Field(None, ge=1, description="Per-user bucket size")
+    burst: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Per-user bucket size")
     tier_rate_per_min: Optional[float] = Field(None, gt=0, description="All users of the tier together; null = none")
-    tier_burst: Optional[int] = Field(None, ge=1)
+    tier_burst: Optional[int] = Field(None, ge=1, le=INT32_MAX)
     concurrency_cap: Optional[int] = Field(None, ge=1, le=100000, description="Jobs dispatched or running per user")
     min_share: Optional[float] = Field(None, ge=0, le=1, description="Starvation guard: floor on the tier's dispatch share")
-    monthly_quota: Optional[int] = Field(None, ge=1, description="Jobs per user per calendar month; null = unlimited")
+    monthly_quota: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Jobs per user per calendar month; null = unlimited")
     retention_days: Optional[int] = Field(None, ge=1, le=3650)
 
     def changes(self) -> dict:
@@ -175,11 +205,11 @@ class TierList(BaseModel):
 
 
 class PromoteBody(Strict):
-    version: int = Field(ge=1, description="Version number to make prod")
+    version: int = Field(ge=1, le=INT32_MAX, description="Version number to make prod")
 
 
 class CanaryBody(Strict):
-    version: int = Field(ge=1, description="Version number that takes a share of new jobs")
+    version: int = Field(ge=1, le=INT32_MAX, description="Version number that takes a share of new jobs")
     percent: float = Field(gt=0, le=100, description="Share of new jobs (that pin no version) it gets")
 
 
@@ -250,3 +280,56 @@ class ErrorBody(BaseModel):
 
 class Error(BaseModel):
     error: ErrorBody
+
+
+class WebhookSecret(BaseModel):
+    object: Literal["webhook_secret"] = "webhook_secret"
+    secret: str = Field(description="HMAC-SHA256 key of your webhook signatures")
+    signature_header: str = "X-Dreamq-Signature"
+    signed_payload: str = Field("<X-Dreamq-Timestamp>.<raw request body>", description="What the HMAC covers")
+
+
+class AllowEntryIn(Strict):
+    network: Optional[str] = Field(None, max_length=64, description="IP network or address, e.g. 10.1.0.0/16 or 127.0.0.1")
+    host: Optional[str] = Field(None, max_length=253, pattern=r"^[A-Za-z0-9.-]+$", description="Exact host name")
+    port: Optional[int] = Field(None, ge=1, le=65535, description="Only this port; default every port")
+    note: str = Field("", max_length=500)
+
+    @model_validator(mode="after")
+    def _one(self) -> "AllowEntryIn":
+        if (self.network is None) == (self.host is None):
+            raise ValueError("give exactly one of network or host")
+        return self
+
+
+class AllowEntryOut(BaseModel):
+    id: uuid.UUID
+    network: Optional[str]
+    host: Optional[str]
+    port: Optional[int]
+    note: str
+    created_by: str
+    created_at: dt.datetime
+
+
+class AllowEntryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AllowEntryOut]
+
+
+class WebhookDeliveryOut(BaseModel):
+    id: uuid.UUID
+    event: WebhookEvent
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: Optional[int]
+    last_error: Optional[str]
+    next_attempt_at: Optional[dt.datetime] = Field(description="When the next attempt is due (pending only)")
+    created_at: dt.datetime
+    delivered_at: Optional[dt.datetime]
+
+
+class WebhookDeliveryList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookDeliveryOut]

@@ -27,7 +27,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import CIDR, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Every constraint gets a predictable name, so migrations can drop or alter it by name.
@@ -107,6 +107,9 @@ class Tier(Base):
     )
 
 
+WEBHOOK_SECRET_DEFAULT = text("replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')")
+
+
 class User(Base):
     __tablename__ = "users"
 
@@ -114,6 +117,11 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
     tier: Mapped[str] = mapped_column(ForeignKey("tiers.name", onupdate="CASCADE"), nullable=False)
     disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    # HMAC-SHA256 key that signs this user's webhook deliveries (GET /v1/webhooks/secret). Made by
+    # the database so every way of creating a user gets one: two v4 UUIDs from the OS CSPRNG.
+    webhook_secret: Mapped[str] = mapped_column(
+        String(64), nullable=False, server_default=WEBHOOK_SECRET_DEFAULT
+    )
     created_at: Mapped[created_at]
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="user")
@@ -276,7 +284,7 @@ class Upload(Base):
     height: Mapped[int] = mapped_column(Integer, nullable=False)
     frames: Mapped[int] = mapped_column(Integer, nullable=False)
     created_at: Mapped[created_at]
-    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
     deleted_at: Mapped[timestamp]
 
 
@@ -308,6 +316,8 @@ class Job(Base):
     progress: Mapped[float] = mapped_column(Float, nullable=False, server_default=text("0"))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     callback_url: Mapped[Optional[str]] = mapped_column(Text)
+    # Which webhook events the callback receives (started, progress, completed); NULL without one.
+    webhook_events: Mapped[Optional[list[str]]] = mapped_column(JSONB)
     idempotency_key: Mapped[Optional[str]] = mapped_column(String(200))
     request_hash: Mapped[Optional[str]] = mapped_column(String(64))
     video_key: Mapped[Optional[str]] = mapped_column(String(300))
@@ -343,6 +353,10 @@ class Job(Base):
         # In-flight per pool (dispatch limit) and per user (concurrency cap).
         Index("ix_jobs_pool_inflight", "pool_id", "state", postgresql_where=text("state IN ('dispatched','running')")),
         Index("ix_jobs_user_inflight", "user_id", postgresql_where=text("state IN ('dispatched','running')")),
+        # The reaper and the reconciler read in-flight jobs by lease age (tasks/maintenance.py).
+        Index("ix_jobs_in_flight_updated", "updated_at", postgresql_where=text("state IN ('dispatched','running')")),
+        # Retention: finished jobs that still hold outputs, oldest first.
+        Index("ix_jobs_outputs_finished", "finished_at", postgresql_where=text("video_key IS NOT NULL")),
         # Listing a user's jobs newest first with a (created_at, id) cursor.
         Index("ix_jobs_user_created", "user_id", "created_at", "id"),
         Index(
@@ -367,3 +381,57 @@ class JobEvent(Base):
     to_state: Mapped[str] = mapped_column(String(16), nullable=False)
     worker_id: Mapped[Optional[str]] = mapped_column(String(200))
     detail: Mapped[jsonb]
+
+
+class WebhookDelivery(Base):
+    """The delivery log: one row per webhook event of a job, updated by each attempt.
+
+    The row is written in the transaction that changes the job (an outbox), and the delivery task
+    is published after that commit, so an event exists exactly when its state change does.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[uuid_pk]
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True)
+    event: Mapped[str] = mapped_column(String(16), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    # The JSON body (event, job snapshot at the event); sent_at is added per attempt.
+    payload: Mapped[jsonb]
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    last_status_code: Mapped[Optional[int]] = mapped_column(Integer)
+    last_error: Mapped[Optional[str]] = mapped_column(Text)
+    # When the next attempt may start; also a lease while an attempt is in flight.
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    created_at: Mapped[created_at]
+    delivered_at: Mapped[timestamp]
+
+    __table_args__ = (
+        CheckConstraint("status IN ('pending','delivered','failed')", name="status"),
+        CheckConstraint("event IN ('started','progress','completed')", name="event"),
+        # The sweep that re-publishes overdue deliveries reads only pending rows.
+        Index("ix_webhook_deliveries_pending", "next_attempt_at", postgresql_where=text("status = 'pending'")),
+    )
+
+
+class WebhookAllowEntry(Base):
+    """Admin allow-list: callback URLs may reach this network or host name (optionally one port)
+    even though it is not public (see app/webhooks/addresses.py)."""
+
+    __tablename__ = "webhook_allowlist"
+
+    id: Mapped[uuid_pk]
+    network: Mapped[Optional[str]] = mapped_column(CIDR)
+    host: Mapped[Optional[str]] = mapped_column(String(253))
+    port: Mapped[Optional[int]] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    created_by: Mapped[str] = mapped_column(String(200), nullable=False, server_default="")
+    created_at: Mapped[created_at]
+
+    __table_args__ = (
+        CheckConstraint("(network IS NULL) <> (host IS NULL)", name="network_or_host"),
+        CheckConstraint("port IS NULL OR (port BETWEEN 1 AND 65535)", name="port_range"),
+    )

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from app.api.errors import field_error
 from app.config import get_settings
 from app.db.models import Job, JobEvent, JobKind, JobState, Upload
+from app.webhooks.events import subscription
 
 PARAMS = ("width", "height", "num_frames", "fps")
 FALLBACK_DEFAULTS = {"width": 128, "height": 128, "num_frames": 24, "fps": 12}
@@ -104,6 +105,9 @@ def create_job(session: Session, principal, body, *, idempotency_key: str | None
     if not has_pool:
         raise field_error("model", f"no pool serves model '{name}'")
     params = check_params(version.manifest, body.model_dump())
+    # getattr: other request surfaces (e.g. a Luma-compatible one) may have no webhook fields.
+    callback_url, webhook_events = subscription(session, getattr(body, "callback_url", None),
+                                                getattr(body, "webhook_events", None))
 
     upload_id = None
     if body.upload_id is not None:
@@ -128,6 +132,8 @@ def create_job(session: Session, principal, body, *, idempotency_key: str | None
         max_attempts=settings.max_attempts,
         idempotency_key=idempotency_key,
         request_hash=request_hash,
+        callback_url=callback_url,
+        webhook_events=webhook_events,
     )
     session.add(job)
     session.add(JobEvent(job_id=job.id, from_state=None, to_state=JobState.queued.value,

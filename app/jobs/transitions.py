@@ -57,12 +57,14 @@ def transition(
     worker_id: str | None = None,
     detail: dict[str, Any] | None = None,
     guard: dict[str, Any] | None = None,
+    where: tuple[str, dict[str, Any]] | None = None,
     **values: Any,
 ) -> str | None:
     """Move a job from one of `expected` to `to`. Returns the state it left, or None if it lost.
 
     `values` set extra columns in the same UPDATE; pass NOW for `now()` and INCREMENT to add one.
-    `guard` adds equality conditions (e.g. the dispatch_seq a message carries). `worker_id` names
+    `guard` adds equality conditions (e.g. the dispatch_seq a message carries); `where` adds one
+    SQL condition written in code (never from a request) with its parameters. `worker_id` names
     the worker in the event row; on a move to running it also becomes the job's owner
     (jobs.worker_id), which reapers and dashboards read.
     """
@@ -96,6 +98,9 @@ def transition(
     for column, value in (guard or {}).items():
         conditions.append(f"{column} = :g_{column}")
         params[f"g_{column}"] = value
+    if where is not None:
+        conditions.append(f"({where[0]})")
+        params.update(where[1])
     sql = text(
         f"""
         WITH old AS (
@@ -103,15 +108,21 @@ def transition(
         ), upd AS (
             UPDATE jobs j SET {", ".join(assignments)}
             FROM old WHERE j.id = old.id
-            RETURNING j.id, old.state AS from_state
+            RETURNING j.id, old.state AS from_state, j.callback_url, j.webhook_events
         ), ev AS (
             INSERT INTO job_events (job_id, from_state, to_state, worker_id, detail)
             SELECT id, from_state, :to, :worker, CAST(:detail AS jsonb) FROM upd
         )
-        SELECT from_state FROM upd
+        SELECT from_state, callback_url, webhook_events FROM upd
         """
     )
     row = session.execute(sql, params).first()
+    if row is not None and row[1] is not None:
+        # Webhook events (started, completed) ride on the same transaction: written here,
+        # published after its commit.
+        from app.webhooks.events import on_transition
+
+        on_transition(session, job_id, row[0], to, row[1], row[2])
     return row[0] if row else None
 
 

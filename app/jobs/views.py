@@ -61,6 +61,8 @@ def job_view(job: Job, model_name: str, version, slo_s: float, now: dt.datetime 
         },
         "assets": assets,
         "failure": {"code": job.failure_code, "message": job.failure_message or ""} if job.failure_code else None,
+        "callback_url": job.callback_url,
+        "webhook_events": job.webhook_events,
     }
 
 

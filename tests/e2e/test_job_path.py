@@ -24,19 +24,11 @@ from app.db.session import transaction
 from app.storage import s3_client
 from support.factories import auth
 from support.frames import dominant_colour, motion_direction
+from support.jobs import wait_done
 from support.media import moving_square_mp4
 from workers.repository import version_prefix
 
 pytestmark = pytest.mark.slow
-
-
-def wait_done(client, key, job_id, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/generations/{job_id}", headers={**auth(key), "Prefer": "wait=5"}).json
-        if job["state"] in ("succeeded", "failed", "cancelled"):
-            return job
-    raise AssertionError(f"job {job_id} not done after {timeout}s: {job}")
 
 
 def decode(url: str) -> np.ndarray:
@@ -119,6 +111,17 @@ def test_a_crash_in_model_code_fails_that_job_and_the_worker_keeps_serving(clien
     job = wait_done(client, key, bad["id"])
     assert job["state"] == "failed"
     assert job["failure"] == {"code": "model_error", "message": "RuntimeError: tiny model exploded on purpose"}
+    good = client.post("/v1/generations", json={"prompt": "fine", "model": "tiny"}, headers=auth(key)).json
+    assert wait_done(client, key, good["id"])["state"] == "succeeded"
+
+
+def test_a_gpu_out_of_memory_fails_that_job_and_the_worker_keeps_serving(client, user):
+    _, key = user
+    bad = client.post("/v1/generations", json={"prompt": "out of memory", "model": "tiny"}, headers=auth(key)).json
+    job = wait_done(client, key, bad["id"])
+    assert job["state"] == "failed"
+    assert job["failure"]["code"] == "gpu_out_of_memory"
+    assert "CUDA out of memory" in job["failure"]["message"]
     good = client.post("/v1/generations", json={"prompt": "fine", "model": "tiny"}, headers=auth(key)).json
     assert wait_done(client, key, good["id"])["state"] == "succeeded"
 

@@ -1,0 +1,117 @@
+"""Job lifecycle -> webhook deliveries.
+
+Events a callback can subscribe to (`webhook_events` at submission):
+
+    started     the job moved to running (a worker began it; again after a requeue)
+    progress    while running, at most every DREAMQ_WEBHOOK_PROGRESS_INTERVAL_S per job
+    completed   the job ended: succeeded, failed or cancelled (`job.state` says which)
+
+Default: started and completed. Progress is opt-in because it is the chatty one.
+
+Each event writes a webhook_deliveries row holding the job object as GET /v1/generations/<id>
+returns it at that moment, in the same transaction as the change it reports (so a rolled back
+change sends nothing), and publishes the delivery task only after that commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Sequence
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from app.api.errors import field_error
+from app.config import get_settings
+from app.db.models import TERMINAL_STATES, Job, JobState, WebhookDelivery
+from app.db.session import after_commit
+from app.webhooks.addresses import AddressRefused
+
+log = logging.getLogger(__name__)
+
+EVENTS = ("started", "progress", "completed")
+DEFAULT_EVENTS = ("started", "completed")
+
+
+def subscription(session: Session, callback_url: str | None, events: Sequence[str] | None) -> tuple[str | None, list[str] | None]:
+    """At submission: the URL passes the address rule (or the allow-list) and the events it gets.
+
+    Raises a 422 naming `callback_url` with the reason; nothing is stored.
+    """
+    if callback_url is None:
+        return None, None
+    from app.webhooks.allowlist import check_with_allowlist
+
+    try:
+        check_with_allowlist(session, callback_url)
+    except AddressRefused as exc:
+        raise field_error("callback_url", exc.reason) from None
+    chosen = set(events or DEFAULT_EVENTS)
+    return callback_url, [e for e in EVENTS if e in chosen]
+
+
+def event_for(from_state: str, to: JobState) -> str | None:
+    if to is JobState.running and from_state != JobState.running.value:
+        return "started"
+    if to in TERMINAL_STATES:
+        return "completed"
+    return None
+
+
+def on_transition(session: Session, job_id: uuid.UUID | str, from_state: str, to: JobState,
+                  callback_url: str, events: Sequence[str] | None) -> None:
+    """Called by app.jobs.transitions.transition() for a job that has a callback URL."""
+    event = event_for(from_state, to)
+    if event is not None and event in (events or DEFAULT_EVENTS):
+        emit(session, job_id, event, callback_url)
+
+
+def emit(session: Session, job_id: uuid.UUID | str, event: str, url: str) -> uuid.UUID:
+    """Write the delivery row with the job as it is now; publish its task after commit."""
+    from app.jobs.views import load_job_views
+
+    # populate_existing: the state change was a raw UPDATE the identity map has not seen.
+    job = session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
+    delivery = WebhookDelivery(id=uuid.uuid4(), job_id=job.id, event=event, url=url,
+                               payload={"event": event, "job": load_job_views(session, [job])[0]})
+    session.add(delivery)
+    session.flush()
+    delivery_id = delivery.id
+    after_commit(session, lambda: enqueue(delivery_id))
+    return delivery_id
+
+
+def enqueue(delivery_id: uuid.UUID | str, countdown: float | None = None) -> None:
+    from tasks.celery_app import CPU_QUEUE, celery_app
+
+    celery_app.send_task("dreamq.webhooks.deliver", args=[str(delivery_id)], queue=CPU_QUEUE,
+                         countdown=countdown if countdown and countdown > 0 else None)
+
+
+class ProgressWebhooks:
+    """Per running job: emits `progress` at most every interval, only if the job subscribed."""
+
+    def __init__(self, job_id: uuid.UUID | str, interval_s: float | None = None):
+        self.job_id = job_id
+        self.interval_s = get_settings().webhook_progress_interval_s if interval_s is None else interval_s
+        self._subscribed: str | None | bool = None  # callback URL once known, False when not subscribed
+        self._last = float("-inf")
+
+    def report(self, session: Session) -> None:
+        """Call inside the transaction that wrote the job's progress."""
+        if self._subscribed is False:
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return
+        if self._subscribed is None:
+            row = session.execute(text("SELECT callback_url, webhook_events FROM jobs WHERE id = :id"),
+                                  {"id": str(self.job_id)}).first()
+            wanted = row is not None and row[0] and "progress" in (row[1] or DEFAULT_EVENTS)
+            self._subscribed = row[0] if wanted else False
+            if not wanted:
+                return
+        self._last = now
+        emit(session, self.job_id, "progress", self._subscribed)
