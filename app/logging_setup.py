@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Iterator
 
@@ -28,6 +29,20 @@ def job_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+# Defence in depth: nothing logs keys by design, but a key pasted into a prompt, an exception
+# message or a header dump must still not reach a line. An API key keeps its display prefix.
+_SECRETS = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+|(dq_[A-Za-z0-9_-]{8})[A-Za-z0-9_-]{8,}")
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def bind(**fields: Any) -> None:
@@ -53,7 +68,7 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str)
+        return redact(json.dumps(payload, default=str))
 
 
 def configure_logging(component: str, level: str | None = None, json_logs: bool | None = None) -> None:
@@ -66,7 +81,7 @@ def configure_logging(component: str, level: str | None = None, json_logs: bool 
     if json_logs:
         handler.setFormatter(JsonFormatter(component))
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(RedactingFormatter(f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)

@@ -94,7 +94,7 @@ def rollback_model(ctx: Context, name: str):
         raise _model_error(exc) from None
 
 
-@endpoint(bp, "/models/<name>/versions/<int:number>/verify", methods=["POST"], auth="admin",
+@endpoint(bp, "/models/<name>/versions/<int(max=2147483647):number>/verify", methods=["POST"], auth="admin",
           response=schemas.VerifyOut, summary="Re-hash every file of a version in object storage against its manifest",
           errors=[401, 403, 404])
 def verify_model_version(ctx: Context, name: str, number: int):

@@ -72,7 +72,9 @@ def _request_hash(body: schemas.GenerationCreate) -> str:
 @endpoint(
     bp, "/generations", methods=["POST"], auth="user", body=schemas.GenerationCreate, response=schemas.Job,
     status=202, summary="Submit a text-to-video or modify-video job",
-    errors=[400, 401, 403, 409, 415, 422, 429],
+    errors=[400, 401, 403, 409, 415, 422, 429], also=[200],
+    headers={"Idempotency-Key": ({"type": "string", "minLength": 1, "maxLength": 200},
+                                 "Same key and body: the same job (200); same key, other body: 409")},
 )
 def create_generation(ctx: Context):
     from tasks.dispatch import request_dispatch
@@ -129,7 +131,7 @@ def list_generations(ctx: Context):
     return {"object": "list", "data": load_job_views(ctx.session, jobs), "next_cursor": encode_cursor(jobs[-1]) if more else None}
 
 
-@endpoint(bp, "/generations/<job_id>/cancel", methods=["POST"], auth="user", response=schemas.Job,
+@endpoint(bp, "/generations/<job_id>/cancel", methods=["POST"], auth="user", response=schemas.Job, status=202,
           summary="Cancel a job: queued or dispatched ones at once, running ones at the next model step",
           errors=[401, 404, 409])
 def cancel_generation(ctx: Context, job_id: str):

@@ -18,7 +18,7 @@ def healthz(_ctx):
 
 
 @endpoint(bp, "/readyz", methods=["GET"], auth="public", response=schemas.Health, transactional=False,
-          summary="Readiness: Postgres, the broker's Redis and object storage answer", errors=[503])
+          summary="Readiness: Postgres, the broker's Redis and object storage answer", also=[503])
 def readyz(_ctx):
     from app.config import get_settings
     from app.db.session import get_engine

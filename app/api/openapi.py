@@ -20,22 +20,67 @@ _STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 400: "Malformed requ
                 503: "Unavailable"}
 
 
+def implied_errors(spec) -> set[int]:
+    """Statuses a route answers without its handler asking: auth, body parsing, path lookups."""
+    statuses = set(spec.errors)
+    if spec.auth != "public":
+        statuses |= {401, 403}  # no/bad key; a key without the scope or a disabled account
+    if spec.body is not None or spec.content_types:
+        statuses |= {400, 413, 415, 422}  # malformed body, over MAX_CONTENT_LENGTH, wrong type, invalid field
+    if spec.query is not None:
+        statuses.add(422)
+    if _PATH_PARAM.search(spec.rule):
+        statuses.add(404)  # a value the converter refuses matches no route
+    return statuses
+
+
+# Flask rule parameters: <name>, <int:name>, <int(max=...):name>
+_PATH_PARAM = re.compile(r"<(?:([a-z]+)(?:\([^)]*\))?:)?([a-z_]+)>")
+_CONVERTER_SCHEMA = {"int": {"type": "integer", "minimum": 0}}
+
+
+def _path_param_schema(converter: str | None, args: str) -> dict[str, Any]:
+    schema = dict(_CONVERTER_SCHEMA.get(converter or "", {"type": "string"}))
+    bounds = dict(re.findall(r"(min|max)=(\d+)", args))
+    if "min" in bounds:
+        schema["minimum"] = int(bounds["min"])
+    if "max" in bounds:
+        schema["maximum"] = int(bounds["max"])
+    return schema
+
+
+def _query_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query string cannot carry null: an Optional parameter is simply left out."""
+    schema = {k: v for k, v in schema.items() if not (k == "default" and v is None)}
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update(branches[0])
+    elif branches:
+        schema["anyOf"] = branches
+    return schema
+
+
 def build_openapi() -> dict[str, Any]:
-    models = {spec.body for spec in REGISTRY if spec.body} | {spec.response for spec in REGISTRY if spec.response}
-    models |= {spec.query for spec in REGISTRY if spec.query} | {schemas.Error}
-    models.discard(None)
-    ordered = sorted(models, key=lambda m: m.__name__)
-    _, top = models_json_schema([(m, "validation") for m in ordered], ref_template="#/components/schemas/{model}")
+    requests = {spec.body for spec in REGISTRY if spec.body} | {spec.query for spec in REGISTRY if spec.query}
+    # Responses are described as they are serialized, requests as they are validated.
+    responses = {spec.response for spec in REGISTRY if spec.response} | {schemas.Error}
+    inputs = [(m, "validation") for m in sorted(requests, key=lambda m: m.__name__)]
+    outputs = [(m, "serialization") for m in sorted(responses, key=lambda m: m.__name__)]
+    _, top = models_json_schema(inputs + outputs, ref_template="#/components/schemas/{model}")
     components = dict(top.get("$defs", {}))
+    error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     paths: dict[str, Any] = {}
     for spec in REGISTRY:
-        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", spec.rule)
-        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for p in re.findall(r"{([a-z_]+)}", path)]
+        path = _PATH_PARAM.sub(lambda m: "{" + m.group(2) + "}", spec.rule)
+        params = [{"name": m.group(2), "in": "path", "required": True,
+                   "schema": _path_param_schema(m.group(1), m.group(0))} for m in _PATH_PARAM.finditer(spec.rule)]
         if spec.query is not None:
+            properties = spec.query.model_json_schema(ref_template="#/components/schemas/{model}")["properties"]
             for name, field in spec.query.model_fields.items():
                 params.append({"name": name, "in": "query", "required": field.is_required(),
-                               "description": field.description or "", "schema": {"$ref": f"#/components/schemas/{spec.query.__name__}"}})
+                               "description": field.description or "", "schema": _query_schema(properties[name])})
+        for name, (schema, description) in spec.headers.items():
+            params.append({"name": name, "in": "header", "required": False, "description": description, "schema": schema})
         for method in spec.methods:
             op: dict[str, Any] = {"summary": spec.summary, "tags": spec.tags, "operationId": f"{method.lower()}_{spec.rule}",
                                   "parameters": params, "responses": {}}
@@ -46,15 +91,21 @@ def build_openapi() -> dict[str, Any]:
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": {"$ref": f"#/components/schemas/{spec.body.__name__}"}}}}
             elif spec.content_types:
-                op["requestBody"] = {"required": True, "content": {ct: {"schema": {"type": "string", "format": "binary"}}
-                                                                   for ct in spec.content_types}}
-            ok: dict[str, Any] = {"description": _STATUS_TEXT.get(spec.status, "OK")}
-            if spec.response is not None:
-                ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{spec.response.__name__}"}}}
-            op["responses"][str(spec.status)] = ok
-            for status in spec.errors:
-                op["responses"][str(status)] = {"description": _STATUS_TEXT.get(status, "Error"), "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                content = {}
+                for ct in spec.content_types:
+                    binary = {"type": "string", "format": "binary"}
+                    if ct == "multipart/form-data":
+                        content[ct] = {"schema": {"type": "object", "properties": {"file": binary}, "required": ["file"]}}
+                    else:
+                        content[ct] = {"schema": binary}
+                op["requestBody"] = {"required": True, "content": content}
+            for status in [spec.status, *spec.also]:
+                ok: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "OK")}
+                if spec.response is not None:
+                    ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{spec.response.__name__}"}}}
+                op["responses"][str(status)] = ok
+            for status in sorted(implied_errors(spec)):
+                op["responses"][str(status)] = {"description": _STATUS_TEXT.get(status, "Error"), "content": error_content}
             paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -37,6 +37,10 @@ class RouteSpec:
     tags: list[str]
     content_types: list[str] = field(default_factory=list)
     errors: list[int] = field(default_factory=list)
+    # Other success statuses with the same body (e.g. 200 for an idempotent replay of a 202).
+    also: list[int] = field(default_factory=list)
+    # Request headers the route reads: name -> (JSON schema, description), for the OpenAPI document.
+    headers: dict[str, tuple[dict, str]] = field(default_factory=dict)
 
 
 REGISTRY: list[RouteSpec] = []
@@ -63,6 +67,11 @@ class Deferred:
         self.produce = produce
 
 
+def _no_constant(name: str):
+    # Python's json accepts NaN/Infinity, which are not JSON and which no response could echo.
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _parse_json_body(model: type[BaseModel]) -> BaseModel:
     mimetype = request.mimetype
     if mimetype != "application/json":
@@ -72,9 +81,11 @@ def _parse_json_body(model: type[BaseModel]) -> BaseModel:
         )
     raw = request.get_data(cache=True)
     try:
-        data = json.loads(raw or b"")
+        data = json.loads(raw or b"", parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}", code="malformed_json") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply", code="malformed_json") from None
     if not isinstance(data, dict):
         raise Unprocessable("request body must be a JSON object", fields=[{"field": "body", "reason": "must be an object"}])
     try:
@@ -105,6 +116,8 @@ def endpoint(
     status: int = 200,
     content_types: list[str] | None = None,
     errors: list[int] | None = None,
+    also: list[int] | None = None,
+    headers: dict[str, tuple[dict, str]] | None = None,
     transactional: bool = True,
 ) -> Callable:
     if auth not in AUTH_LEVELS:
@@ -114,7 +127,7 @@ def endpoint(
         prefix = bp.url_prefix or ""
         REGISTRY.append(
             RouteSpec(prefix + rule, methods, auth, summary, body, query, response, status, [bp.name],
-                      content_types or (["application/json"] if body else []), errors or [])
+                      content_types or (["application/json"] if body else []), errors or [], also or [], headers or {})
         )
 
         @functools.wraps(handler)
