@@ -99,6 +99,15 @@ class Settings:
     job_hard_time_limit_s: int = _env("DREAMQ_JOB_HARD_TIME_LIMIT_S", 1900, _int)
     broker_visibility_timeout_s: int = _env("DREAMQ_VISIBILITY_TIMEOUT_S", 7200, _int)
     max_attempts: int = _env("DREAMQ_MAX_ATTEMPTS", 3, _int)
+    # A running job's lease: the process running it (GPU child, then the cpu finalize) renews it
+    # every lease/3 s. A job whose lease ran out has lost its process; the reaper requeues it.
+    job_lease_s: float = _env("DREAMQ_JOB_LEASE_S", 60.0, _float)
+    # celery beat maintenance (tasks/maintenance.py): how often each task runs, and how long a
+    # job may sit `dispatched` before the reconciler asks the broker whether it still holds it.
+    maintenance_interval_s: float = _env("DREAMQ_MAINTENANCE_INTERVAL_S", 15.0, _float)
+    reconcile_after_s: float = _env("DREAMQ_RECONCILE_AFTER_S", 30.0, _float)
+    # Retention sweeps are heavier and nothing is urgent about them.
+    retention_interval_s: float = _env("DREAMQ_RETENTION_INTERVAL_S", 3600.0, _float)
 
     # Input limits for POST /v1/uploads and generation parameters.
     max_upload_bytes: int = _env("DREAMQ_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, _int)
@@ -118,6 +127,16 @@ class Settings:
     # Worker-local model cache (content addressed, size bounded).
     model_cache_dir: str = _env("DREAMQ_MODEL_CACHE", "")
     model_cache_max_bytes: int = _env("DREAMQ_MODEL_CACHE_MAX_BYTES", 20 * 1024**3, _int)
+
+    # Webhooks (app/webhooks/): progress events at most this often per job; a delivery is tried
+    # `max_attempts` times, waiting base, 2*base, 4*base... (capped) between attempts; each POST
+    # has its own connect and read timeouts so a slow receiver cannot hold a cpu worker.
+    webhook_progress_interval_s: float = _env("DREAMQ_WEBHOOK_PROGRESS_INTERVAL_S", 5.0, _float)
+    webhook_max_attempts: int = _env("DREAMQ_WEBHOOK_MAX_ATTEMPTS", 5, _int)
+    webhook_backoff_base_s: float = _env("DREAMQ_WEBHOOK_BACKOFF_BASE_S", 2.0, _float)
+    webhook_backoff_max_s: float = _env("DREAMQ_WEBHOOK_BACKOFF_MAX_S", 600.0, _float)
+    webhook_connect_timeout_s: float = _env("DREAMQ_WEBHOOK_CONNECT_TIMEOUT_S", 5.0, _float)
+    webhook_read_timeout_s: float = _env("DREAMQ_WEBHOOK_READ_TIMEOUT_S", 5.0, _float)
 
     log_level: str = _env("DREAMQ_LOG_LEVEL", "INFO")
     log_json: bool = _env("DREAMQ_LOG_JSON", True, _bool)

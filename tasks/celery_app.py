@@ -93,7 +93,7 @@ def make_celery() -> Celery:
     # Task modules are imported by the worker (include=); publishers send by task name and never
     # import them, which keeps the API process free of worker code.
     app = Celery("dreamq", broker=broker, set_as_current=True,
-                 include=["tasks.dispatch", "tasks.generate", "tasks.finalize"])
+                 include=["tasks.dispatch", "tasks.generate", "tasks.finalize", "tasks.webhooks"])
     direct = Exchange("", type="direct")
     app.conf.update(
         task_serializer="json",
@@ -123,6 +123,7 @@ def make_celery() -> Celery:
             "dreamq.dispatch": {"queue": CONTROL_QUEUE},
             "dreamq.maintenance.*": {"queue": CONTROL_QUEUE},
             "dreamq.finalize": {"queue": CPU_QUEUE},
+            "dreamq.webhooks.*": {"queue": CPU_QUEUE},
         },
         # CPU tasks: soft limit raises inside the task so it can clean up; hard limit kills.
         task_soft_time_limit=300,
@@ -137,6 +138,10 @@ def make_celery() -> Celery:
                                      "options": {"queue": CONTROL_QUEUE, "expires": 5}},
         },
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A GPU worker's child loads the pool's model before it reports up (tasks/signals.py
+        # _preload): seconds on this CPU when the machine is busy, minutes for a video model.
+        # Celery's default of 4 s kills such a child and starts another, over and over.
+        worker_proc_alive_timeout=300,
     )
     return app
 
@@ -145,3 +150,6 @@ celery_app = make_celery()
 
 # Worker lifecycle hooks must be connected before the worker boots (logging setup, fork init).
 import tasks.signals  # noqa: E402,F401
+# Maintenance tasks register themselves and their beat entries on import (declared next to
+# their code); beat, Flower and the control workers all see them through this import.
+import tasks.maintenance  # noqa: E402,F401

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from app.config import get_settings
 from app.db.models import JobState
 from app.db.session import transaction
+from app.jobs.lease import JobLease
 from app.jobs.transitions import NOW, transition
 from app.logging_setup import job_context
 from app.media import encode_mp4, thumbnail_jpeg
@@ -32,7 +33,8 @@ def output_keys(job_id: str, dispatch_seq: int) -> tuple[str, str]:
                  autoretry_for=(OSError,), retry_backoff=2, retry_backoff_max=60, max_retries=8)
 def finalize(self, job_id: str, dispatch_seq: int, staging_key: str) -> None:
     settings = get_settings()
-    with job_context(job_id=job_id):
+    # Renew the job's lease while encoding: the reaper leaves a job alone while someone works on it.
+    with job_context(job_id=job_id), JobLease(job_id, dispatch_seq):
         started = time.perf_counter()
         frames = np.load(io.BytesIO(get_bytes(settings.media_bucket, staging_key)), allow_pickle=False)
         with transaction() as session:

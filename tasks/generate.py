@@ -20,8 +20,10 @@ from sqlalchemy import text
 from app.config import get_settings
 from app.db.models import JobState
 from app.db.session import transaction
+from app.jobs.lease import JobLease, lease_expired_where
 from app.jobs.transitions import INCREMENT, NOW, transition
 from app.logging_setup import job_context
+from app.webhooks.events import ProgressWebhooks
 from app.storage import get_bytes, put_bytes
 from tasks.celery_app import CPU_QUEUE, celery_app
 from tasks.dispatch import request_dispatch
@@ -72,10 +74,15 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
     The message's dispatch_seq must match the row's: a stale message from an earlier dispatch, or
     one for a job cancelled meanwhile, claims nothing and is simply acknowledged.
     """
+    lease_sql, lease_params = lease_expired_where()
     with transaction() as session:
         left = transition(
             session, job_id, {JobState.dispatched, JobState.running}, JobState.running,
             worker_id=worker_id, guard={"dispatch_seq": dispatch_seq},
+            # A running job is taken over only from a dead process: its own worker's (the child
+            # died and Celery requeued the message) or one whose lease ran out. A message that
+            # Redis redelivers while the job still runs elsewhere claims nothing.
+            where=(f"state = 'dispatched' OR worker_id = :me OR {lease_sql}", {"me": worker_id, **lease_params}),
             attempts=INCREMENT, started_at=NOW, progress=0.0,
         )
         if left is None:
@@ -95,7 +102,8 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
         if left == JobState.running.value:
             log.warning("job redelivered after its worker was lost", extra={"job_id": job_id, "attempt": row["attempts"]})
         session.execute(
-            text("UPDATE workers SET state = 'busy', current_job_id = :job, heartbeat_at = now() WHERE id = :w"),
+            text("UPDATE workers SET state = CASE WHEN state = 'draining' THEN state ELSE 'busy' END, "
+                 "current_job_id = :job, heartbeat_at = now() WHERE id = :w"),
             {"job": job_id, "w": worker_id},
         )
     return ClaimedJob(
@@ -106,13 +114,20 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
 
 
 class ProgressReporter:
-    """on_step callback: throttled progress writes that double as the cancellation check."""
+    """on_step callback: throttled progress writes that double as the cancellation check.
 
-    def __init__(self, job_id: uuid.UUID, dispatch_seq: int):
+    It also stops the model when this worker is draining (warm shutdown, scale-down): the job
+    then goes back to the queue at once instead of holding the shutdown for minutes.
+    """
+
+    def __init__(self, job_id: uuid.UUID, dispatch_seq: int, worker_id: str | None = None):
         self.job_id = job_id
         self.dispatch_seq = dispatch_seq
+        self.worker_id = worker_id
         self._last = 0.0
         self.steps = 0
+        self.draining = False
+        self.webhooks = ProgressWebhooks(job_id)  # `progress` events, throttled per job
 
     def __call__(self, done: int, total: int) -> bool:
         self.steps += 1
@@ -124,11 +139,18 @@ class ProgressReporter:
             row = session.execute(
                 text(
                     "UPDATE jobs SET progress = :p, updated_at = now() "
-                    "WHERE id = :id AND state = 'running' AND dispatch_seq = :seq RETURNING cancel_requested"
+                    "WHERE id = :id AND state = 'running' AND dispatch_seq = :seq RETURNING cancel_requested, "
+                    "EXISTS (SELECT 1 FROM workers WHERE id = :w AND state = 'draining')"
                 ),
-                {"p": round(0.95 * done / max(total, 1), 4), "id": str(self.job_id), "seq": self.dispatch_seq},
+                {"p": round(0.95 * done / max(total, 1), 4), "id": str(self.job_id), "seq": self.dispatch_seq,
+                 "w": self.worker_id},
             ).first()
+            if row is not None:
+                self.webhooks.report(session)
         # No row: the job left `running` under us (cancelled, or requeued by the reaper). Stop.
+        if row is not None and row[1]:
+            self.draining = True
+            return False
         return row is not None and not row[0]
 
 
@@ -143,9 +165,30 @@ def _fail(job: ClaimedJob, worker_id: str, code: str, message: str) -> None:
     request_dispatch()
 
 
+def _requeue_for_drain(job: ClaimedJob, worker_id: str, steps: int) -> None:
+    """This worker is shutting down: the job goes back to the queue now, its attempt not counted."""
+    with transaction() as session:
+        transition(
+            session, job.id, JobState.running, JobState.queued, worker_id=worker_id,
+            guard={"dispatch_seq": job.dispatch_seq}, attempts=job.attempts - 1, progress=0.0,
+            detail={"reason": "worker_draining", "at_step": steps},
+        )
+        _worker_idle(session, worker_id)
+    log.info("worker draining: job requeued", extra={"job_id": str(job.id), "at_step": steps})
+    request_dispatch()
+
+
+def _gpu_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
 def _worker_idle(session, worker_id: str) -> None:
     session.execute(
-        text("UPDATE workers SET state = 'idle', current_job_id = NULL, heartbeat_at = now() WHERE id = :w"),
+        # A draining worker stays draining: the dispatcher must not count it as capacity again.
+        text("UPDATE workers SET state = CASE WHEN state = 'draining' THEN state ELSE 'idle' END, "
+             "current_job_id = NULL, heartbeat_at = now() WHERE id = :w"),
         {"w": worker_id},
     )
 
@@ -172,7 +215,7 @@ def run_claimed(job: ClaimedJob, worker_id: str) -> None:
                 data = get_bytes(settings.media_bucket, job.upload_key)
                 input_video = decode_video(data, width=params["width"], height=params["height"],
                                            num_frames=params["num_frames"])
-            reporter = ProgressReporter(job.id, job.dispatch_seq)
+            reporter = ProgressReporter(job.id, job.dispatch_seq, worker_id)
             started = time.perf_counter()
             try:
                 frames = loaded.model.generate(
@@ -180,6 +223,9 @@ def run_claimed(job: ClaimedJob, worker_id: str) -> None:
                     seed=params["seed"], input_video=input_video, on_step=reporter,
                 )
             except loaded.cancelled_exc:
+                if reporter.draining:
+                    _requeue_for_drain(job, worker_id, reporter.steps)
+                    return
                 with transaction() as session:
                     left = transition(
                         session, job.id, JobState.running, JobState.cancelled, worker_id=worker_id,
@@ -242,11 +288,24 @@ def generate(self, job_id: str, dispatch_seq: int) -> None:
             return
         # A slot under the dispatch limit just freed up (dispatched -> running).
         request_dispatch()
-        with job_context(job_id=job_id, user_id=str(job.user_id), tier=job.tier):
+        with job_context(job_id=job_id, user_id=str(job.user_id), tier=job.tier), JobLease(job.id, job.dispatch_seq):
             try:
                 run_claimed(job, worker_id)
             except SoftTimeLimitExceeded:
                 _fail(job, worker_id, "timeout", f"the job exceeded its time limit of {_settings.job_soft_time_limit_s} s")
             except Exception as exc:  # a crash in model code fails this job; the worker keeps serving
+                if _gpu_out_of_memory(exc):
+                    # Free what the failed job held so the next one starts from a clean device;
+                    # the loaded models stay (they fit before this job).
+                    import gc
+
+                    import torch
+
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    log.error("job ran out of GPU memory", extra={"error": str(exc)[:500]})
+                    _fail(job, worker_id, "gpu_out_of_memory", f"{type(exc).__name__}: {exc}")
+                    return
                 log.exception("job failed in model code")
                 _fail(job, worker_id, "model_error", f"{type(exc).__name__}: {exc}")

@@ -94,7 +94,7 @@ _UPSERT = text(
         -- merge: the child running jobs keeps its own keys (loaded versions) in the same object
         info = workers.info || EXCLUDED.info,
         -- busy/idle are set by the child that runs jobs; the heartbeat only revives a stopped row
-        state = CASE WHEN workers.state IN ('stopped', 'starting') OR :state IN ('stopped', 'draining')
+        state = CASE WHEN workers.state IN ('stopped', 'starting') OR :state IN ('stopped', 'draining') OR :fresh
                      THEN :state ELSE workers.state END,
         started_at = CASE WHEN workers.state = 'stopped' THEN now() ELSE workers.started_at END
     """
@@ -107,10 +107,13 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dreamq-heartbeat", daemon=True)
         self.state = "idle"
+        # Until the first beat lands, every beat is the fresh one (Postgres may be restarting).
+        self._fresh = True
 
     def beat(self, state: str | None = None, *, fresh: bool = False) -> None:
         import json
 
+        fresh = fresh or self._fresh
         info = {"gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "")}
         if fresh:
             # A (re)started worker holds no model yet, whatever its previous run reported.
@@ -120,8 +123,9 @@ class Heartbeat:
                 _UPSERT,
                 {"id": self.worker_id, "cluster": self.cluster, "model": self.model, "host": socket.gethostname(),
                  "pid": os.getpid(), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "cpu"),
-                 "state": state or self.state, "info": json.dumps(info)},
+                 "state": state or self.state, "info": json.dumps(info), "fresh": fresh},
             )
+        self._fresh = False
 
     def _run(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL_S):
@@ -131,7 +135,12 @@ class Heartbeat:
                 log.warning("heartbeat failed", exc_info=True)
 
     def start(self) -> None:
-        self.beat("idle", fresh=True)
+        try:
+            self.beat("idle", fresh=True)
+        except Exception:
+            # Postgres unreachable at start: the thread keeps trying; the worker is not
+            # counted as capacity until a beat lands, which is what should happen.
+            log.warning("first heartbeat failed; retrying in the background", exc_info=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -157,6 +166,19 @@ def _worker_ready(sender=None, **_kwargs) -> None:
     from tasks.dispatch import request_dispatch
 
     request_dispatch()
+
+
+@signals.worker_shutting_down.connect
+def _worker_shutting_down(**_kwargs) -> None:
+    """Warm shutdown: mark the worker draining. The job it runs sees that at its next progress
+    step and goes back to the queue at once (tasks/generate.py), so a shutdown never waits out a
+    long job, and the dispatcher stops counting this worker's capacity."""
+    if _heartbeat is not None:
+        _heartbeat.state = "draining"
+        try:
+            _heartbeat.beat("draining")
+        except Exception:
+            log.warning("could not mark worker draining", exc_info=True)
 
 
 @signals.worker_shutdown.connect

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy.exc
 from flask import Flask, g, jsonify
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
@@ -121,6 +122,18 @@ def register_error_handlers(app: Flask) -> None:
             message = "request body is too large"
         response = jsonify(_body(code, message))
         response.status_code = exc.code or 500
+        return response
+
+    @app.errorhandler(sqlalchemy.exc.OperationalError)
+    @app.errorhandler(sqlalchemy.exc.InterfaceError)
+    def _database_unavailable(exc: Exception):
+        # Postgres restarting or unreachable: nothing was stored, and the client may retry (with
+        # the same Idempotency-Key, a retry can never make a second job).
+        log.warning("database unavailable", extra={"request_id": getattr(g, "request_id", None),
+                                                   "error": type(exc.orig if hasattr(exc, "orig") else exc).__name__})
+        response = jsonify(_body("unavailable", "the database is unavailable; retry shortly"))
+        response.status_code = 503
+        response.headers["Retry-After"] = "1"
         return response
 
     @app.errorhandler(Exception)

@@ -1,0 +1,41 @@
+"""Prepare a fresh stack's database for the chaos test, in its own process (its own settings).
+
+    python -m support.chaos_setup MODEL BUNDLE DISPATCH_LIMIT USERS   (env: the stack's URLs)
+
+Migrates, seeds tiers, makes the buckets, pushes BUNDLE as MODEL with a pool in cluster `local`,
+creates USERS api-tier users and prints {"keys": [...], "version": N} as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(model: str, bundle: str, dispatch_limit: str, users: str) -> None:
+    from app.api.auth import create_key
+    from app.config import get_settings
+    from app.db.migrate import upgrade
+    from app.db.models import User
+    from app.db.session import transaction
+    from app.seed import ensure_demo_model, ensure_pool, seed_tiers
+    from app.storage import ensure_buckets
+
+    upgrade(get_settings().database_url)
+    ensure_buckets()
+    keys = []
+    with transaction() as session:
+        seed_tiers(session)
+        version = ensure_demo_model(session, model, Path(bundle))
+        ensure_pool(session, "local", model, int(dispatch_limit))
+        for index in range(int(users)):
+            user = User(name=f"chaos-{index}", tier="api")
+            session.add(user)
+            session.flush()
+            keys.append(create_key(session, user, ["user"])[1])
+    print(json.dumps({"keys": keys, "version": getattr(version, "number", None)}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
