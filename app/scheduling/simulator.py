@@ -24,10 +24,20 @@ Model
 * **Wait** = start - submit (what the user sees as "queued"). A job that has not started by the
   end of the trace counts as a miss whatever its wait so far, and its wait so far enters the
   percentiles and max (a job never run is a miss, not an absence).
-* **Burst hook** (`burst=True`): a controller that, every 60 s, asks for extra GPUs in a
-  "training" cluster (at most 4,000) sized to drain the backlog in 30 min; they come online after
-  a warm-up of 10 min and are released once the backlog has been empty for 10 min (idle GPUs
-  first, busy ones when their job ends). Off by default.
+* **Bursting** (`burst=True`): a "training" cluster of BURST_MAX_GPUS (4,000; x scale for a
+  scaled generated trace) that starts empty. Every BURST_CONTROL_S (60 s) the simulator builds
+  a `BurstObservation` the way the live burst task does (per tier the dispatchable backlog, the
+  wait of its oldest dispatchable job and the rate at which jobs entered that backlog over the
+  last ARRIVAL_WINDOW_S (dispatches + its growth, so capped users' bursts do not count); the
+  standing GPUs busy and total; the burst cohorts by phase; the running mean of finished jobs'
+  durations) and carries out `BurstController.decide` (app/scheduling/burst.py): a scale-up
+  starts a cohort of N GPUs that count as capacity only after BURST_WARMUP_S (10 min: model
+  load); a drain takes GPUs from cohorts (idle ones leave at once, busy ones after their job:
+  the pool shrinks lazily); a release is carried out like a drain (reclaims are not simulated).
+  Every action is recorded (time, kind, count, reason); the summary's `burst` block counts
+  scale-ups, scale-downs and reversals (opposite actions less than REVERSAL_WINDOW_S apart),
+  the peak of borrowed GPUs (warming + serving + draining) and the GPU-hours borrowed.
+  Off by default.
 
 Metrics are computed in app/scheduling/report.py (including the exact definition of a starved
 window, whose "backlog" is the dispatchable backlog tracked here: per user min(queued, cap -
@@ -41,7 +51,8 @@ while the job stays in the heads. The 12 h launch-day trace (496,905 jobs, 500 -
 21,600 dispatcher ticks) takes ~16 s on an idle 2-core machine, ~9 s of it inside plan_dispatch.
 
 CLI: `python -m app.scheduling.simulator --trace launch-day --policy slo [--json]
-[--plot out.png] [--csv FILE [--gpus N]] [--seed N] [--scale X] [--hours H] [--burst]`
+[--plot out.png] [--csv FILE [--gpus N]] [--seed N] [--scale X] [--hours H]
+[--burst [--burst-gpus N] [--burst-warmup S]]`
 """
 
 from __future__ import annotations
@@ -60,6 +71,18 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from app.scheduling import report
+from app.scheduling.burst import (
+    DRAINING,
+    SERVING,
+    STARTING,
+    Action,
+    BurstController,
+    BurstObservation,
+    BurstParams,
+    BurstWorker,
+    TierPressure,
+    count_reversals,
+)
 from app.scheduling.policy import (
     POLICIES,
     WINDOW_S,
@@ -83,9 +106,9 @@ SAMPLE_S = 60.0
 
 BURST_MAX_GPUS = 4000
 BURST_WARMUP_S = 600.0
-BURST_DRAIN_TARGET_S = 1800.0
-BURST_RELEASE_AFTER_S = 600.0
 BURST_CONTROL_S = 60.0
+ARRIVAL_WINDOW_S = 300.0
+REVERSAL_WINDOW_S = 1800.0
 
 _QUEUED, _DISPATCHED, _RUNNING, _DONE = 1, 2, 3, 4
 
@@ -120,25 +143,10 @@ class SimResult:
     timeline: dict = field(default_factory=dict)
 
 
-class BurstController:
-    """Hook for borrowed GPUs: decides the target size of the 'training' cluster."""
-
-    def __init__(self, max_gpus: int = BURST_MAX_GPUS):
-        self.max_gpus = max_gpus
-        self.empty_since: float | None = None
-
-    def target(self, now: float, queued: int, current: int) -> int:
-        if queued > 0:
-            self.empty_since = None
-            want = math.ceil(queued * MEAN_DURATION_S / BURST_DRAIN_TARGET_S)
-            return min(self.max_gpus, max(current, want))
-        if self.empty_since is None:
-            self.empty_since = now
-        return 0 if now - self.empty_since >= BURST_RELEASE_AFTER_S else current
-
-
 class Simulator:
-    def __init__(self, trace: Trace, policy: str, tiers: Mapping[str, TierSpec] | None = None, *, burst: bool = False):
+    def __init__(self, trace: Trace, policy: str, tiers: Mapping[str, TierSpec] | None = None, *, burst: bool = False,
+                 burst_gpus: int = BURST_MAX_GPUS, burst_warmup_s: float = BURST_WARMUP_S,
+                 burst_params: BurstParams | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         self.trace = trace
@@ -149,6 +157,9 @@ class Simulator:
             if name not in self.tiers:
                 raise ValueError(f"trace tier {name!r} has no TierSpec")
         self.burst = burst
+        self.burst_gpus = int(burst_gpus)
+        self.burst_warmup_s = float(burst_warmup_s)
+        self.burst_params = burst_params or BurstParams()
 
     # ----------------------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -172,6 +183,7 @@ class Simulator:
 
         state = bytearray(njobs)
         start = [math.nan] * njobs
+        elig = [math.nan] * njobs  # when the job's user was first under the cap for it (see cap_wait)
         cand: list = [None] * njobs
 
         uq: list = [None] * nusers
@@ -239,10 +251,21 @@ class Simulator:
 
         cap_steps = list(tr.capacity)
         cap_i = 0
-        # burst hook state
-        controller = BurstController() if self.burst else None
-        burst_current = 0
-        burst_pending: list[tuple[float, int]] = []  # (online at, target)
+        # bursting: cohorts [id, requested at, ready at, GPUs] on the "training" cluster
+        controller = BurstController(self.burst_params) if self.burst else None
+        cohorts: list[list] = []
+        n_cohorts = 0
+        serving_gpus = 0
+        burst_actions: list[dict] = []
+        burst_decisions = 0
+        burst_gpu_s = 0.0
+        burst_peak = 0
+        tdisp = [0] * ntiers  # dispatches per tier, cumulative
+        arrival_marks: deque = deque()  # (t, per tier dispatched + dispatchable) at each control tick
+        done_n = 0
+        done_s = 0.0
+        control_every = max(1, int(round(BURST_CONTROL_S / DISPATCH_TICK_S)))
+        warmup = self.burst_warmup_s
 
         ledger = ShareLedger()
         n_windows = int(math.ceil(horizon / WINDOW_S)) + 1
@@ -257,6 +280,7 @@ class Simulator:
         tl_queued: list[list[int]] = [[] for _ in range(ntiers)]
         tl_busy: list[int] = []
         tl_gpus: list[int] = []
+        tl_burst: list[int] = []
         next_sample = 0.0
 
         tier_specs = tiers
@@ -284,6 +308,79 @@ class Simulator:
             j = q[0]
             push(ready[t_i], (submit[j], j, u))
 
+        def oldest_ready(ti: int) -> float | None:
+            """Submit time of the tier's oldest job the scheduler could dispatch (top of the
+            ready heap, cleaned of users now capped or emptied); None if there is none."""
+            heap = ready[ti]
+            cap = caps[ti]
+            while heap:
+                _key, j, u = heap[0]
+                if uqueued[u] and inflight[u] < cap:
+                    q = uq[u]
+                    while state[q[0]] != _QUEUED:
+                        q.popleft()
+                    if q[0] == j:
+                        return submit[j]
+                pop(heap)
+            return None
+
+        def training_pools() -> list[_Pool]:
+            return [p for p in pools if p.cluster.startswith("training")]
+
+        def burst_control(now: float) -> None:
+            nonlocal n_cohorts, serving_gpus, burst_decisions
+            mark = tuple(tdisp[i] + dispatchable[i] for i in range(ntiers))
+            arrival_marks.append((now, mark))
+            while len(arrival_marks) > 1 and arrival_marks[1][0] <= now - ARRIVAL_WINDOW_S:
+                arrival_marks.popleft()
+            t0_, m0 = arrival_marks[0]
+            span = now - t0_
+            tiers_obs = []
+            for ti in range(ntiers):
+                o = oldest_ready(ti)
+                rate = (mark[ti] - m0[ti]) / span if span > 0 else None
+                tiers_obs.append(TierPressure(tnames[ti], slo[ti], dispatchable[ti],
+                                              now - o if o is not None else 0.0, rate))
+            tp = training_pools()
+            tr_busy = sum(p.busy for p in tp)
+            draining = sum(max(0, p.gpus - p.target) for p in tp)
+            serving_busy = min(serving_gpus, max(0, tr_busy - draining))
+            workers = []
+            left = serving_busy
+            for cid, req, ready_at, n in cohorts:
+                if ready_at <= now:
+                    b = min(n, left, math.ceil(serving_busy * n / serving_gpus) if serving_gpus else 0)
+                    left -= b
+                    workers.append(BurstWorker(cid, SERVING, req, n, b))
+                else:
+                    workers.append(BurstWorker(cid, STARTING, req, n, 0))
+            if draining:
+                workers.append(BurstWorker("draining", DRAINING, now, draining, draining))
+            standing = [p for p in pools if not p.cluster.startswith("training")]
+            obs = BurstObservation(
+                now=now, tiers=tiers_obs,
+                standing_busy=sum(p.busy for p in standing), standing_total=sum(p.gpus for p in standing),
+                workers=workers, mean_job_s=done_s / done_n if done_n else MEAN_DURATION_S,
+                warmup_s=warmup, max_workers=self.burst_gpus)
+            d = controller.decide(obs)
+            burst_decisions += 1
+            if d.action is Action.HOLD:
+                return
+            burst_actions.append({"t": now, "action": d.action.value, "count": d.count, "reason": d.reason})
+            if d.action is Action.SCALE_UP:
+                n_cohorts += 1
+                cohorts.append([f"b{n_cohorts}", now, now + warmup, d.count])
+                return
+            # drain / release: the pool shrinks lazily, busy GPUs leave when their job ends
+            take = dict(d.workers)
+            for c in cohorts:
+                k = min(take.get(c[0], 0), c[3])
+                c[3] -= k
+                if c[2] <= now:
+                    serving_gpus -= k
+            cohorts[:] = [c for c in cohorts if c[3] > 0]
+            apply_capacity(serving_gpus, now, cluster_prefix="training")
+
         for k in range(n_ticks + 1):
             now = k * dt
             # ---- timeline sample: the state the previous tick's dispatch left (no events yet)
@@ -292,25 +389,13 @@ class Simulator:
                 tl_t.append(now)
                 tl_busy.append(sum(p.busy for p in pools))
                 tl_gpus.append(sum(p.gpus for p in pools))
+                tl_burst.append(sum(p.gpus for p in training_pools()) + sum(c[3] for c in cohorts if c[2] > now))
                 for ti in range(ntiers):
                     f = tfifo[ti]
                     while f and state[f[0]] != _QUEUED:
                         f.popleft()
                     tl_oldest_all[ti].append((now - submit[f[0]]) / slo[ti] if f else 0.0)
-                    # oldest job the scheduler could dispatch: top of the ready heap, cleaned
-                    heap = ready[ti]
-                    cap = caps[ti]
-                    oldest = None
-                    while heap:
-                        _key, j, u = heap[0]
-                        if uqueued[u] and inflight[u] < cap:
-                            q = uq[u]
-                            while state[q[0]] != _QUEUED:
-                                q.popleft()
-                            if q[0] == j:
-                                oldest = submit[j]
-                                break
-                        pop(heap)
+                    oldest = oldest_ready(ti)
                     tl_oldest[ti].append((now - oldest) / slo[ti] if oldest is not None else 0.0)
                     tl_queued[ti].append(tqueued[ti])
 
@@ -329,12 +414,20 @@ class Simulator:
                     continue
                 j = payload  # completion
                 state[j] = _DONE
+                done_n += 1
+                done_s += jdur[j]
                 u = juser[j]
                 ti = jtier[j]
                 cap = caps[ti]
                 before = contrib(u, cap)
                 inflight[u] -= 1
-                dispatchable[ti] += contrib(u, cap) - before
+                after = contrib(u, cap)
+                dispatchable[ti] += after - before
+                if after > before:  # the user's next queued job is now under the cap
+                    q = uq[u]
+                    while state[q[0]] != _QUEUED:
+                        q.popleft()
+                    elig[q[after - 1]] = t_ev
                 if inflight[u] == cap - 1 and uqueued[u] > 0:
                     push_ready(u, ti)
                 p.busy -= 1
@@ -364,6 +457,7 @@ class Simulator:
                 total_queued += 1
                 if uqueued[u] <= caps[ti] - inflight[u]:
                     dispatchable[ti] += 1
+                    elig[j] = submit[j]
                 if was_empty and inflight[u] < caps[ti]:
                     push(ready[ti], (submit[j], j, u))
 
@@ -376,16 +470,20 @@ class Simulator:
             if changed:
                 apply_capacity(cur_gpus, now)
             if controller is not None:
-                if burst_pending and burst_pending[0][0] <= now:
-                    burst_current = burst_pending.pop(0)[1]
-                    apply_capacity(burst_current, now, cluster_prefix="training")
-                if k % int(BURST_CONTROL_S / dt) == 0:
-                    want = controller.target(now, total_queued, burst_current)
-                    if want > burst_current and not burst_pending:
-                        burst_pending.append((now + BURST_WARMUP_S, want))
-                    elif want < burst_current:
-                        burst_current = want
-                        apply_capacity(want, now, cluster_prefix="training")
+                ready_now = sum(c[3] for c in cohorts if c[2] <= now)
+                if ready_now != serving_gpus:  # cohorts whose warm-up ended come online
+                    serving_gpus = ready_now
+                    apply_capacity(serving_gpus, now, cluster_prefix="training")
+                if k % control_every == 0:
+                    burst_control(now)
+                borrowed = sum(c[3] for c in cohorts if c[2] > now)
+                for p in pools:
+                    if p.cluster.startswith("training"):
+                        borrowed += p.gpus
+                if k:
+                    burst_gpu_s += borrowed * (now - last_t)
+                if borrowed > burst_peak:
+                    burst_peak = borrowed
             total_gpus = 0
             for p in pools:
                 total_gpus += p.gpus
@@ -505,6 +603,7 @@ class Simulator:
                     push_ready(u, ti)
             for ti in range(ntiers):
                 if tier_counts[ti]:
+                    tdisp[ti] += tier_counts[ti]
                     ledger.record(tnames[ti], tier_counts[ti], now)
                     win_disp[w, ti] += tier_counts[ti]
 
@@ -535,6 +634,17 @@ class Simulator:
             win_min_backlog=win_min_backlog[:full],
             win_arrivals=arrivals[:full],
         )
+        # within W counting the wait from when the job's own user was under its concurrency cap
+        # for it: what the scheduler and the GPUs answer for (a user's 1,000-job burst against a
+        # cap of 64 misses W by its own limit, whatever the capacity)
+        elig_arr = np.array(elig, dtype=np.float64)
+        for ti, name in enumerate(tnames):
+            m = tr.tier == ti
+            sched_wait = start_arr[m] - elig_arr[m]
+            ok = np.count_nonzero(sched_wait <= slo[ti] + 1e-9)  # nan (never started) compares False
+            n_elig = int(np.count_nonzero(~np.isnan(elig_arr[m])))  # jobs never under the cap are left out
+            summary[name]["within_slo_uncapped"] = round(float(ok) / n_elig, 4) if n_elig else 1.0
+            summary[name]["capped_jobs"] = int(np.count_nonzero(elig_arr[m] > tr.submit_s[m]))
         result = {
             "policy": self.policy,
             "trace": tr.name,
@@ -543,6 +653,21 @@ class Simulator:
             "gpu_utilization": round(util, 4),
             "tiers": summary,
         }
+        if controller is not None:
+            kinds = [a["action"] for a in burst_actions]
+            result["burst"] = {
+                "max_gpus": self.burst_gpus,
+                "warmup_s": warmup,
+                "decisions": burst_decisions,
+                "scale_ups": kinds.count(Action.SCALE_UP.value),
+                "scale_downs": kinds.count(Action.DRAIN.value),
+                "releases": kinds.count(Action.RELEASE.value),
+                "reversal_window_s": REVERSAL_WINDOW_S,
+                "reversals": count_reversals([(a["t"], a["action"]) for a in burst_actions], REVERSAL_WINDOW_S),
+                "peak_gpus": burst_peak,
+                "gpu_hours": round(burst_gpu_s / 3600.0, 1),
+                "actions": burst_actions,
+            }
         timeline = {
             "t": tl_t,
             "oldest_over_slo": {tnames[i]: tl_oldest[i] for i in range(ntiers)},
@@ -550,6 +675,7 @@ class Simulator:
             "queued": {tnames[i]: tl_queued[i] for i in range(ntiers)},
             "busy": tl_busy,
             "gpus": tl_gpus,
+            "burst_gpus": tl_burst,
             "plan_calls": n_calls,
             "plan_s": plan_s,
         }
@@ -557,10 +683,33 @@ class Simulator:
 
 
 def simulate(trace: Trace | str, policy: str, *, burst: bool = False, seed: int = 0, scale: float = 1.0,
-             hours: float | None = None, tiers: Mapping[str, TierSpec] | None = None) -> SimResult:
+             hours: float | None = None, tiers: Mapping[str, TierSpec] | None = None,
+             burst_gpus: int | None = None, burst_warmup_s: float = BURST_WARMUP_S,
+             burst_params: BurstParams | None = None) -> SimResult:
+    """Run one policy on a trace. The burst cluster defaults to BURST_MAX_GPUS x `scale` (the
+    scale of a generated trace named here; 1 for a Trace passed in)."""
     if isinstance(trace, str):
         trace = get_trace(trace, seed=seed, scale=scale, hours=hours)
-    return Simulator(trace, policy, tiers, burst=burst).run()
+    if burst_gpus is None:
+        burst_gpus = max(1, round(BURST_MAX_GPUS * scale))
+    return Simulator(trace, policy, tiers, burst=burst, burst_gpus=burst_gpus, burst_warmup_s=burst_warmup_s,
+                     burst_params=burst_params).run()
+
+
+def format_burst(summary: dict) -> str:
+    """Markdown lines for a run's `burst` block: the counts, then every action with its reason."""
+    b = summary.get("burst")
+    if not b:
+        return ""
+    lines = [
+        f"burst: {b['max_gpus']} GPUs, warm-up {b['warmup_s']:g} s: {b['scale_ups']} scale-ups, "
+        f"{b['scale_downs']} drains, {b['releases']} releases, {b['reversals']} reversals within "
+        f"{b['reversal_window_s'] / 60:g} min; peak {b['peak_gpus']} GPUs, {b['gpu_hours']:g} GPU-hours borrowed",
+        "",
+    ]
+    for a in b["actions"]:
+        lines.append(f"- {a['t'] / 3600:5.2f} h: {a['reason']}")
+    return "\n".join(lines)
 
 
 def run_simulation(trace: Trace | str, policy: str, *, burst: bool = False, seed: int = 0, **kwargs) -> dict:
@@ -577,7 +726,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", type=float, default=1.0, help="scale GPUs, rates and users (generated traces)")
     ap.add_argument("--hours", type=float, help="trace length (generated traces; default 12)")
-    ap.add_argument("--burst", action="store_true", help="enable the burst-cluster hook")
+    ap.add_argument("--burst", action="store_true", help="borrow GPUs from a training cluster (burst controller)")
+    ap.add_argument("--burst-gpus", type=int, help=f"training cluster size (default {BURST_MAX_GPUS} x scale)")
+    ap.add_argument("--burst-warmup", type=float, default=BURST_WARMUP_S, metavar="S",
+                    help="seconds before a burst worker serves (model load)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--plot", metavar="PNG", help="write each tier's oldest wait / W over time")
     args = ap.parse_args(argv)
@@ -585,7 +737,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace = load_csv(args.csv, gpus=args.gpus)
     else:
         trace = get_trace(args.trace, seed=args.seed, scale=args.scale, hours=args.hours)
-    res = simulate(trace, args.policy, burst=args.burst)
+    burst_gpus = args.burst_gpus or (BURST_MAX_GPUS if args.csv else max(1, round(BURST_MAX_GPUS * args.scale)))
+    res = simulate(trace, args.policy, burst=args.burst, burst_gpus=burst_gpus, burst_warmup_s=args.burst_warmup)
     if args.plot:
         report.plot_timeline(res.timeline, DEFAULT_TIERS, args.plot,
                              title=f"{res.summary['trace']} / {res.summary['policy']}: oldest wait / W")
@@ -593,6 +746,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(res.summary, sort_keys=False))
     else:
         print(report.format_run(res.summary, DEFAULT_TIERS))
+        if args.burst:
+            print()
+            print(format_burst(res.summary))
     return 0
 
 
