@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: up test venv dev-venv migrate check bench clean distclean
+.PHONY: up test venv dev-venv system-packages browser migrate check bench clean distclean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,30 @@ dev-venv: $(DEV_STAMP)
 up: $(STAMP)
 	$(BIN)/dreamq up
 
+## make system-packages: Debian packages some end-to-end tests drive, installed only when missing
+## and only as root with apt-get; never fails (without them those tests skip, naming what is
+## missing): chromium + chromium-driver for the dashboard's browser test (never a downloaded
+## browser), slurmctld + slurmd + munge for the single-node Slurm of the burst tests.
+SYSTEM_PACKAGES := chromium chromium-driver slurmctld slurmd slurm-client munge
+system-packages:
+	@missing=""; \
+	for bin in chromium chromedriver slurmctld slurmd sbatch munged; do \
+	    command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$bin"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	        echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \
+	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); } \
+	            >/dev/null 2>&1 || echo "system package install failed: browser/Slurm tests will skip" >&2; \
+	    else \
+	        echo "missing:$$missing (needs root and apt-get): browser/Slurm tests will skip" >&2; \
+	    fi; \
+	fi
+
+browser: system-packages
+
 ## make test: the whole suite (unit, integration, end-to-end) on real services.
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## make check: schema drift (alembic check) against a throwaway database.

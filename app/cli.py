@@ -415,5 +415,293 @@ def simulate(ctx) -> None:
     sys.exit(simulator_main(ctx.args))
 
 
+def _validated(schema_name: str, **data):
+    """Validate CLI input with the API's schema (one set of rules); errors name the field."""
+    from pydantic import ValidationError
+
+    from app.api import schemas
+
+    try:
+        return getattr(schemas, schema_name).model_validate({k: v for k, v in data.items() if v is not None})
+    except ValidationError as exc:
+        raise click.ClickException("; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
+                                             for e in exc.errors())) from None
+
+
+def _admin_call(action, *args, **kwargs):
+    """Run one app/admin operation in a transaction; its AdminError becomes a CLI error naming the field."""
+    from app.admin.errors import AdminError
+    from app.db.session import transaction
+
+    load_stack_env()
+    get_settings().require("database_url")
+    try:
+        with transaction() as session:
+            return action(session, *args, **kwargs)
+    except AdminError as exc:
+        raise click.ClickException(f"{exc.field}: {exc.reason}") from None
+
+
+def _echo_json(value) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the snapshot as JSON (the numbers of /v1/admin/status)")
+@click.option("--watch", type=float, default=None, metavar="N", help="Refresh every N seconds until Ctrl-C")
+def status(as_json: bool, watch: float | None) -> None:
+    """Tiers against their SLO, pools against their limits, workers, recent failures."""
+    import time
+
+    from app.admin.status import render
+    from app.observability.snapshot import take_snapshot
+
+    if watch is not None and watch <= 0:
+        raise click.BadParameter("must be > 0", param_hint="--watch")
+    while True:
+        snapshot = _admin_call(take_snapshot)
+        if as_json:
+            _echo_json(snapshot.to_dict())
+        else:
+            if watch:
+                click.clear()
+            click.echo(render(snapshot))
+        if not watch:
+            return
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
+
+
+@main.group()
+def users() -> None:
+    """Users: create (with a first key, shown once), list, change tier."""
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--tier", required=True, help="Tier of the user (dreamq tiers list)")
+@click.option("--admin", is_flag=True, help="Give the first key the admin scope")
+def users_create(name: str, tier: str, admin: bool) -> None:
+    """Create NAME in --tier with a first key; the key is printed this once."""
+    from app.admin.users import create_user
+
+    body = _validated("UserCreate", name=name, tier=tier, admin=admin)
+    created = _admin_call(create_user, body.name, body.tier, admin=body.admin, actor=_cli_actor())
+    click.echo(f"user {created['name']} created in tier {created['tier']}; its key (shown once, store it now):", err=True)
+    click.echo(created["key"])
+
+
+@users.command("list")
+@click.option("--tier", default=None, help="Only users of this tier")
+@click.option("--json", "as_json", is_flag=True)
+def users_list(tier: str | None, as_json: bool) -> None:
+    from app.admin.users import list_users
+
+    rows = _admin_call(list_users, tier=tier, limit=1000)
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(f"{'user':<32}{'tier':<12}{'state':<10}{'keys (prefix, scopes)'}")
+    for u in rows:
+        keys = ", ".join(f"{k['prefix']}({'+'.join(k['scopes'])}{', revoked' if k['revoked_at'] else ''})" for k in u["keys"])
+        click.echo(f"{u['name']:<32}{u['tier']:<12}{'disabled' if u['disabled'] else 'active':<10}{keys or '-'}")
+
+
+@users.command("set-tier")
+@click.argument("name")
+@click.argument("tier")
+def users_set_tier(name: str, tier: str) -> None:
+    """Move NAME to TIER: its next submission gets the new tier's limits and SLO."""
+    from app.admin.users import update_user
+
+    patch = _validated("UserPatch", tier=tier)
+    _echo_json(_admin_call(update_user, name, patch.changes(), actor=_cli_actor()))
+
+
+@main.group()
+def keys() -> None:
+    """API keys: create (shown once), list by prefix, revoke."""
+
+
+@keys.command("create")
+@click.argument("user")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(["user", "admin"]), help="Scopes (user always)")
+@click.option("--name", "key_name", default="", help="A label for the key")
+def keys_create(user: str, scopes: tuple[str, ...], key_name: str) -> None:
+    """A new key for USER; printed this once."""
+    from app.admin.users import create_key
+
+    body = _validated("KeyCreate", scopes=list(scopes) or ["user"], name=key_name)
+    created = _admin_call(create_key, user, list(body.scopes), key_name=body.name, actor=_cli_actor())
+    click.echo(f"key {created['prefix']} for {user} ({'+'.join(created['scopes'])}); shown once, store it now:", err=True)
+    click.echo(created["key"])
+
+
+@keys.command("list")
+@click.argument("user")
+def keys_list(user: str) -> None:
+    """USER's keys by prefix (the keys themselves are never stored)."""
+    from app.admin.users import list_keys
+
+    click.echo(f"{'prefix':<14}{'scopes':<13}{'created':<18}{'revoked':<18}name")
+    for k in _admin_call(list_keys, user):
+        click.echo(f"{k['prefix']:<14}{'+'.join(k['scopes']):<13}{k['created_at'][:16]:<18}"
+                   f"{(k['revoked_at'] or '-')[:16]:<18}{k['name']}")
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the key starting with PREFIX: it fails from the next request on."""
+    from app.admin.users import revoke_key
+
+    key = _admin_call(revoke_key, prefix, actor=_cli_actor())
+    click.echo(f"key {key['prefix']} of {key['user']} revoked at {key['revoked_at']}")
+
+
+@main.group()
+def clusters() -> None:
+    """Clusters (inference, burst): list, add, set, drain, enable."""
+
+
+def _print_clusters(rows: list[dict]) -> None:
+    click.echo(f"{'cluster':<20}{'kind':<11}{'state':<9}{'max workers':>12}{'pools':>7}{'live':>6}{'draining':>10}")
+    for c in rows:
+        click.echo(f"{c['name']:<20}{c['kind']:<11}{'enabled' if c['enabled'] else 'DRAINED':<9}"
+                   f"{c['max_workers'] if c['max_workers'] is not None else '-':>12}{c['pools']:>7}"
+                   f"{c['live_workers']:>6}{c['draining_workers']:>10}")
+
+
+@clusters.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def clusters_list(as_json: bool) -> None:
+    from app.admin.clusters import list_clusters
+
+    rows = _admin_call(list_clusters)
+    _echo_json(rows) if as_json else _print_clusters(rows)
+
+
+@clusters.command("add")
+@click.argument("name")
+@click.option("--kind", required=True, help="inference (standing workers) or burst (borrowed GPUs)")
+@click.option("--max-workers", type=int, default=None, help="Capacity limit in workers")
+def clusters_add(name: str, kind: str, max_workers: int | None) -> None:
+    from app.admin.clusters import add_cluster
+
+    body = _validated("ClusterCreate", name=name, kind=kind, max_workers=max_workers)
+    _echo_json(_admin_call(add_cluster, body.name, body.kind, max_workers=body.max_workers, actor=_cli_actor()))
+
+
+@clusters.command("set")
+@click.argument("name")
+@click.option("--max-workers", required=True, help="Capacity limit in workers, or 'none'")
+def clusters_set(name: str, max_workers: str) -> None:
+    from app.admin.clusters import update_cluster
+
+    try:
+        value = _none_or(int)(max_workers)
+    except ValueError:
+        raise click.BadParameter("a whole number or 'none'", param_hint="--max-workers") from None
+    if value is None:
+        changes = {"max_workers": None}  # clears the limit
+    else:
+        changes = _validated("ClusterPatch", max_workers=value).changes()
+    _echo_json(_admin_call(update_cluster, name, changes, actor=_cli_actor()))
+
+
+@clusters.command("drain")
+@click.argument("name")
+@click.option("--now", is_flag=True, help="Also requeue running jobs at their next step (default: let them finish)")
+def clusters_drain(name: str, now: bool) -> None:
+    """Stop releasing work to NAME's pools."""
+    from app.admin.clusters import drain_cluster
+
+    _echo_json(_admin_call(drain_cluster, name, now=now, actor=_cli_actor()))
+
+
+@clusters.command("reclaim")
+@click.argument("name")
+def clusters_reclaim(name: str) -> None:
+    """Give NAME back now: running jobs are requeued, burst workers stopped by the controller."""
+    from app.admin.clusters import reclaim_cluster
+
+    _echo_json(_admin_call(reclaim_cluster, name, actor=_cli_actor()))
+
+
+@clusters.command("enable")
+@click.argument("name")
+def clusters_enable(name: str) -> None:
+    from app.admin.clusters import enable_cluster
+
+    _echo_json(_admin_call(enable_cluster, name, actor=_cli_actor()))
+
+
+@main.group()
+def pools() -> None:
+    """Pools (a model on a cluster): list, add, set the dispatch limit, drain, enable."""
+
+
+@pools.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def pools_list(as_json: bool) -> None:
+    from app.admin.pools import list_pools
+
+    rows = _admin_call(list_pools)
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(f"{'pool':<32}{'kind':<11}{'state':<9}{'limit':>7}{'effective':>10}{'dispatched':>11}{'running':>9}"
+               f"{'workers':>9}")
+    for p in rows:
+        state = "enabled" if p["enabled"] and p["cluster_enabled"] else "DRAINED"
+        click.echo(f"{p['name']:<32}{p['cluster_kind']:<11}{state:<9}{p['dispatch_limit']:>7}{p['effective_limit']:>10}"
+                   f"{p['dispatched']:>11}{p['running']:>9}{p['live_workers']:>9}")
+
+
+@pools.command("add")
+@click.argument("cluster")
+@click.argument("model")
+@click.option("--dispatch-limit", type=int, required=True, help="Most jobs dispatched-but-not-started at once")
+def pools_add(cluster: str, model: str, dispatch_limit: int) -> None:
+    from app.admin.pools import add_pool
+
+    body = _validated("PoolCreate", cluster=cluster, model=model, dispatch_limit=dispatch_limit)
+    _echo_json(_admin_call(add_pool, body.cluster, body.model, body.dispatch_limit, actor=_cli_actor()))
+
+
+@pools.command("set")
+@click.argument("cluster")
+@click.argument("model")
+@click.option("--dispatch-limit", type=int, required=True)
+def pools_set(cluster: str, model: str, dispatch_limit: int) -> None:
+    """Change the dispatch limit (applies at the next dispatch pass)."""
+    from app.admin.pools import update_pool
+
+    patch = _validated("PoolPatch", dispatch_limit=dispatch_limit)
+    _echo_json(_admin_call(update_pool, cluster, model, patch.changes(), actor=_cli_actor()))
+
+
+@pools.command("drain")
+@click.argument("cluster")
+@click.argument("model")
+@click.option("--now", is_flag=True, help="Also requeue running jobs at their next step (default: let them finish)")
+def pools_drain(cluster: str, model: str, now: bool) -> None:
+    """Stop releasing work to the pool."""
+    from app.admin.pools import drain_pool
+
+    _echo_json(_admin_call(drain_pool, cluster, model, now=now, actor=_cli_actor()))
+
+
+@pools.command("enable")
+@click.argument("cluster")
+@click.argument("model")
+def pools_enable(cluster: str, model: str) -> None:
+    from app.admin.pools import enable_pool
+
+    _echo_json(_admin_call(enable_pool, cluster, model, actor=_cli_actor()))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

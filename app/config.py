@@ -109,6 +109,17 @@ class Settings:
     # Retention sweeps are heavier and nothing is urgent about them.
     retention_interval_s: float = _env("DREAMQ_RETENTION_INTERVAL_S", 3600.0, _float)
 
+    # Burst controller (tasks/burst.py): how it starts workers (local | slurm), how often it
+    # decides, what it assumes before it has measured anything, and policy overrides (JSON of
+    # app.scheduling.burst.BurstParams fields, e.g. '{"sustain_s": 120}').
+    burst_provisioner: str = _env("DREAMQ_BURST_PROVISIONER", "local")
+    burst_interval_s: float = _env("DREAMQ_BURST_INTERVAL_S", 60.0, _float)
+    burst_warmup_s: float = _env("DREAMQ_BURST_WARMUP_S", 600.0, _float)
+    burst_default_job_s: float = _env("DREAMQ_BURST_DEFAULT_JOB_S", 60.0, _float)
+    burst_max_workers: int = _env("DREAMQ_BURST_MAX_WORKERS", 4, _int)
+    burst_stop_grace_s: float = _env("DREAMQ_BURST_STOP_GRACE_S", 60.0, _float)
+    burst_params: str = _env("DREAMQ_BURST_PARAMS", "")
+
     # Input limits for POST /v1/uploads and generation parameters.
     max_upload_bytes: int = _env("DREAMQ_MAX_UPLOAD_BYTES", 50 * 1024 * 1024, _int)
     max_upload_duration_s: float = _env("DREAMQ_MAX_UPLOAD_DURATION_S", 30.0, _float)
@@ -123,6 +134,16 @@ class Settings:
     # Flower basic auth; `dreamq up` generates a password when unset.
     flower_user: str = _env("FLOWER_USER", "admin")
     flower_password: str = _env("FLOWER_PASSWORD", "")
+
+    # Signs the /dashboard login cookie. Every API process must hold the same value, or a login
+    # made on one gunicorn worker is unknown to the next; empty disables dashboard login (Bearer
+    # admin keys still open it). `dreamq up` generates one and keeps it in credentials.json.
+    secret_key: str = _env("DREAMQ_SECRET_KEY", "")
+    # Send that cookie over HTTPS only. Turn on behind TLS; off by default for http://127.0.0.1.
+    secure_cookies: bool = _env("DREAMQ_SECURE_COOKIES", False, _bool)
+    # A dashboard login lasts this long; the key it was made with is re-checked on every request,
+    # so revoking the key (or its admin scope) ends the session at once.
+    dashboard_session_s: int = _env("DREAMQ_DASHBOARD_SESSION_S", 12 * 3600, _int)
 
     # Worker-local model cache (content addressed, size bounded).
     model_cache_dir: str = _env("DREAMQ_MODEL_CACHE", "")

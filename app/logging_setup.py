@@ -49,6 +49,22 @@ def bind(**fields: Any) -> None:
     _context.set({**_context.get(), **fields})
 
 
+def open_context(**fields: Any) -> contextvars.Token:
+    """`job_context` for hooks that cannot hold a with block (a request's before/teardown hooks):
+    everything bound until `close_context(token)` (`bind()` included) is dropped there, so a
+    thread that serves the next request starts clean. It starts clean too: a request is a unit of
+    its own and never inherits what the thread had bound before it (in tests, or an in-process
+    task that left fields behind)."""
+    return _context.set({k: v for k, v in fields.items() if v is not None})
+
+
+def close_context(token: contextvars.Token) -> None:
+    try:
+        _context.reset(token)
+    except ValueError:  # set in another context (should not happen): leave an empty one
+        _context.set({})
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, component: str):
         super().__init__()

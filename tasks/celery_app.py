@@ -153,3 +153,4 @@ import tasks.signals  # noqa: E402,F401
 # Maintenance tasks register themselves and their beat entries on import (declared next to
 # their code); beat, Flower and the control workers all see them through this import.
 import tasks.maintenance  # noqa: E402,F401
+import tasks.burst  # noqa: E402,F401

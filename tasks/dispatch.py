@@ -13,6 +13,7 @@ import logging
 import os
 
 from app.db.session import after_commit, transaction
+from app.observability.metrics import count_publish_failure, observe_dispatch_pass
 from app.redis_client import get_redis
 from app.scheduling.dispatcher import Dispatcher, LedgerStore, PassResult, Release
 from kombu import Queue
@@ -94,7 +95,13 @@ def return_to_queue(releases: list[Release]) -> int:
             if transition(session, release.job_id, JobState.dispatched, JobState.queued,
                           guard={"dispatch_seq": release.dispatch_seq}, detail={"reason": "publish_failed"}):
                 returned += 1
+                log.warning("publish failed: job returned to the queue", extra=_job_fields(release))
     return returned
+
+
+def _job_fields(release: Release) -> dict:
+    return {"job_id": str(release.job_id), "user_id": str(release.user_id) if release.user_id else None,
+            "tier": release.tier, "queue": release.queue, "dispatch_seq": release.dispatch_seq}
 
 
 def dispatch_once(dispatcher: Dispatcher | None = None) -> PassResult:
@@ -111,9 +118,14 @@ def dispatch_once(dispatcher: Dispatcher | None = None) -> PassResult:
                 # them dispatched with no message (holding pool room). A message that did get
                 # out names a dispatch_seq the job no longer has, so it claims nothing.
                 log.exception("publish failed; returning the batch to the queue", extra={"jobs": len(result.releases)})
+                count_publish_failure()
                 return_to_queue(result.releases)
                 raise
             dispatcher.ledger_store.record(result.now, result.per_tier())
+            observe_dispatch_pass(result.ms / 1000, result.per_tier(), result.reasons)
+            if log.isEnabledFor(logging.DEBUG):  # one line per job, off at INFO (a pass releases hundreds)
+                for release in result.releases:
+                    log.debug("released", extra=_job_fields(release))
 
         after_commit(session, _after)
     return result
@@ -130,7 +142,8 @@ def dispatch() -> int:
         result = dispatch_once(dispatcher)
         total += len(result.releases)
         if result.releases:
-            log.info("dispatched", extra={"released": len(result.releases), "room": result.room,
+            log.info("dispatched", extra={"released": len(result.releases), "per_tier": result.per_tier(),
+                                          "room": result.room,
                                           "candidates": result.candidates, "reasons": result.reasons,
                                           "ms": round(result.ms, 1)})
         # Room left and a full batch: there is more to do right now.

@@ -14,7 +14,7 @@ from app.db.models import JobState
 from app.db.session import transaction
 from app.jobs.lease import JobLease
 from app.jobs.transitions import NOW, transition
-from app.logging_setup import job_context
+from app.logging_setup import bind, job_context
 from app.media import encode_mp4, thumbnail_jpeg
 from app.storage import get_bytes, put_bytes, s3_client
 from tasks.celery_app import celery_app
@@ -36,9 +36,11 @@ def finalize(self, job_id: str, dispatch_seq: int, staging_key: str) -> None:
     # Renew the job's lease while encoding: the reaper leaves a job alone while someone works on it.
     with job_context(job_id=job_id), JobLease(job_id, dispatch_seq):
         started = time.perf_counter()
-        frames = np.load(io.BytesIO(get_bytes(settings.media_bucket, staging_key)), allow_pickle=False)
         with transaction() as session:
-            fps = session.execute(text("SELECT params->>'fps' FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+            fps, user_id, tier = session.execute(
+                text("SELECT params->>'fps', user_id, tier FROM jobs WHERE id = :id"), {"id": job_id}).one()
+        bind(user_id=str(user_id), tier=tier)  # dropped with the job_context above
+        frames = np.load(io.BytesIO(get_bytes(settings.media_bucket, staging_key)), allow_pickle=False)
         video = encode_mp4(frames, int(fps))
         thumb = thumbnail_jpeg(frames)
         video_key, thumb_key = output_keys(job_id, dispatch_seq)

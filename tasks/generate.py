@@ -22,7 +22,8 @@ from app.db.models import JobState
 from app.db.session import transaction
 from app.jobs.lease import JobLease, lease_expired_where
 from app.jobs.transitions import INCREMENT, NOW, transition
-from app.logging_setup import job_context
+from app.logging_setup import bind, job_context
+from app.observability.metrics import observe_wait
 from app.webhooks.events import ProgressWebhooks
 from app.storage import get_bytes, put_bytes
 from tasks.celery_app import CPU_QUEUE, celery_app
@@ -58,6 +59,7 @@ class ClaimedJob:
 _CLAIMED_SQL = text(
     """
     SELECT j.id, j.user_id, j.tier, j.kind, j.prompt, j.params, j.attempts, j.max_attempts, j.dispatch_seq,
+           EXTRACT(EPOCH FROM j.started_at - j.created_at) AS wait_s,
            m.name AS model, v.number AS version, v.digest, u.object_key AS upload_key
     FROM jobs j
     JOIN model_versions v ON v.id = j.model_version_id
@@ -90,6 +92,8 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
                      extra={"job_id": job_id, "dispatch_seq": dispatch_seq})
             return None
         row = session.execute(_CLAIMED_SQL, {"id": job_id}).mappings().one()
+        # Inside the task's job_context, which drops these at its end.
+        bind(user_id=str(row["user_id"]), tier=row["tier"])
         if row["attempts"] > row["max_attempts"]:
             transition(
                 session, job_id, JobState.running, JobState.failed, worker_id=worker_id,
@@ -102,10 +106,12 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
         if left == JobState.running.value:
             log.warning("job redelivered after its worker was lost", extra={"job_id": job_id, "attempt": row["attempts"]})
         session.execute(
-            text("UPDATE workers SET state = CASE WHEN state = 'draining' THEN state ELSE 'busy' END, "
+            text("UPDATE workers SET state = CASE WHEN state IN ('draining', 'retiring') THEN state ELSE 'busy' END, "
                  "current_job_id = :job, heartbeat_at = now() WHERE id = :w"),
             {"job": job_id, "w": worker_id},
         )
+    # After the commit: the wait from submission to this start, against the tier's W.
+    observe_wait(row["tier"], float(row["wait_s"] or 0.0))
     return ClaimedJob(
         id=row["id"], user_id=row["user_id"], tier=row["tier"], kind=row["kind"], prompt=row["prompt"],
         params=row["params"], model=row["model"], version=row["version"], digest=row["digest"],
@@ -186,8 +192,8 @@ def _gpu_out_of_memory(exc: BaseException) -> bool:
 
 def _worker_idle(session, worker_id: str) -> None:
     session.execute(
-        # A draining worker stays draining: the dispatcher must not count it as capacity again.
-        text("UPDATE workers SET state = CASE WHEN state = 'draining' THEN state ELSE 'idle' END, "
+        # A draining or retiring worker stays so: the dispatcher must not count it as capacity again.
+        text("UPDATE workers SET state = CASE WHEN state IN ('draining', 'retiring') THEN state ELSE 'idle' END, "
              "current_job_id = NULL, heartbeat_at = now() WHERE id = :w"),
         {"w": worker_id},
     )

@@ -6,8 +6,9 @@ a reason):
 
     dreamq.maintenance.reap_expired_leases   running jobs whose process stopped renewing the lease
                                              (app/jobs/lease.py), and dispatched jobs routed to a
-                                             worker that stopped heartbeating -> queued, or
-                                             failed `worker_lost` after max attempts
+                                             worker that stopped heartbeating or waiting in a pool
+                                             no live worker serves -> queued, or failed
+                                             `worker_lost` after max attempts
     dreamq.maintenance.reconcile_broker      dispatched jobs (and finalize hand-offs) the broker
                                              no longer holds, e.g. after a wiped Redis -> queued
                                              (finalize: the message is sent again)
@@ -114,14 +115,28 @@ _EXPIRED_RUNNING = text(
     """
 )
 
-# Dispatched to a worker's own queue (version affinity) by a worker that has since gone quiet:
-# nobody else reads that queue.
+# Dispatched to a worker's own queue (version affinity) by a worker that has since gone quiet
+# or is leaving: nobody else reads that queue.
 _ROUTED_TO_LOST_WORKER = text(
     """
     SELECT j.id, j.dispatch_seq, j.worker_id FROM jobs j
     LEFT JOIN workers w ON w.id = j.worker_id
     WHERE j.state = 'dispatched' AND j.worker_id IS NOT NULL
-      AND (w.id IS NULL OR w.state = 'stopped' OR w.heartbeat_at < now() - make_interval(secs => :stale))
+      AND (w.id IS NULL OR w.state IN ('stopped', 'draining', 'retiring')
+           OR w.heartbeat_at < now() - make_interval(secs => :stale))
+    LIMIT :limit
+    """
+)
+
+
+# Dispatched into the queues of a pool that no live worker serves any more (its workers were
+# stopped, reclaimed, or died together): the messages wait in the broker for nobody.
+_DISPATCHED_TO_EMPTY_POOL = text(
+    """
+    SELECT j.id, j.dispatch_seq, j.worker_id FROM jobs j
+    WHERE j.state = 'dispatched' AND j.dispatched_at < now() - make_interval(secs => :after)
+      AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.pool_id = j.pool_id AND w.state IN ('idle', 'busy')
+                      AND w.heartbeat_at > now() - make_interval(secs => :stale))
     LIMIT :limit
     """
 )
@@ -162,10 +177,15 @@ def reap_expired_leases() -> dict[str, int]:
                 counts[outcome] += 1
                 session.execute(text("UPDATE workers SET current_job_id = NULL WHERE current_job_id = :j"),
                                 {"j": str(job.id)})
-        for job in session.execute(_ROUTED_TO_LOST_WORKER, {"stale": WORKER_STALE_S, "limit": BATCH}).all():
-            # Not started, so no attempt was used: straight back to the queue.
+        stranded = [(job, "routed_worker_lost") for job in
+                    session.execute(_ROUTED_TO_LOST_WORKER, {"stale": WORKER_STALE_S, "limit": BATCH}).all()]
+        stranded += [(job, "pool_has_no_live_worker") for job in session.execute(
+            _DISPATCHED_TO_EMPTY_POOL, {"after": settings.reconcile_after_s, "stale": WORKER_STALE_S, "limit": BATCH}).all()]
+        for job, reason in stranded:
+            # Not started, so no attempt was used: straight back to the queue. A stale message
+            # that a returning worker finds later carries the old dispatch_seq and claims nothing.
             if transition(session, job.id, JobState.dispatched, JobState.queued, guard={"dispatch_seq": job.dispatch_seq},
-                          detail={"reason": "routed_worker_lost", "by": "reaper", "worker": job.worker_id}):
+                          detail={"reason": reason, "by": "reaper", "worker": job.worker_id}):
                 counts["unrouted"] += 1
     if any(counts.values()):
         _request_dispatch()

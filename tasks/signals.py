@@ -36,6 +36,26 @@ def _setup_logging(**_kwargs) -> None:
     configure_logging(os.environ.get("DREAMQ_LOG_COMPONENT", "worker"))
 
 
+@signals.worker_init.connect
+def _metrics_exporter(**_kwargs) -> None:
+    """On a host without an API process: DREAMQ_METRICS_PORT serves this host's event metrics."""
+    port = os.environ.get("DREAMQ_METRICS_PORT")
+    if port:
+        from app.observability.metrics import serve_host_metrics
+
+        try:
+            serve_host_metrics(int(port))
+        except OSError:  # another worker of this host serves it already: it reads the same directory
+            log.warning("metrics port in use; not serving it from this worker", extra={"port": port})
+
+
+@signals.worker_process_shutdown.connect
+def _child_exit(pid=None, **_kwargs) -> None:
+    from app.observability.metrics import mark_process_dead
+
+    mark_process_dead(pid or os.getpid())
+
+
 @signals.worker_process_init.connect
 def _child_init(**_kwargs) -> None:
     from app import storage

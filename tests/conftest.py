@@ -24,6 +24,16 @@ sys.path.insert(0, str(TESTS))
 # Settings read at import by some modules: keep test processes quiet and fast.
 os.environ.setdefault("DREAMQ_LOG_JSON", "0")
 os.environ.setdefault("DREAMQ_LOG_LEVEL", "WARNING")
+# Prometheus multiprocess mode for this process and every worker/gunicorn it starts (they inherit
+# the environment), as under `dreamq up`: /metrics in a test then sums what the subprocess
+# workers counted. Set before anything imports prometheus_client, which reads it at import.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dreamq-prom-")
+    atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from app.observability.metrics import count_eviction, observe_model_load
 from workers import environments
 from workers.cache import ModelCache
 
@@ -185,6 +186,7 @@ class ModelRuntime:
                                  weight_bytes=weight_bytes, pin=pin)
             self._loaded[digest] = loaded
             self.loads += 1
+            observe_model_load(name, loaded.load_s)
             log.info(
                 "loaded model version",
                 extra={"model": name, "version": number, "digest": digest, "load_s": round(loaded.load_s, 3),
@@ -230,6 +232,7 @@ class ModelRuntime:
     def _evict(self, digest: str) -> None:
         evicted = self._loaded.pop(digest)
         log.info("evicted model version", extra={"model": evicted.name, "version": evicted.number})
+        count_eviction(evicted.name)
         if callable(getattr(evicted.model, "close", None)):  # a model in its own process: stop it
             evicted.model.close()
         if evicted.pin is not None:

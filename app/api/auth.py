@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from flask import request
+from flask import session as flask_session
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -73,11 +74,32 @@ def _bearer() -> str:
     return token.strip()
 
 
-def authenticate(session: Session, required_scope: str) -> Principal:
-    token = _bearer()
+# The Flask session key under which a dashboard login keeps the id of the key it was made with.
+SESSION_KEY_ID = "dashboard_key_id"
+
+
+def authenticate(session: Session, required_scope: str, *, allow_session: bool = False) -> Principal:
+    """The caller's principal, from `Authorization: Bearer <key>` or, on routes that declare
+    `allow_session`, from a dashboard login cookie when no Authorization header is sent."""
+    if allow_session and "Authorization" not in request.headers:
+        key_id = flask_session.get(SESSION_KEY_ID)
+        if key_id:
+            try:
+                return _principal(session, ApiKey.id == uuid.UUID(str(key_id)), required_scope)
+            except (Unauthorized, Forbidden, ValueError):
+                # Revoked, demoted or disabled since the login: the session ends here.
+                flask_session.clear()
+                raise Unauthorized("the dashboard session has ended; log in again") from None
+    return principal_for_key(session, _bearer(), required_scope)
+
+
+def principal_for_key(session: Session, token: str, required_scope: str) -> Principal:
+    return _principal(session, ApiKey.key_hash == hash_key(token), required_scope)
+
+
+def _principal(session: Session, which, required_scope: str) -> Principal:
     row = session.execute(
-        select(ApiKey, User, Tier).join(User, User.id == ApiKey.user_id).join(Tier, Tier.name == User.tier)
-        .where(ApiKey.key_hash == hash_key(token))
+        select(ApiKey, User, Tier).join(User, User.id == ApiKey.user_id).join(Tier, Tier.name == User.tier).where(which)
     ).first()
     if row is None:
         raise Unauthorized("API key is not valid")

@@ -20,6 +20,7 @@ from app.jobs.limits import enforce_quota, enforce_rate
 from app.jobs.submit import create_job
 from app.jobs.transitions import NOW, transition
 from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
+from app.logging_setup import bind
 
 bp = Blueprint("generations", __name__, url_prefix="/v1")
 
@@ -47,6 +48,7 @@ def _job_for(ctx: Context, job_id: str, *, lock: bool = False) -> Job:
     job = ctx.session.scalar(query)
     if job is None:
         raise NotFound("no such generation")
+    bind(job_id=str(job.id), user_id=str(job.user_id), tier=job.tier)  # the job's owner, for an admin too
     return job
 
 
@@ -88,12 +90,14 @@ def create_generation(ctx: Context):
         if existing is not None:
             if existing.request_hash != digest:
                 raise Conflict("Idempotency-Key was already used with a different request body", code="idempotency_conflict")
+            bind(job_id=str(existing.id))
             return load_job_views(ctx.session, [existing])[0], 200, {"Location": url_for("generations.get_generation", job_id=existing.id)}
     tier = ctx.user.tier_row
     enforce_quota(ctx.session, ctx.user, tier)
     job, version = create_job(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
     # After the insert: a refusal raises inside the transaction and rolls the job back.
     enforce_rate(ctx.user, tier)
+    bind(job_id=str(job.id))  # the access line of this request names the job it created
     after_commit(ctx.session, request_dispatch)
     location = url_for("generations.get_generation", job_id=job.id)
     wait = _prefer_wait()

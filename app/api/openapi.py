@@ -71,6 +71,8 @@ def build_openapi() -> dict[str, Any]:
     error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     paths: dict[str, Any] = {}
     for spec in REGISTRY:
+        if spec.html:
+            continue  # pages for browsers (/dashboard), not part of the API
         path = _PATH_PARAM.sub(lambda m: "{" + m.group(2) + "}", spec.rule)
         params = [{"name": m.group(2), "in": "path", "required": True,
                    "schema": _path_param_schema(m.group(1), m.group(0))} for m in _PATH_PARAM.finditer(spec.rule)]

@@ -4,6 +4,12 @@ Each route declares who may call it (`auth="public" | "user" | "admin"`; there i
 a route without a permission does not register), its request and response schemas (pydantic;
 the same classes validate requests and generate /v1/openapi.json), and runs in one transaction
 that commits before the response is sent: a 202 means the job is durable.
+
+Credentials are a Bearer key, except on the few admin GET routes the /dashboard page reads,
+which declare `session_auth` and also accept its login cookie (signed, HttpOnly, SameSite=Strict);
+a cookie can never authorize a write, so it opens no CSRF hole. HTML pages (`html`) are left out
+of the OpenAPI document, and one with a `login_redirect` sends a caller without credentials there
+instead of answering 401.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify, redirect, request
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from app.api.auth import Principal, authenticate
-from app.api.errors import BadRequest, Unprocessable, UnsupportedMediaType, pydantic_fields
+from app.api.errors import BadRequest, Unauthorized, Unprocessable, UnsupportedMediaType, pydantic_fields
 from app.db.session import transaction
+from app.logging_setup import bind
 
 AUTH_LEVELS = ("public", "user", "admin")
 
@@ -41,6 +48,11 @@ class RouteSpec:
     also: list[int] = field(default_factory=list)
     # Request headers the route reads: name -> (JSON schema, description), for the OpenAPI document.
     headers: dict[str, tuple[dict, str]] = field(default_factory=dict)
+    # Also accepts the dashboard login cookie (admin GET routes only).
+    session_auth: bool = False
+    # An HTML page for browsers, not part of the JSON API.
+    html: bool = False
+    login_redirect: str | None = None
 
 
 REGISTRY: list[RouteSpec] = []
@@ -119,15 +131,24 @@ def endpoint(
     also: list[int] | None = None,
     headers: dict[str, tuple[dict, str]] | None = None,
     transactional: bool = True,
+    session_auth: bool = False,
+    html: bool = False,
+    login_redirect: str | None = None,
 ) -> Callable:
     if auth not in AUTH_LEVELS:
         raise ValueError(f"route {rule}: auth must be one of {AUTH_LEVELS}, got {auth!r}")
+    if session_auth and (auth != "admin" or set(methods) != {"GET"}):
+        # SameSite=Strict keeps the cookie off cross-site requests; reads-only is the second fence.
+        raise ValueError(f"route {rule}: session_auth is for admin GET routes only")
+    if login_redirect and auth == "public":
+        raise ValueError(f"route {rule}: a public route has nothing to log in for")
 
     def decorator(handler: Callable) -> Callable:
         prefix = bp.url_prefix or ""
         REGISTRY.append(
             RouteSpec(prefix + rule, methods, auth, summary, body, query, response, status, [bp.name],
-                      content_types or (["application/json"] if body else []), errors or [], also or [], headers or {})
+                      content_types or (["application/json"] if body else []), errors or [], also or [], headers or {},
+                      session_auth, html or bool(login_redirect), login_redirect)
         )
 
         @functools.wraps(handler)
@@ -135,8 +156,15 @@ def endpoint(
             if not transactional:
                 return _finish(handler(None, **kwargs), status)
             with transaction() as session:
-                principal = authenticate(session, auth) if auth != "public" else None
+                try:
+                    principal = authenticate(session, auth, allow_session=session_auth) if auth != "public" else None
+                except Unauthorized:
+                    if login_redirect is None:
+                        raise
+                    return redirect(login_redirect, code=303)
                 ctx = Context(session=session, principal=principal)
+                if principal is not None:  # on every later line of this request (access log included)
+                    bind(user_id=str(principal.user_id), tier=principal.tier)
                 if body is not None:
                     ctx.body = _parse_json_body(body)
                 if query is not None:

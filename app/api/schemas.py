@@ -7,13 +7,16 @@ ranges; the bounds here are the outer envelope every model shares.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import typing
 import uuid
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from app.config import get_settings
+from app.observability.snapshot import Snapshot
 
 # Postgres `integer` columns: a larger number must be a 422, not an overflow in the database.
 INT32_MAX = 2**31 - 1
@@ -204,6 +207,15 @@ class TierList(BaseModel):
     data: list[TierOut]
 
 
+# GET /v1/admin/status returns take_snapshot() as it is: its schema is built from the Snapshot
+# dataclass itself, so a field added there is documented (and checked by the fuzz test) at once.
+StatusOut = create_model(
+    "StatusOut", __doc__="The operator's picture (app/observability/snapshot.py): the numbers behind /dashboard, "
+    "`dreamq status` and /metrics.",
+    **{f.name: (typing.get_type_hints(Snapshot)[f.name], ...) for f in dataclasses.fields(Snapshot)},
+)
+
+
 class PromoteBody(Strict):
     version: int = Field(ge=1, le=INT32_MAX, description="Version number to make prod")
 
@@ -333,3 +345,167 @@ class WebhookDeliveryOut(BaseModel):
 class WebhookDeliveryList(BaseModel):
     object: Literal["list"] = "list"
     data: list[WebhookDeliveryOut]
+
+
+# --- admin: users and keys, clusters and pools (app/admin/users.py, clusters.py, pools.py) -------
+
+UserName = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}$", description="Unique user name")
+TierName = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="A tier's name (GET /v1/admin/tiers)")
+# No dots: queue names are `<cluster>.<model>.<tier>`.
+ClusterName = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,99}$", description="Cluster name (no dots: it prefixes queue names)")
+ModelName = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$", description="Model name")
+Scope = Literal["user", "admin"]
+
+
+class Patch(Strict):
+    """A PATCH body: only the fields sent change; `not_null` fields may not be sent as null."""
+
+    not_null: ClassVar[tuple[str, ...]] = ()
+
+    def changes(self) -> dict:
+        return {k: getattr(self, k) for k in self.model_fields_set}
+
+    @model_validator(mode="after")
+    def _some_change(self) -> "Patch":
+        for name in self.not_null:
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
+        if not self.model_fields_set:
+            raise ValueError("no field to change")
+        return self
+
+
+class UserCreate(Strict):
+    name: str = UserName
+    tier: str = TierName
+    admin: bool = Field(False, description="The first key also gets the admin scope")
+    key_name: str = Field("", max_length=200, description="A label for the first key")
+
+
+class UserPatch(Patch):
+    not_null = ("tier", "disabled")
+    tier: Optional[str] = Field(None, pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+                                description="New tier; applies to the user's next submission")
+    disabled: Optional[bool] = Field(None, description="A disabled user's keys all answer 403")
+
+
+class KeyCreate(Strict):
+    scopes: list[Scope] = Field(["user"], min_length=1, max_length=2, description="`user` is always included")
+    name: str = Field("", max_length=200, description="A label for the key")
+
+
+class KeyOut(BaseModel):
+    prefix: str = Field(description="The first characters of the key: all that is ever shown after creation")
+    user: str
+    name: str
+    scopes: list[Scope]
+    created_at: dt.datetime
+    revoked_at: Optional[dt.datetime]
+    last_used_at: Optional[dt.datetime]
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="The key itself: shown this once, stored only as a hash")
+
+
+class KeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[KeyOut]
+
+
+class UserOut(BaseModel):
+    id: uuid.UUID
+    name: str
+    tier: str
+    disabled: bool
+    created_at: dt.datetime
+    keys: list[KeyOut] = Field(description="Keys by prefix; never the key itself")
+
+
+class UserCreated(UserOut):
+    key: str = Field(description="The first key: shown this once, stored only as a hash")
+    key_prefix: str
+
+
+class UserListQuery(Strict):
+    tier: Optional[str] = Field(None, pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    limit: int = Field(100, ge=1, le=1000)
+
+
+class UserList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[UserOut]
+
+
+class ClusterCreate(Strict):
+    name: str = ClusterName
+    kind: Literal["inference", "burst"] = Field(description="inference: standing workers; burst: borrowed GPUs, none standing")
+    max_workers: Optional[int] = Field(None, ge=0, le=1_000_000, description="Capacity limit (workers); null = none")
+    enabled: bool = True
+
+
+class ClusterPatch(Patch):
+    max_workers: Optional[int] = Field(None, ge=0, le=1_000_000, description="null clears the limit")
+
+
+class ClusterOut(BaseModel):
+    name: str
+    kind: Literal["inference", "burst"]
+    enabled: bool = Field(description="false: drained, the dispatcher releases nothing to its pools")
+    max_workers: Optional[int]
+    pools: int
+    live_workers: int
+    draining_workers: int
+    created_at: dt.datetime
+
+
+class ClusterDrained(ClusterOut):
+    workers_marked_draining: int = Field(description="Live workers marked draining (now=true): their jobs requeue at the next step")
+
+
+class ClusterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ClusterOut]
+
+
+class DrainQuery(Strict):
+    now: bool = Field(False, description="Also mark live workers draining: running jobs go back to the queue at "
+                                         "their next step. Default: stop new work and let running jobs finish")
+
+
+class PoolCreate(Strict):
+    cluster: str = ClusterName
+    model: str = ModelName
+    dispatch_limit: int = Field(ge=0, le=100_000, description="Most jobs dispatched-but-not-started at once")
+    enabled: bool = True
+
+
+class PoolPatch(Patch):
+    not_null = ("dispatch_limit",)
+    dispatch_limit: Optional[int] = Field(None, ge=0, le=100_000)
+
+
+class PoolOut(BaseModel):
+    name: str = Field(description="<cluster>.<model>, the prefix of its queues")
+    cluster: str
+    cluster_kind: Literal["inference", "burst"]
+    model: str
+    enabled: bool = Field(description="false: drained")
+    cluster_enabled: bool
+    dispatch_limit: int
+    effective_limit: int = Field(description="What the dispatcher uses: min(limit, 2 x live workers); 0 while drained")
+    live_workers: int
+    draining_workers: int
+    dispatched: int
+    running: int
+    queues: list[str] = Field(description="Its Celery queues, one per tier in rank order")
+    created_at: dt.datetime
+
+
+class PoolDrained(PoolOut):
+    workers_marked_draining: int
+
+
+class PoolList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[PoolOut]

@@ -260,7 +260,8 @@ class Worker(Base):
     hostname: Mapped[str] = mapped_column(String(200), nullable=False)
     pid: Mapped[int] = mapped_column(Integer, nullable=False)
     device: Mapped[str] = mapped_column(String(100), nullable=False)
-    # starting | idle | busy | draining | stopped
+    # starting | idle | busy | draining (leaving now: its job is requeued at the next step) |
+    # retiring (finishing its job, taking nothing new: burst scale-down) | stopped
     state: Mapped[str] = mapped_column(String(16), nullable=False)
     current_job_id: Mapped[Optional[uuid.UUID]] = mapped_column(UUID(as_uuid=True))
     info: Mapped[jsonb]

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.api.errors import TooManyRequests
 from app.db.models import Job, Tier
+from app.observability.metrics import count_limiter_unavailable, count_rejection
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def enforce_quota(session: Session, principal, tier: Tier) -> None:
         select(func.count()).select_from(Job).where(Job.user_id == principal.user_id, Job.created_at >= start)
     )
     if used >= tier.monthly_quota:
+        count_rejection(tier.name, "quota_exceeded")
         raise TooManyRequests(
             f"monthly quota of {tier.monthly_quota} jobs for tier {tier.name} is used up; it renews {end.date()}",
             code="quota_exceeded", headers={"Retry-After": str(math.ceil((end - now).total_seconds()))},
@@ -61,9 +63,11 @@ def enforce_rate(principal, tier: Tier) -> None:
     except RateLimiterUnavailable:
         # Fail open: Postgres is the source of truth and losing Redis must not stop intake.
         log.warning("rate limiter unavailable; submission accepted without a token")
+        count_limiter_unavailable()
         return
     if not verdict.allowed:
         scope = "tier" if verdict.limited_by and ":tier:" in verdict.limited_by else "user"
+        count_rejection(tier.name, f"rate_limited_{scope}")
         retry = max(1, math.ceil(verdict.retry_after_s))
         raise TooManyRequests(
             f"submission rate limit of the {tier.name} tier ({scope} bucket) reached; retry in {retry} s",

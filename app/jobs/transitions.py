@@ -11,6 +11,7 @@ the caller learns it lost: a job can never be completed twice.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from typing import Any, Iterable
@@ -108,12 +109,12 @@ def transition(
         ), upd AS (
             UPDATE jobs j SET {", ".join(assignments)}
             FROM old WHERE j.id = old.id
-            RETURNING j.id, old.state AS from_state, j.callback_url, j.webhook_events
+            RETURNING j.id, old.state AS from_state, j.callback_url, j.webhook_events, j.tier, j.failure_code
         ), ev AS (
             INSERT INTO job_events (job_id, from_state, to_state, worker_id, detail)
             SELECT id, from_state, :to, :worker, CAST(:detail AS jsonb) FROM upd
         )
-        SELECT from_state, callback_url, webhook_events FROM upd
+        SELECT from_state, callback_url, webhook_events, tier, failure_code FROM upd
         """
     )
     row = session.execute(sql, params).first()
@@ -123,6 +124,12 @@ def transition(
         from app.webhooks.events import on_transition
 
         on_transition(session, job_id, row[0], to, row[1], row[2])
+    if row is not None:
+        # Outcome and requeue counters (/metrics): only for a transition that won and committed.
+        from app.db.session import after_commit
+        from app.observability.metrics import count_transition
+
+        after_commit(session, functools.partial(count_transition, row[3], row[0], to.value, row[4]))
     return row[0] if row else None
 
 

@@ -13,6 +13,8 @@ JSON (`/v1/admin/status`), `dreamq status` in the terminal and the Postgres-deri
     workers   every worker seen in the last hour: device, state, current job, the model versions
               it holds, seconds since its heartbeat (stale past WORKER_STALE_S)
     failures  the most recent failed jobs with their reason
+    queues    per model and tier: queued jobs and the oldest one's wait and urgency
+    pool_queues per pool and tier: jobs dispatched (its broker queue) and running
 """
 
 from __future__ import annotations
@@ -85,12 +87,35 @@ class FailureStatus:
 
 
 @dataclass
+class QueueStatus:
+    """Queued jobs of one model and tier: any pool serving the model may take them."""
+
+    model: str
+    tier: str
+    queued: int
+    oldest_wait_s: float
+    urgency: float  # oldest_wait_s / the tier's W
+
+
+@dataclass
+class PoolQueueStatus:
+    """One pool's jobs of one tier: dispatched = the messages in its broker queue <pool>.<tier>."""
+
+    pool: str
+    tier: str
+    dispatched: int
+    running: int
+
+
+@dataclass
 class Snapshot:
     taken_at: str
     tiers: list[TierStatus] = field(default_factory=list)
     pools: list[PoolStatus] = field(default_factory=list)
     workers: list[WorkerStatus] = field(default_factory=list)
     failures: list[FailureStatus] = field(default_factory=list)
+    queues: list[QueueStatus] = field(default_factory=list)  # per (model, tier) with queued jobs
+    pool_queues: list[PoolQueueStatus] = field(default_factory=list)  # per (pool, tier) with jobs in flight
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +157,30 @@ _POOLS = text(
            (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'running') AS running
     FROM pools p JOIN clusters c ON c.id = p.cluster_id JOIN models m ON m.id = p.model_id
     ORDER BY c.name, m.name
+    """
+)
+
+_QUEUES = text(
+    """
+    SELECT m.name AS model, j.tier, t.slo_s, count(*) AS queued,
+           EXTRACT(EPOCH FROM now() - min(j.created_at)) AS oldest_wait_s
+    FROM jobs j JOIN models m ON m.id = j.model_id JOIN tiers t ON t.name = j.tier
+    WHERE j.state = 'queued'
+    GROUP BY m.name, j.tier, t.slo_s, t.rank
+    ORDER BY m.name, t.rank
+    """
+)
+
+_POOL_QUEUES = text(
+    """
+    SELECT c.name || '.' || m.name AS pool, j.tier,
+           count(*) FILTER (WHERE j.state = 'dispatched') AS dispatched,
+           count(*) FILTER (WHERE j.state = 'running') AS running
+    FROM jobs j JOIN pools p ON p.id = j.pool_id JOIN clusters c ON c.id = p.cluster_id
+    JOIN models m ON m.id = p.model_id
+    WHERE j.state IN ('dispatched', 'running')
+    GROUP BY c.name, m.name, j.tier
+    ORDER BY 1, 2
     """
 )
 
@@ -187,6 +236,13 @@ def take_snapshot(session: Session) -> Snapshot:
             effective_limit=min(limit, DISPATCH_PER_WORKER * row.live_workers), live_workers=row.live_workers,
             dispatched=row.dispatched, running=row.running,
         ))
+    for row in session.execute(_QUEUES):
+        wait = float(row.oldest_wait_s or 0)
+        snapshot.queues.append(QueueStatus(model=row.model, tier=row.tier, queued=row.queued,
+                                           oldest_wait_s=round(wait, 3), urgency=round(wait / float(row.slo_s), 4)))
+    for row in session.execute(_POOL_QUEUES):
+        snapshot.pool_queues.append(PoolQueueStatus(pool=row.pool, tier=row.tier, dispatched=row.dispatched,
+                                                    running=row.running))
     workers = session.execute(_WORKERS).all()
     digests = sorted({d for w in workers for d in w.loaded})
     names = {r.digest: f"{r.name} v{r.number}" for r in session.execute(_VERSIONS, {"digests": digests})} if digests else {}

@@ -75,10 +75,28 @@ def worker_nodes(prefix: str) -> list[str]:
     return nodes or [f"{prefix}{socket.gethostname()}"]
 
 
-def retire_worker_rows(prefix: str) -> None:
+def retire_worker_rows(prefix: str) -> int:
+    """Mark the worker retiring and take back the jobs routed to its own queues (version
+    affinity) that it has not started: it stops consuming, so nobody else would run them.
+    Returns how many went back to the queue."""
+    from app.db.models import JobState
+    from app.jobs.transitions import transition
+
+    returned = 0
     with transaction() as session:
         session.execute(text("UPDATE workers SET state = 'retiring' WHERE id LIKE :p AND state IN ('idle', 'busy', 'starting')"),
                         {"p": f"{prefix}%"})
+        routed = session.execute(text("SELECT id, dispatch_seq, worker_id FROM jobs WHERE state = 'dispatched' "
+                                      "AND worker_id LIKE :p"), {"p": f"{prefix}%"}).all()
+        for job in routed:
+            if transition(session, job.id, JobState.dispatched, JobState.queued, guard={"dispatch_seq": job.dispatch_seq},
+                          detail={"reason": "routed_worker_retiring", "worker": job.worker_id}):
+                returned += 1
+    if returned:
+        from tasks.dispatch import request_dispatch
+
+        request_dispatch()
+    return returned
 
 
 def worker_rows(prefix: str) -> list[dict]:

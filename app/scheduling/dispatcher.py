@@ -41,7 +41,6 @@ from sqlalchemy.orm import Session
 
 from app.scheduling.policy import Candidate, PoolRoom, ShareLedger, TierBacklog, plan_dispatch
 from app.scheduling.tiers import TierSpec
-from tasks.celery_app import worker_queue
 
 # A worker's heartbeat older than this and the worker no longer counts as pool capacity.
 WORKER_STALE_S = 30
@@ -72,6 +71,7 @@ class Release:
     queue: str
     dispatch_seq: int
     tier: str
+    user_id: uuid.UUID | None = None  # for the job's log lines
 
 
 @dataclass
@@ -188,14 +188,14 @@ _APPLY_SQL = text(
         UPDATE jobs SET state = 'dispatched', pool_id = locked.pool_id, dispatched_at = now(), updated_at = now(),
                         dispatch_seq = jobs.dispatch_seq + 1, worker_id = NULL
         FROM locked WHERE jobs.id = locked.id
-        RETURNING jobs.id, jobs.tier, jobs.dispatch_seq, jobs.pool_id, jobs.model_version_id, locked.reason
+        RETURNING jobs.id, jobs.tier, jobs.dispatch_seq, jobs.pool_id, jobs.model_version_id, locked.reason, jobs.user_id
     ), ev AS (
         INSERT INTO job_events (job_id, from_state, to_state, detail)
         SELECT upd.id, 'queued', 'dispatched',
                jsonb_build_object('pool', CAST(:pool_names AS jsonb) ->> CAST(upd.pool_id AS text), 'reason', upd.reason)
         FROM upd
     )
-    SELECT upd.id, upd.tier, upd.dispatch_seq, upd.pool_id, v.digest
+    SELECT upd.id, upd.tier, upd.dispatch_seq, upd.pool_id, v.digest, upd.user_id
     FROM upd JOIN model_versions v ON v.id = upd.model_version_id
     """
 )
@@ -309,8 +309,8 @@ class Dispatcher:
                 "pool_names": json.dumps(names),
             }).all()
             routes = self._affinity_routes(session, rows, names) if self.affinity else {}
-            releases = [Release(r.id, routes.get(r.id) or f"{names[str(r.pool_id)]}.{r.tier}", r.dispatch_seq, r.tier)
-                        for r in rows]
+            releases = [Release(r.id, routes.get(r.id) or f"{names[str(r.pool_id)]}.{r.tier}", r.dispatch_seq, r.tier,
+                                r.user_id) for r in rows]
             if routes:
                 reasons["affinity"] = len(routes)
         return PassResult(releases, total_room, sum(len(c) for c in heads.values()), reasons, len(decisions),
@@ -327,6 +327,8 @@ class Dispatcher:
         *which* jobs run now; affinity only decides *where*. A routed job records the worker in
         jobs.worker_id while dispatched, which is how the next pass counts that queue's depth.
         """
+        from tasks.celery_app import worker_queue  # queue names live with the Celery app; imported late (cycle)
+
         pools = list({str(r.pool_id) for r in rows})
         holders: dict[tuple[str, str], list[list]] = {}
         for worker in session.execute(_POOL_WORKERS_SQL, {"pools": pools, "stale": WORKER_STALE_S}):

@@ -141,12 +141,25 @@ def _migrate_and_seed(state: StackState, previous: dict) -> dict:
 
 
 def _child_env(state: StackState, component: str) -> dict[str, str]:
-    return {**os.environ, **state.env, "DREAMQ_HOME": str(state.home), "DREAMQ_LOG_COMPONENT": component,
-            "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **state.env, "DREAMQ_HOME": str(state.home), "DREAMQ_LOG_COMPONENT": component,
+           "PYTHONUNBUFFERED": "1"}
+    if component == "flower":
+        # Flower serves its own metrics; in the shared directory they would show up in the API's.
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
 
 
 def _celery(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", *args]
+
+
+FLOWER_CONFIG = Path(__file__).resolve().parents[1] / "observability" / "flowerconfig.py"
+
+
+def flower_command(port: int, user: str, password: str, *, address: str = "127.0.0.1") -> list[str]:
+    """Flower as `dreamq up` runs it: basic auth, and the config that lists every pool queue."""
+    return _celery("flower", f"--conf={FLOWER_CONFIG}", f"--address={address}", f"--port={port}",
+                   f"--basic-auth={user}:{password}", "--persistent=False")
 
 
 def _http_ok(url: str, **kwargs) -> Callable[[], bool]:
@@ -183,6 +196,13 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
     logs = home / "logs"
     logs.mkdir(exist_ok=True)
     state = StackState(home=home)
+    # One metrics directory for every process of this host (API workers, Celery children, beat):
+    # /metrics sums their counters. Emptied at start: old files carry old pids and old counts.
+    from app.observability.metrics import prepare_multiprocess_dir
+
+    metrics_dir = home / "prometheus"
+    prepare_multiprocess_dir(str(metrics_dir))
+    state.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     supervisor = Supervisor(grace_s=grace_s)
     supervisor.install_signal_handlers()
     started = time.monotonic()
@@ -194,14 +214,18 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
         previous = _load_credentials(home)
         keys = _migrate_and_seed(state, previous)
         flower_password = settings.flower_password or previous.get("flower_password") or secrets.token_urlsafe(12)
+        # Signs /dashboard logins; kept across restarts so a browser stays logged in.
+        secret_key = settings.secret_key or previous.get("secret_key") or secrets.token_urlsafe(32)
         state.env.update({"DATABASE_URL": get_settings().database_url, "CELERY_BROKER_URL": get_settings().broker_url})
 
         api_port = find_free_port(API_PORT)
         api_url = f"http://127.0.0.1:{api_port}"
         supervisor.add_and_start(ManagedProcess(
-            "api", [sys.executable, "-m", "gunicorn", "-w", "2", "--threads", "4", "-b", f"127.0.0.1:{api_port}",
+            "api", [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "-w", "2", "--threads", "4",
+                    "-b", f"127.0.0.1:{api_port}",
                     "--graceful-timeout", str(int(grace_s)), "--access-logfile", "-", "app.api:create_app()"],
-            env=_child_env(state, "api"), cwd=str(Path.cwd()), log_path=logs / "api.log",
+            env={**_child_env(state, "api"), "DREAMQ_SECRET_KEY": secret_key}, cwd=str(Path.cwd()),
+            log_path=logs / "api.log",
             ready=_http_ok(f"{api_url}/readyz")), ready_timeout=60, stage=APPS)
         _say(f"API ready at {api_url}")
 
@@ -233,8 +257,7 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
         flower_url = f"http://127.0.0.1:{flower_port}"
         flower_user = settings.flower_user
         supervisor.add_and_start(ManagedProcess(
-            "flower", _celery("flower", f"--address=127.0.0.1", f"--port={flower_port}",
-                              f"--basic-auth={flower_user}:{flower_password}", "--persistent=False"),
+            "flower", flower_command(flower_port, flower_user, flower_password),
             env=_child_env(state, "flower"), log_path=logs / "flower.log",
             ready=_http_ok(f"{flower_url}/healthcheck")), ready_timeout=60, stage=APPS)
 
@@ -250,7 +273,8 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
                 time.sleep(0.25)
 
         credentials = {"api_url": api_url, "api_key": keys["api_key"], "admin_key": keys["admin_key"],
-                       "flower_url": flower_url, "flower_user": flower_user, "flower_password": flower_password}
+                       "flower_url": flower_url, "flower_user": flower_user, "flower_password": flower_password,
+                       "dashboard_url": f"{api_url}/dashboard", "secret_key": secret_key}
         _write_private(home / "credentials.json", credentials)
         _write_private(home / "stack.json", {"env": {k: v for k, v in state.env.items()}, "services": state.kinds,
                                              "api_url": api_url, "flower_url": flower_url})
@@ -292,6 +316,7 @@ def _print_summary(creds: dict, state: StackState, gpu_names: list[str], logs: P
         f"dreamq is up in {took:.1f}s",
         f"  API          {creds['api_url']}   (OpenAPI: {creds['api_url']}/v1/openapi.json)",
         f"  Flower       {creds['flower_url']}   user {creds['flower_user']} / password {creds['flower_password']}",
+        f"  Dashboard    {creds['dashboard_url']}   (log in with the admin key)",
         f"  API key      {creds['api_key']}   (tier api)",
         f"  admin key    {creds['admin_key']}",
         f"  services     {services}",

@@ -123,7 +123,7 @@ _CLAIM = text(
     FROM jobs j JOIN users u ON u.id = j.user_id
     WHERE d.id = :id AND j.id = d.job_id AND d.status = 'pending'
       AND d.next_attempt_at <= now() + make_interval(secs => :early_s)
-    RETURNING d.job_id, d.event, d.url, d.payload, d.attempts, u.webhook_secret
+    RETURNING d.job_id, d.event, d.url, d.payload, d.attempts, u.webhook_secret, j.user_id, j.tier
     """
 )
 
@@ -180,7 +180,8 @@ def attempt(delivery_id: str) -> float | None:
         session.execute(_RECORD, {"id": delivery_id, "attempt": number, "status": status, "code": outcome.status_code,
                                   "error": outcome.error, "wait_s": wait})
     log.info("webhook attempt", extra={
-        "delivery_id": delivery_id, "job_id": str(row["job_id"]), "event": row["event"], "attempt": number,
+        "delivery_id": delivery_id, "job_id": str(row["job_id"]), "user_id": str(row["user_id"]), "tier": row["tier"],
+        "event": row["event"], "attempt": number,
         "status_code": outcome.status_code, "outcome": status,
         "host": checked.host if checked else None, "error": outcome.error,
     })

@@ -102,7 +102,8 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
     stack = Stack(tmp_path)
     creds = stack.wait_ready()
     try:
-        assert set(creds) == {"api_url", "api_key", "admin_key", "flower_url", "flower_user", "flower_password"}
+        assert set(creds) == {"api_url", "api_key", "admin_key", "flower_url", "flower_user", "flower_password",
+                              "dashboard_url", "secret_key"}
         summary = stack.output()
         for needle in (creds["api_url"], creds["flower_url"], creds["api_key"], creds["admin_key"], "GPU workers  cpu0"):
             assert needle in summary

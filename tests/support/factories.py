@@ -20,3 +20,20 @@ def create_user(tier: str = "api", scopes: tuple[str, ...] = ("user",), name: st
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def create_tier(**overrides) -> str:
+    """A tier of its own (ranked after every other), so tuning it changes nothing other tests see."""
+    from sqlalchemy import func, select
+
+    from app.db.models import Tier
+    from app.db.session import transaction
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    values = dict(slo_s=600, rate_per_min=600, burst=100, concurrency_cap=4, min_share=0.0, monthly_quota=None,
+                  retention_days=7, tier_rate_per_min=None, tier_burst=None)
+    values.update(overrides)
+    with transaction() as session:
+        rank = (session.scalar(select(func.max(Tier.rank))) or 0) + 1
+        session.add(Tier(name=name, rank=rank, **values))
+    return name

@@ -56,6 +56,15 @@ def fuzz_model(stack_env, parked_model):
     name = f"fuzz-{stack_env.run_id}"
     push_fixture_model(name, TINY_BUNDLE, dispatch_limit=1)
     push_fixture_model(name, TINY_BUNDLE, dispatch_limit=1, force=True)
+    # A user and a cluster of the same name (the admin {name} the fuzz uses), so user and cluster
+    # mutations reach their code without touching another test's rows; the pool local.<name>
+    # takes the {cluster}/{model} pool mutations (drain, enable, limits) for the same reason.
+    from app.admin.clusters import add_cluster
+    from app.db.models import User
+
+    with transaction() as session:
+        session.add(User(name=name, tier="free"))
+        add_cluster(session, name, "burst", actor="fuzz")
     return name
 
 
@@ -139,6 +148,8 @@ def test_every_operation_conforms_to_the_schema(flask_app, stack_env, parked_mod
             fixed = {"name": FUZZED_TIER}  # a random name only ever 404s; a real one reaches the update (restored)
         elif admin and "{name}" in operation.path:
             fixed = {"name": fuzz_model}
+        elif admin and "{cluster}" in operation.path:
+            fixed = {"cluster": "local", "model": fuzz_model}
         _coverage(operation, headers, failures, counter, statuses, fixed or None)
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             examples = EXAMPLES.get(operation.label, MAX_EXAMPLES)

@@ -11,7 +11,6 @@ import multiprocessing
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,13 @@ from sqlalchemy import func, select
 
 from app.db.models import Job, Tier
 from app.db.session import transaction
-from support.factories import auth, create_user
+from support.factories import auth, create_tier, create_user
 from support.loadgen import hammer_submissions
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def make_tier(**overrides) -> str:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    values = dict(slo_s=600, rate_per_min=600, burst=100, concurrency_cap=4, min_share=0.0, monthly_quota=None,
-                  retention_days=7, tier_rate_per_min=None, tier_burst=None)
-    values.update(overrides)
-    with transaction() as session:
-        rank = (session.scalar(select(func.max(Tier.rank))) or 0) + 1
-        session.add(Tier(name=name, rank=rank, **values))
-    return name
+make_tier = create_tier
 
 
 def jobs_of(user_id) -> int:

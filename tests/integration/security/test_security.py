@@ -7,15 +7,12 @@ line, expiring pre-signed URLs and Flower behind basic auth.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import io
 import logging
-import os
 import re
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -33,8 +30,6 @@ from app.logging_setup import JsonFormatter
 from app.storage import presign_get, put_bytes
 from support.factories import auth
 from support.media import moving_square_mp4
-
-ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture()
@@ -118,7 +113,10 @@ def test_every_route_declares_who_may_call_it(flask_app):
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert (rule.rule, method) in declared, f"{method} {rule.rule} registered outside endpoint()"
     public = {spec.rule for spec in REGISTRY if spec.auth == "public"}
-    assert public == {"/healthz", "/readyz", "/v1/openapi.json"}
+    # The dashboard's login and logout forms are public HTML pages with their own checks (the key
+    # itself; same origin), tested in tests/integration/observability/test_dashboard.py.
+    assert public == {"/healthz", "/readyz", "/v1/openapi.json", "/dashboard/login", "/dashboard/logout"}
+    assert all(spec.html for spec in REGISTRY if spec.auth == "public" and spec.rule.startswith("/dashboard"))
 
 
 def test_every_route_refuses_missing_bad_or_revoked_keys_and_admin_routes_refuse_user_keys(client, alice, make_user):
@@ -137,6 +135,11 @@ def test_every_route_refuses_missing_bad_or_revoked_keys_and_admin_routes_refuse
             path = sample_path(spec.rule, str(uuid.uuid4()))
             for headers in bad_headers:
                 response = client.open(path, method=method, headers=headers)
+                if spec.login_redirect:
+                    # A page (/dashboard) sends a browser without valid credentials to its login form.
+                    assert response.status_code == 303, (method, path, headers, response.status_code)
+                    assert response.headers["Location"].endswith(spec.login_redirect)
+                    continue
                 assert response.status_code == 401, (method, path, headers, response.json)
                 assert response.json["error"]["code"] == "unauthorized" and response.json["error"]["request_id"]
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -144,6 +147,25 @@ def test_every_route_refuses_missing_bad_or_revoked_keys_and_admin_routes_refuse
                 response = client.open(path, method=method, headers=auth(user_key), json={})
                 assert response.status_code == 403, (method, path, response.json)
                 assert response.json["error"]["code"] == "forbidden"
+            checked += 1
+    assert checked >= 10
+
+
+def test_a_dashboard_login_cookie_opens_only_the_admin_reads_that_declare_it(client, flask_app, make_user, monkeypatch):
+    monkeypatch.setattr(flask_app, "secret_key", "security-test-secret")
+    _, admin_key = make_user("api", scopes=("admin",))
+    login = client.post("/dashboard/login", data={"key": admin_key})
+    assert login.status_code == 303, login.text
+    assert client.get("/v1/admin/status").status_code == 200
+    assert all(spec.session_auth == (spec.auth == "admin" and spec.methods == ["GET"] and spec.rule in
+                                     {"/dashboard", "/v1/admin/status"}) for spec in REGISTRY)
+    checked = 0
+    for spec in REGISTRY:
+        if spec.auth == "public" or spec.session_auth:
+            continue
+        for method in spec.methods:
+            response = client.open(sample_path(spec.rule, str(uuid.uuid4())), method=method, json={})
+            assert response.status_code == 401, (method, spec.rule, response.status_code)
             checked += 1
     assert checked >= 10
 
@@ -301,33 +323,11 @@ def test_presigned_urls_expire(stack_env):
 
 @pytest.mark.slow
 def test_flower_refuses_requests_without_basic_auth(stack_env, tmp_path):
-    from app.stack.process import find_free_port
-    from app.stack.up import _celery
+    from support.flower import running_flower
 
-    port, password = find_free_port(), uuid.uuid4().hex
-    # The same command line `dreamq up` runs.
-    command = _celery("flower", "--address=127.0.0.1", f"--port={port}", f"--basic-auth=ops:{password}",
-                      "--persistent=False")
-    log = tmp_path / "flower.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **stack_env.env}, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{base}/healthcheck", timeout=1).status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.3)
+    # The same command line `dreamq up` runs (app.stack.up.flower_command).
+    with running_flower(stack_env.env, tmp_path / "flower.log") as (base, (user, password)):
         for path in ("/", "/api/workers", "/api/tasks", "/broker"):
             assert requests.get(base + path, timeout=5).status_code == 401, path
-            assert requests.get(base + path, auth=("ops", "wrong"), timeout=5).status_code == 401, path
-        assert requests.get(base + "/", auth=("ops", password), timeout=5).status_code == 200
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            assert requests.get(base + path, auth=(user, "wrong"), timeout=5).status_code == 401, path
+        assert requests.get(base + "/", auth=(user, password), timeout=5).status_code == 200
