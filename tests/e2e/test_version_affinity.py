@@ -82,7 +82,10 @@ def test_affinity_saves_model_loads_on_a_mixed_version_workload(client, stack_en
     with_affinity, t_with = run_mixed_workload(client, stack_env, logs, model, (v1, v2), affinity=True)
     print(f"\nmodel loads for 32 jobs, 2 versions, 2 workers holding 1 version each: "
           f"without affinity {without} ({t_without:.1f}s), with affinity {with_affinity} ({t_with:.1f}s)")
-    assert with_affinity < without
+    # Without affinity the count is luck: two workers that fall into lockstep with the
+    # alternating versions never reload (seen 4), out of step they reload on most jobs (seen 9 to
+    # 14). So the check is absolute: routing by version keeps loads to a handful (seen 2 to 6),
+    # where taking jobs as they come averages one load every two to three jobs.
     assert with_affinity <= 8
 
 
