@@ -31,7 +31,7 @@ from sqlalchemy import text
 from app.config import get_settings
 from app.db.session import transaction
 from app.provisioning import ProvisionedWorker, get_provisioner
-from app.provisioning.base import worker_rows
+from app.provisioning.base import worker_rows_by_name
 from app.redis_client import get_redis
 from app.scheduling.burst import (
     DRAINING,
@@ -107,8 +107,8 @@ def burst_params() -> BurstParams:
     return BurstParams(**overrides)
 
 
-def _phase(worker: ProvisionedWorker) -> tuple[str, int]:
-    rows = worker_rows(worker.node_prefix())
+def _phase(rows: list[dict]) -> tuple[str, int]:
+    """A burst worker's lifecycle phase and whether it runs a job, from its heartbeat rows."""
     fresh = [r for r in rows if r["age_s"] <= WORKER_STALE_S]
     if not fresh:
         return STARTING, 0
@@ -141,7 +141,7 @@ class BurstPool:
         if self.redis is not None:
             self.redis.set(self._state_key(), json.dumps(state.as_dict()))
 
-    def observe(self, workers: list[ProvisionedWorker]) -> BurstObservation:
+    def observe(self, workers: list[ProvisionedWorker], rows: dict[str, list[dict]]) -> BurstObservation:
         settings = get_settings()
         with transaction() as session:
             backlog = session.execute(_BACKLOG, {"model": self.pool.model_id, "window": ARRIVAL_WINDOW_S}).all()
@@ -153,7 +153,7 @@ class BurstPool:
                  for r in backlog]
         burst = []
         for worker in workers:
-            phase, busy = _phase(worker)
+            phase, busy = _phase(rows[worker.name])
             burst.append(BurstWorker(id=worker.name, phase=phase, started_at=worker.started_at, busy=busy))
         return BurstObservation(
             now=time.time(), tiers=tiers, standing_busy=int(standing.busy), standing_total=int(standing.total),
@@ -165,10 +165,12 @@ class BurstPool:
         )
 
     def tick(self) -> dict[str, Any]:
+        # One listing and one heartbeat query per tick: a worker stopped by the housekeeping is
+        # still alive for a moment and shows as draining, which is what it is.
         workers = self.provisioner.list(self.pool.cluster, self.pool.model)
-        self._housekeeping(workers)
-        workers = self.provisioner.list(self.pool.cluster, self.pool.model)
-        obs = self.observe(workers)
+        rows = worker_rows_by_name(workers)
+        self._housekeeping(workers, rows)
+        obs = self.observe(workers, rows)
         controller = BurstController(burst_params(), state=self._load_state())
         decision = controller.decide(obs)
         self._save_state(controller.state)
@@ -202,7 +204,7 @@ class BurstPool:
         if self.redis is not None:
             self.redis.hsetnx(f"dreamq:burst:{self.name}:stopping", worker.name, str(time.time()))
 
-    def _housekeeping(self, workers: list[ProvisionedWorker]) -> None:
+    def _housekeeping(self, workers: list[ProvisionedWorker], rows: dict[str, list[dict]]) -> None:
         """Stop retiring workers once idle; kill stopped ones that outlived the grace period."""
         grace = get_settings().burst_stop_grace_s
         stopping = {k.decode() if isinstance(k, bytes) else k: float(v)
@@ -214,8 +216,8 @@ class BurstPool:
                     log.warning("burst worker ignored its stop; killing it", extra={"worker": worker.name})
                     self.provisioner.kill(worker)
                 continue
-            rows = worker_rows(worker.node_prefix())
-            if rows and all(r["state"] == "retiring" and r["current_job_id"] is None for r in rows):
+            mine = rows[worker.name]
+            if mine and all(r["state"] == "retiring" and r["current_job_id"] is None for r in mine):
                 log.info("retired burst worker is idle; stopping it", extra={"worker": worker.name})
                 self._stop(worker)
         gone = [name for name in stopping if name not in alive]
@@ -232,11 +234,12 @@ def _count_decision(pool: str, action: str) -> None:
 
 
 def control_burst_pools(provisioner=None) -> dict[str, int]:
-    settings = get_settings()
-    provisioner = provisioner or get_provisioner(settings.burst_provisioner)
     counts: dict[str, int] = {}
     with transaction() as session:
         pools = session.execute(_BURST_POOLS).all()
+    if not pools:
+        return counts  # no burst cluster: no provisioner needed (a Slurm one would call sbatch's tools)
+    provisioner = provisioner or get_provisioner(get_settings().burst_provisioner)
     for pool in pools:
         try:
             record = BurstPool(pool, provisioner).tick()

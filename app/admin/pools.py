@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from app.admin.clusters import drain_workers, get_cluster, undrain_workers
 from app.admin.errors import AdminError, audit
 from app.db.models import Cluster, Model, Pool, Tier
-from app.scheduling.dispatcher import DISPATCH_PER_WORKER, WORKER_STALE_S
+from app.scheduling.dispatcher import WORKER_STALE_S, effective_dispatch_limit
 from tasks.celery_app import pool_queue
 
 _POOL_ROWS = text(
@@ -53,7 +53,7 @@ def _views(session: Session, ids: list | None = None) -> list[dict[str, Any]]:
         views.append({
             "name": f"{r.cluster}.{r.model}", "cluster": r.cluster, "cluster_kind": r.cluster_kind, "model": r.model,
             "enabled": r.enabled, "cluster_enabled": r.cluster_enabled, "dispatch_limit": r.dispatch_limit,
-            "effective_limit": min(r.dispatch_limit if open_ else 0, DISPATCH_PER_WORKER * r.live_workers),
+            "effective_limit": effective_dispatch_limit(r.dispatch_limit, r.live_workers, open_),
             "live_workers": r.live_workers, "draining_workers": r.draining_workers, "dispatched": r.dispatched,
             "running": r.running, "queues": [pool_queue(r.cluster, r.model, t) for t in tiers],
             "created_at": r.created_at.isoformat(),

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from app.scheduling.dispatcher import DISPATCH_PER_WORKER, WORKER_STALE_S
+from app.scheduling.dispatcher import WORKER_STALE_S, effective_dispatch_limit
 
 # SLO attainment looks at jobs that started in this window.
 ATTAINMENT_WINDOW_S = 3600
@@ -229,11 +229,11 @@ def take_snapshot(session: Session) -> Snapshot:
             attainment=round(within / denominator, 4) if denominator else None,
         ))
     for row in session.execute(_POOLS, {"stale": WORKER_STALE_S}):
-        limit = row.dispatch_limit if row.enabled else 0
         snapshot.pools.append(PoolStatus(
             id=str(row.id), name=f"{row.cluster}.{row.model}", cluster=row.cluster, cluster_kind=row.cluster_kind,
             model=row.model, enabled=bool(row.enabled), dispatch_limit=row.dispatch_limit,
-            effective_limit=min(limit, DISPATCH_PER_WORKER * row.live_workers), live_workers=row.live_workers,
+            effective_limit=effective_dispatch_limit(row.dispatch_limit, row.live_workers, bool(row.enabled)),
+            live_workers=row.live_workers,
             dispatched=row.dispatched, running=row.running,
         ))
     for row in session.execute(_QUEUES):

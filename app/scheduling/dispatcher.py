@@ -60,6 +60,13 @@ AFFINITY_DEPTH = DISPATCH_PER_WORKER
 USERS_PER_TIER = 32
 JOBS_PER_USER = 2
 
+def effective_dispatch_limit(dispatch_limit: int, live_workers: int, enabled: bool = True) -> int:
+    """What a pool may hold dispatched: its limit, capped at DISPATCH_PER_WORKER x live workers
+    (0 while the pool or its cluster is drained). The dispatcher, the snapshot and the admin
+    views all show this number."""
+    return min(dispatch_limit if enabled else 0, DISPATCH_PER_WORKER * live_workers)
+
+
 ZERO_UUID = str(uuid.UUID(int=0))  # the user cursor before the first user
 
 
@@ -260,7 +267,7 @@ class Dispatcher:
         db_now = time.time()
         for pool in pools:
             db_now = float(pool["db_now"])
-            limit = min(pool["dispatch_limit"], DISPATCH_PER_WORKER * pool["live_workers"])
+            limit = effective_dispatch_limit(pool["dispatch_limit"], pool["live_workers"])
             room = max(limit - pool["in_flight"], 0)
             names[str(pool["id"])] = f"{pool['cluster']}.{pool['model']}"
             if room:

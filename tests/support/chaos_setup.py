@@ -14,26 +14,21 @@ from pathlib import Path
 
 
 def main(model: str, bundle: str, dispatch_limit: str, users: str) -> None:
-    from app.api.auth import create_key
     from app.config import get_settings
     from app.db.migrate import upgrade
-    from app.db.models import User
     from app.db.session import transaction
     from app.seed import ensure_demo_model, ensure_pool, seed_tiers
     from app.storage import ensure_buckets
 
     upgrade(get_settings().database_url)
     ensure_buckets()
-    keys = []
     with transaction() as session:
         seed_tiers(session)
         version = ensure_demo_model(session, model, Path(bundle))
         ensure_pool(session, "local", model, int(dispatch_limit))
-        for index in range(int(users)):
-            user = User(name=f"chaos-{index}", tier="api")
-            session.add(user)
-            session.flush()
-            keys.append(create_key(session, user, ["user"])[1])
+    from support.factories import create_user
+
+    keys = [create_user("api", name=f"chaos-{index}")[1] for index in range(int(users))]
     print(json.dumps({"keys": keys, "version": getattr(version, "number", None)}))
 
 
