@@ -103,14 +103,20 @@ def pydantic_fields(exc: ValidationError) -> list[dict[str, str]]:
     return fields
 
 
+def error_response(exc: ApiError, **extra: Any):
+    """The JSON error for `exc` with its status and headers; `extra` adds top-level keys (the
+    /dream-machine/v1 surface adds Luma's `detail`)."""
+    response = jsonify({**extra, **_body(exc.code, exc.message, exc.fields)})
+    response.status_code = exc.status
+    for key, value in exc.headers.items():
+        response.headers[key] = value
+    return response
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError):
-        response = jsonify(_body(exc.code, exc.message, exc.fields))
-        response.status_code = exc.status
-        for key, value in exc.headers.items():
-            response.headers[key] = value
-        return response
+        return error_response(exc)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -61,18 +61,19 @@ def _query_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_openapi() -> dict[str, Any]:
-    requests = {spec.body for spec in REGISTRY if spec.body} | {spec.query for spec in REGISTRY if spec.query}
+    documented = [spec for spec in REGISTRY if spec.in_openapi and not spec.html]
+    requests = {spec.body for spec in documented if spec.body} | {spec.query for spec in documented if spec.query}
     # Responses are described as they are serialized, requests as they are validated.
-    responses = {spec.response for spec in REGISTRY if spec.response} | {schemas.Error}
+    responses = {spec.response for spec in documented if spec.response} | {schemas.Error}
     inputs = [(m, "validation") for m in sorted(requests, key=lambda m: m.__name__)]
     outputs = [(m, "serialization") for m in sorted(responses, key=lambda m: m.__name__)]
     _, top = models_json_schema(inputs + outputs, ref_template="#/components/schemas/{model}")
     components = dict(top.get("$defs", {}))
     error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     paths: dict[str, Any] = {}
-    for spec in REGISTRY:
-        if spec.html:
-            continue  # pages for browsers (/dashboard), not part of the API
+    # Left out: pages for browsers (/dashboard), and /dream-machine/v1, which is Luma's API
+    # (described by Luma's own OpenAPI document, from which its clients are generated).
+    for spec in documented:
         path = _PATH_PARAM.sub(lambda m: "{" + m.group(2) + "}", spec.rule)
         params = [{"name": m.group(2), "in": "path", "required": True,
                    "schema": _path_param_schema(m.group(1), m.group(0))} for m in _PATH_PARAM.finditer(spec.rule)]

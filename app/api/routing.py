@@ -53,6 +53,8 @@ class RouteSpec:
     # An HTML page for browsers, not part of the JSON API.
     html: bool = False
     login_redirect: str | None = None
+    # False: served, but left out of /v1/openapi.json (another API's surface, documented by its owner).
+    in_openapi: bool = True
 
 
 REGISTRY: list[RouteSpec] = []
@@ -134,6 +136,7 @@ def endpoint(
     session_auth: bool = False,
     html: bool = False,
     login_redirect: str | None = None,
+    in_openapi: bool = True,
 ) -> Callable:
     if auth not in AUTH_LEVELS:
         raise ValueError(f"route {rule}: auth must be one of {AUTH_LEVELS}, got {auth!r}")
@@ -148,7 +151,7 @@ def endpoint(
         REGISTRY.append(
             RouteSpec(prefix + rule, methods, auth, summary, body, query, response, status, [bp.name],
                       content_types or (["application/json"] if body else []), errors or [], also or [], headers or {},
-                      session_auth, html or bool(login_redirect), login_redirect)
+                      session_auth, html or bool(login_redirect), login_redirect, in_openapi)
         )
 
         @functools.wraps(handler)

@@ -19,7 +19,7 @@ from app.api.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from app.api.routing import Context, endpoint
 from app.config import get_settings
 from app.db.models import Tier, Upload
-from app.media import ACCEPTED_CONTENT_TYPES, InvalidMedia, probe_video
+from app.media import ACCEPTED_CONTENT_TYPES, InvalidMedia, VideoInfo, probe_video
 from app.storage import put_bytes
 
 bp = Blueprint("uploads", __name__, url_prefix="/v1")
@@ -56,28 +56,50 @@ def _read_video() -> tuple[bytes, str]:
           content_types=sorted(ACCEPTED_CONTENT_TYPES) + ["multipart/form-data"],
           summary="Upload an input video for modify-video (checked with PyAV)", errors=[401, 413, 415, 422])
 def create_upload(ctx: Context):
-    settings = get_settings()
     data, content_type = _read_video()
+    upload, _ = store_upload(ctx.session, ctx.user, data, content_type)
+    return upload_view(upload), 201, {"Location": f"/v1/uploads/{upload.id}"}
+
+
+# FFmpeg's container names -> the type we record, for bytes that came without a usable one.
+_FORMAT_TYPES = {"mov,mp4,m4a,3gp,3g2,mj2": "video/mp4", "matroska,webm": "video/webm", "avi": "video/x-msvideo",
+                 "mpegts": "video/mp2t"}
+
+
+def store_upload(session, principal, data: bytes, content_type: str | None) -> tuple[Upload, VideoInfo]:
+    """Probe `data` end to end with PyAV, store it and its row; the same rules wherever the
+    bytes come from (a request body here, a fetched media URL on /dream-machine/v1).
+
+    `content_type` None: the type is taken from the container PyAV found."""
+    settings = get_settings()
+    if len(data) > settings.max_upload_bytes:
+        raise PayloadTooLarge(f"upload is larger than {settings.max_upload_bytes} bytes",
+                              fields=[{"field": "file", "reason": f"at most {settings.max_upload_bytes} bytes"}])
     try:
         info = probe_video(data, max_duration_s=settings.max_upload_duration_s)
     except InvalidMedia as exc:
         if "longer than" in str(exc):
             raise Unprocessable(str(exc), fields=[{"field": "file", "reason": str(exc)}]) from None
         raise UnsupportedMediaType(str(exc), code="invalid_media", fields=[{"field": "file", "reason": str(exc)}]) from None
+    content_type = content_type or _FORMAT_TYPES.get(info.format, "application/octet-stream")
     upload_id = uuid.uuid4()
-    key = f"uploads/{ctx.user.user_id}/{upload_id}/input"
+    key = f"uploads/{principal.user_id}/{upload_id}/input"
     put_bytes(settings.media_bucket, key, data, content_type)
-    retention = ctx.session.get(Tier, ctx.user.tier).retention_days
+    retention = session.get(Tier, principal.tier).retention_days
     now = dt.datetime.now(dt.timezone.utc)
     upload = Upload(
-        id=upload_id, user_id=ctx.user.user_id, object_key=key, content_type=content_type, size_bytes=len(data),
+        id=upload_id, user_id=principal.user_id, object_key=key, content_type=content_type, size_bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(), duration_s=info.duration_s, width=info.width, height=info.height,
         frames=info.frames, created_at=now, expires_at=now + dt.timedelta(days=retention),
     )
-    ctx.session.add(upload)
-    ctx.session.flush()
+    session.add(upload)
+    session.flush()
+    return upload, info
+
+
+def upload_view(upload: Upload) -> dict:
     return {
-        "id": str(upload.id), "object": "upload", "content_type": content_type, "size_bytes": len(data),
-        "sha256": upload.sha256, "duration_s": info.duration_s, "width": info.width, "height": info.height,
-        "frames": info.frames, "created_at": now.isoformat(), "expires_at": upload.expires_at.isoformat(),
-    }, 201, {"Location": f"/v1/uploads/{upload.id}"}
+        "id": str(upload.id), "object": "upload", "content_type": upload.content_type, "size_bytes": upload.size_bytes,
+        "sha256": upload.sha256, "duration_s": upload.duration_s, "width": upload.width, "height": upload.height,
+        "frames": upload.frames, "created_at": upload.created_at.isoformat(), "expires_at": upload.expires_at.isoformat(),
+    }

@@ -28,16 +28,21 @@ def _month_bounds(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     return start, start + dt.timedelta(days=days)
 
 
+def month_usage(session: Session, user_id) -> tuple[int, dt.datetime]:
+    """Jobs the user submitted this calendar month (what the quota counts), and when it renews."""
+    now = dt.datetime.now(dt.timezone.utc)
+    start, end = _month_bounds(now)
+    used = session.scalar(select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.created_at >= start))
+    return used, end
+
+
 def enforce_quota(session: Session, principal, tier: Tier) -> None:
     if tier.monthly_quota is None:
         return
     # Two concurrent submissions of one user must not both see "one left".
     session.execute(text("SELECT pg_advisory_xact_lock(hashtext('dreamq.quota.' || :u))"), {"u": str(principal.user_id)})
+    used, end = month_usage(session, principal.user_id)
     now = dt.datetime.now(dt.timezone.utc)
-    start, end = _month_bounds(now)
-    used = session.scalar(
-        select(func.count()).select_from(Job).where(Job.user_id == principal.user_id, Job.created_at >= start)
-    )
     if used >= tier.monthly_quota:
         count_rejection(tier.name, "quota_exceeded")
         raise TooManyRequests(

@@ -85,6 +85,14 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(self._pinned_socket(), server_hostname=self.host)
 
 
+def pinned_connection(checked: CheckedURL, address: IPAddress, connect_timeout: float,
+                      read_timeout: float) -> http.client.HTTPConnection:
+    """An HTTP(S) connection to `address`, one of the addresses `checked` approved, speaking to
+    the URL's host (Host header, TLS name). Also used to fetch user-supplied media (app/fetch.py)."""
+    cls = _PinnedHTTPSConnection if checked.scheme == "https" else _PinnedHTTPConnection
+    return cls(checked, address, connect_timeout, read_timeout)
+
+
 @dataclass(frozen=True)
 class Outcome:
     status_code: int | None
@@ -98,10 +106,9 @@ class Outcome:
 def post(checked: CheckedURL, body: bytes, headers: dict[str, str]) -> Outcome:
     """POST to the first checked address that accepts a connection."""
     settings = get_settings()
-    cls = _PinnedHTTPSConnection if checked.scheme == "https" else _PinnedHTTPConnection
     error = "no address"
     for address in checked.addresses:
-        conn = cls(checked, address, settings.webhook_connect_timeout_s, settings.webhook_read_timeout_s)
+        conn = pinned_connection(checked, address, settings.webhook_connect_timeout_s, settings.webhook_read_timeout_s)
         try:
             conn.request("POST", checked.target, body=body, headers=headers)
             response = conn.getresponse()

@@ -18,7 +18,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from sqlalchemy import text
 from app.db.session import transaction
 from app.scheduling.dispatcher import WORKER_STALE_S
 from support.factories import auth, create_user
+from support.stack import gunicorn_api
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("DREAMQ_CHROMIUM", "/usr/bin/chromium")
@@ -49,31 +49,13 @@ def _require_browser() -> None:
                         "with apt-get); this test never downloads a browser")
 
 
-def _ok(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(stack_env, tmp_path_factory):
     """gunicorn with two workers sharing DREAMQ_SECRET_KEY: a login made on one is honoured by the other."""
     _require_browser()
-    from app.stack.process import ManagedProcess, find_free_port
-
-    port = find_free_port(None)
-    env = {**os.environ, **stack_env.env, "DREAMQ_SECRET_KEY": secrets.token_urlsafe(32)}
     log = tmp_path_factory.mktemp("dashboard-api") / "api.log"
-    api = ManagedProcess("api", [sys.executable, "-m", "gunicorn", "-w", "2", "--threads", "2", "-b", f"127.0.0.1:{port}",
-                                 "app.api:create_app()"],
-                         env=env, cwd=str(ROOT), log_path=log, ready=lambda: _ok(f"http://127.0.0.1:{port}/healthz"))
-    api.start()
-    try:
-        api.wait_ready(60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        api.stop(5)
+    with gunicorn_api(stack_env, log, threads=2, extra_env={"DREAMQ_SECRET_KEY": secrets.token_urlsafe(32)}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

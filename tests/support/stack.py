@@ -157,3 +157,31 @@ def running_workers(stack: StackEnv, log_dir: Path, *, models: list[str], extra_
             thread.start()
         for thread in stoppers:
             thread.join()
+
+
+def _http_ok(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@contextlib.contextmanager
+def gunicorn_api(stack: StackEnv, log_path: Path, *, workers: int = 2, threads: int = 4,
+                 extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """The API under gunicorn on a free port of 127.0.0.1, as in production; yields its base URL."""
+    from app.stack.process import ManagedProcess, find_free_port
+
+    port = find_free_port(None)
+    api = ManagedProcess("api", [sys.executable, "-m", "gunicorn", "-w", str(workers), "--threads", str(threads),
+                                 "-b", f"127.0.0.1:{port}", "app.api:create_app()"],
+                         env={**os.environ, **stack.env, **(extra_env or {})}, cwd=str(ROOT), log_path=log_path,
+                         ready=lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"))
+    api.start()
+    try:
+        api.wait_ready(60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        api.stop(5)
