@@ -703,5 +703,51 @@ def pools_enable(cluster: str, model: str) -> None:
     _echo_json(_admin_call(enable_pool, cluster, model, actor=_cli_actor()))
 
 
+@main.group("dream-machine")
+def dream_machine() -> None:
+    """Luma's Dream Machine API (/dream-machine/v1): which dreamq model serves each model name."""
+
+
+@dream_machine.group("models")
+def dream_machine_models() -> None:
+    """Model names Luma's clients send (ray-2, ...) -> dreamq models: list, set, remove."""
+
+
+@dream_machine_models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def dream_machine_models_list(as_json: bool) -> None:
+    from app.admin.dream_machine import list_mappings
+
+    rows = _admin_call(list_mappings)
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(f"{'name':<20}{'dreamq model':<20}{'updated by':<24}note")
+    for row in rows:
+        click.echo(f"{row['name']:<20}{row['model']:<20}{row['updated_by']:<24}{row['note']}")
+
+
+@dream_machine_models.command("set")
+@click.argument("name")
+@click.argument("model")
+@click.option("--note", default="", help="Why (shown in the list)")
+def dream_machine_models_set(name: str, model: str, note: str) -> None:
+    """Serve the Luma model name NAME with the dreamq model MODEL (new submissions)."""
+    from app.admin.dream_machine import set_mapping
+
+    body = _validated("DreamMachineModelIn", model=model, note=note)
+    _echo_json(_admin_call(set_mapping, name, body.model, note=body.note, actor=_cli_actor()))
+
+
+@dream_machine_models.command("remove")
+@click.argument("name")
+def dream_machine_models_remove(name: str) -> None:
+    """Stop serving NAME: its submissions get a 400 naming it."""
+    from app.admin.dream_machine import remove_mapping
+
+    _admin_call(remove_mapping, name, actor=_cli_actor())
+    click.echo(f"removed {name}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

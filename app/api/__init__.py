@@ -18,7 +18,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def create_app() -> Flask:
-    from app.api import admin, generations, health, metrics, openapi, uploads, webhooks
+    from app.api import admin, dream_machine, generations, health, metrics, openapi, uploads, webhooks
     from app.api.errors import register_error_handlers
     from app.observability import dashboard
 
@@ -31,6 +31,7 @@ def create_app() -> Flask:
     app.json.sort_keys = False
     for module in (health, generations, uploads, admin, webhooks, metrics, openapi):
         app.register_blueprint(module.bp)
+    app.register_blueprint(dream_machine.bp)  # Luma's Dream Machine API, /dream-machine/v1
     app.register_blueprint(dashboard.bp)
     dashboard.configure_sessions(app, settings)
     register_error_handlers(app)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, Response
 
 from app.admin import clusters as clusters_admin
+from app.admin import dream_machine as dream_machine_admin
 from app.admin import models as model_admin
 from app.admin import pools as pools_admin
 from app.admin import users as users_admin
@@ -269,3 +270,28 @@ def drain_pool(ctx: Context, cluster: str, model: str):
           summary="Release work to the pool again", errors=[401, 403, 404])
 def enable_pool(ctx: Context, cluster: str, model: str):
     return _run(pools_admin.enable_pool, ctx.session, cluster, model, actor=_actor(ctx))
+
+
+# --- the Dream Machine model table (Luma model names -> dreamq models; app/admin/dream_machine.py) ---
+
+
+@endpoint(bp, "/dream-machine/models", methods=["GET"], auth="admin", response=schemas.DreamMachineModelList,
+          summary="Luma model names (ray-2, ...) and the dreamq model serving each on /dream-machine/v1",
+          errors=[401, 403])
+def get_dream_machine_models(ctx: Context):
+    return {"object": "list", "data": dream_machine_admin.list_mappings(ctx.session)}
+
+
+@endpoint(bp, "/dream-machine/models/<name>", methods=["PUT"], auth="admin", body=schemas.DreamMachineModelIn,
+          response=schemas.DreamMachineModelOut, summary="Serve a Luma model name with a dreamq model (audited)",
+          errors=[401, 403, 422])
+def put_dream_machine_model(ctx: Context, name: str):
+    return _run(dream_machine_admin.set_mapping, ctx.session, name, ctx.body.model, note=ctx.body.note,
+                actor=_actor(ctx))
+
+
+@endpoint(bp, "/dream-machine/models/<name>", methods=["DELETE"], auth="admin", status=204,
+          summary="Stop serving a Luma model name (its submissions then get a 400 naming it)", errors=[401, 403, 404])
+def delete_dream_machine_model(ctx: Context, name: str):
+    _run(dream_machine_admin.remove_mapping, ctx.session, name, actor=_actor(ctx))
+    return Response(status=204)

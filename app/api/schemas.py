@@ -25,6 +25,19 @@ JobStateName = Literal["queued", "dispatched", "running", "succeeded", "failed",
 WebhookEvent = Literal["started", "progress", "completed"]
 
 
+def url_syntax(value: Optional[str]) -> Optional[str]:
+    """A user-supplied URL's syntax (http(s), no credentials); where its host resolves (and the
+    allow-list) is checked when it is used."""
+    from app.webhooks.addresses import AddressRefused, parse_url
+
+    if value is not None:
+        try:
+            parse_url(value)
+        except AddressRefused as exc:
+            raise ValueError(exc.reason) from None
+    return value
+
+
 class Strict(BaseModel):
     # No inf/NaN: they would be stored, then break every JSON response that echoes them.
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
@@ -53,15 +66,7 @@ class GenerationCreate(Strict):
     @field_validator("callback_url")
     @classmethod
     def _callback_url(cls, value: Optional[str]) -> Optional[str]:
-        # Syntax here; where the host resolves (and the allow-list) is checked at submission.
-        from app.webhooks.addresses import AddressRefused, parse_url
-
-        if value is not None:
-            try:
-                parse_url(value)
-            except AddressRefused as exc:
-                raise ValueError(exc.reason) from None
-        return value
+        return url_syntax(value)
 
     @field_validator("prompt")
     @classmethod
@@ -509,3 +514,24 @@ class PoolDrained(PoolOut):
 class PoolList(BaseModel):
     object: Literal["list"] = "list"
     data: list[PoolOut]
+
+
+# --- admin: the Dream Machine model table (app/admin/dream_machine.py) ----------------------------
+
+
+class DreamMachineModelIn(Strict):
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$", description="The dreamq model that serves this name")
+    note: str = Field("", max_length=500)
+
+
+class DreamMachineModelOut(BaseModel):
+    name: str = Field(description="The model name Luma's clients send, e.g. ray-2")
+    model: str = Field(description="The dreamq model that serves it")
+    note: str
+    updated_by: str
+    updated_at: dt.datetime
+
+
+class DreamMachineModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DreamMachineModelOut]

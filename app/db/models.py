@@ -436,3 +436,45 @@ class WebhookAllowEntry(Base):
         CheckConstraint("(network IS NULL) <> (host IS NULL)", name="network_or_host"),
         CheckConstraint("port IS NULL OR (port BETWEEN 1 AND 65535)", name="port_range"),
     )
+
+
+class DreamMachineModel(Base):
+    """Luma Dream Machine model names (`ray-2`, ...) -> the dreamq model that serves them.
+
+    Edited by admins (`dreamq dream-machine models`, /v1/admin/dream-machine/models); a name
+    that is not here is refused at submission (400), never guessed.
+    """
+
+    __tablename__ = "dream_machine_models"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), nullable=False)
+    note: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
+    updated_by: Mapped[str] = mapped_column(String(200), nullable=False, server_default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+    model: Mapped[Model] = relationship()
+
+
+class DreamMachineGeneration(Base):
+    """A job submitted through /dream-machine/v1: the client's own request and model name, which
+    the generation object echoes, and the DELETE mark (the job row stays, for quotas and audit)."""
+
+    __tablename__ = "dream_machine_generations"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False)
+    generation_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    # The name the client sent (`ray-2`), as it asked: the generation object reports it back.
+    model_name: Mapped[str] = mapped_column(String(100), nullable=False)
+    request: Mapped[jsonb]
+    created_at: Mapped[created_at]
+    deleted_at: Mapped[timestamp]
+
+    __table_args__ = (
+        # GET /generations: a user's live generations newest first, limit/offset.
+        Index("ix_dream_machine_generations_user_created", "user_id", "created_at", "job_id",
+              postgresql_where=text("deleted_at IS NULL")),
+    )

@@ -118,6 +118,7 @@ def _key_is_valid(session, key: str | None) -> bool:
 def _migrate_and_seed(state: StackState, previous: dict) -> dict:
     from app.db.migrate import upgrade
     from app.db.session import transaction
+    from app.admin.dream_machine import seed_mappings
     from app.seed import ensure_demo_model, ensure_pool, new_user_key, seed_tiers
     from app.storage import ensure_buckets
 
@@ -131,6 +132,9 @@ def _migrate_and_seed(state: StackState, previous: dict) -> dict:
         if pushed is not None:
             _say(f"pushed demo model {settings.default_model} v{pushed.number} ({pushed.digest[:19]}…)")
         ensure_pool(session, settings.default_cluster, settings.default_model, settings.default_dispatch_limit)
+        seeded = seed_mappings(session, settings.default_model)
+        if seeded:
+            _say(f"Dream Machine model names {', '.join(seeded)} -> {settings.default_model}")
         api_key = previous.get("api_key")
         if not _key_is_valid(session, api_key):
             api_key = new_user_key(session, "demo", "api", ["user"])

@@ -69,13 +69,17 @@ def on_transition(session: Session, job_id: uuid.UUID | str, from_state: str, to
 
 
 def emit(session: Session, job_id: uuid.UUID | str, event: str, url: str) -> uuid.UUID:
-    """Write the delivery row with the job as it is now; publish its task after commit."""
+    """Write the delivery row with the job as it is now; publish its task after commit.
+
+    A job made through /dream-machine/v1 gets Luma's callback body instead (the generation
+    object itself), with the same headers, signature, retries and address checks."""
+    from app.dream_machine.generations import callback_payload
     from app.jobs.views import load_job_views
 
     # populate_existing: the state change was a raw UPDATE the identity map has not seen.
     job = session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
-    delivery = WebhookDelivery(id=uuid.uuid4(), job_id=job.id, event=event, url=url,
-                               payload={"event": event, "job": load_job_views(session, [job])[0]})
+    payload = callback_payload(session, job) or {"event": event, "job": load_job_views(session, [job])[0]}
+    delivery = WebhookDelivery(id=uuid.uuid4(), job_id=job.id, event=event, url=url, payload=payload)
     session.add(delivery)
     session.flush()
     delivery_id = delivery.id
