@@ -196,3 +196,21 @@ def test_list_get_delete_ping_and_credits(luma, api_url, user):
     with pytest.raises(lumaai.BadRequestError) as excinfo:
         luma.generations.create(model="ray-2", prompt="a red circle moving right", resolution="1080p")
     assert "1080p is 1080x1080 pixels" in excinfo.value.body["detail"]
+
+
+def test_the_async_client_works_the_same_way(api_url, user, mapped):
+    import asyncio
+
+    async def run() -> lumaai.types.Generation:
+        async with lumaai.AsyncLumaAI(base_url=f"{api_url}/dream-machine/v1", auth_token=user[0]) as client:
+            created = await client.generations.create(model="ray-2", prompt="a yellow square moving down")
+            deadline = time.monotonic() + 120
+            while (generation := await client.generations.get(created.id)).state not in ("completed", "failed"):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.3)
+            return generation
+
+    done = asyncio.run(run())
+    assert done.state == "completed", done
+    frames = decode(done.assets.video)
+    assert dominant_colour(frames) == "yellow" and motion_direction(frames) == "down"

@@ -308,3 +308,23 @@ def test_the_luma_surface_is_left_out_of_the_v1_openapi_document(client):
     paths = client.get("/v1/openapi.json").json["paths"]
     assert not [p for p in paths if p.startswith("/dream-machine")]
     assert "/v1/admin/dream-machine/models/{name}" in paths
+
+
+def test_a_fresh_stack_is_seeded_once_and_a_removed_name_stays_removed(parked_model):
+    from sqlalchemy import delete
+    from sqlalchemy.orm import Session
+
+    from app.admin.dream_machine import SEED_NAMES, seed_mappings
+    from app.db.session import get_engine
+
+    # In a transaction rolled back at the end: the table is shared with the other tests.
+    with Session(get_engine()) as session:
+        session.execute(delete(DreamMachineModel))
+        assert seed_mappings(session, "no-such-model") == []  # nothing to point at yet
+        assert seed_mappings(session, "parked") == list(SEED_NAMES)
+        rows = session.execute(select(DreamMachineModel.name, DreamMachineModel.note)).all()
+        assert sorted(rows) == sorted((name, "seed") for name in SEED_NAMES)
+        session.execute(delete(DreamMachineModel).where(DreamMachineModel.name == "ray-1-6"))
+        assert seed_mappings(session, "parked") == []  # not empty: an admin's removal stands
+        assert session.get(DreamMachineModel, "ray-1-6") is None
+        session.rollback()
