@@ -321,6 +321,7 @@ def _print_summary(creds: dict, state: StackState, gpu_names: list[str], logs: P
         f"  API          {creds['api_url']}   (OpenAPI: {creds['api_url']}/v1/openapi.json)",
         f"  Flower       {creds['flower_url']}   user {creds['flower_user']} / password {creds['flower_password']}",
         f"  Dashboard    {creds['dashboard_url']}   (log in with the admin key)",
+        f"  Luma API     {creds['api_url']}/dream-machine/v1   (base_url for the official lumaai clients)",
         f"  API key      {creds['api_key']}   (tier api)",
         f"  admin key    {creds['admin_key']}",
         f"  services     {services}",

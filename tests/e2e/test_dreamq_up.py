@@ -124,6 +124,8 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
         assert frames.shape == (24, 128, 128, 3)
         assert dominant_colour(frames) == "red" and motion_direction(frames) == "right"
 
+        luma_generation_completes(creds, summary)
+
         assert requests.get(creds["flower_url"] + "/api/workers", timeout=10).status_code == 401
         workers = requests.get(creds["flower_url"] + "/api/workers?refresh=1", timeout=30,
                                auth=(creds["flower_user"], creds["flower_password"])).json()
@@ -172,6 +174,25 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
     finally:
         assert stack.stop(signal.SIGINT) == 0
     assert leftovers(stack.home) == []
+
+
+def luma_generation_completes(creds: dict, summary: str) -> None:
+    """The README's three lines: Luma's official client on the printed URL, with the printed key
+    and a model name the fresh stack seeded (ray-2 -> demo)."""
+    from lumaai import LumaAI
+
+    base_url = f"{creds['api_url']}/dream-machine/v1"
+    assert base_url in summary
+    client = LumaAI(base_url=base_url, auth_token=creds["api_key"])
+    generation = client.generations.create(model="ray-2", prompt="a blue circle moving left")
+    deadline = time.monotonic() + 120
+    while (generation := client.generations.get(generation.id)).state not in ("completed", "failed"):
+        assert time.monotonic() < deadline, generation
+        time.sleep(0.5)
+    assert generation.state == "completed", generation
+    frames = decode_bytes(requests.get(generation.assets.video, timeout=30).content)
+    assert dominant_colour(frames) == "blue" and motion_direction(frames) == "left"
+    client.close()
 
 
 def decode_bytes(data: bytes) -> np.ndarray:
