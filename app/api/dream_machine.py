@@ -91,7 +91,7 @@ def credits(ctx: Context):
 def _accept(ctx: Context, body: requests.VideoCreate | requests.VideoModify
             ) -> tuple[str, ResolvedVersion, dict[str, Any]]:
     """The checks before any work: a model name the table knows, options the model can honour,
-    a version with a pool, and the quota. Returns the model as the client named it, the version
+    a version with a pool. Returns the model as the client named it, the version
     (its manifest gives sizes and frame rates) and the job fields every submission has."""
     model = served_by(ctx.session, body.model)
     if model is None:
@@ -108,7 +108,6 @@ def _accept(ctx: Context, body: requests.VideoCreate | requests.VideoModify
         raise _bad("model", f"{served}: {exc.fields[0]['reason'] if exc.fields else exc.message}") from None
     if not has_pool:
         raise _bad("model", f"{served} has no GPU pool serving it")
-    enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)
     # The version pinned: the job runs on the one whose manifest sized it (a canary draw is made once).
     return served, version, {"prompt": body.prompt, "model": version.model, "model_version": version.number,
                              "callback_url": body.callback_url}
@@ -158,6 +157,7 @@ def _submit(ctx: Context, body: requests.VideoCreate | requests.VideoModify, fie
 def create_video(ctx: Context):
     body: requests.VideoCreate = ctx.body
     served, version, fields = _accept(ctx, body)
+    enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)
     asked: dict[str, str] = {}
     size = requests.size_for(version.manifest, body.resolution, body.aspect_ratio)
     if size is not None:
@@ -182,6 +182,7 @@ def create_generation(ctx: Context):
         summary="Modify a video fetched from media.url (mapped onto a modify-video job)")
 def modify_video(ctx: Context):
     from app.fetch import FetchRefused, fetch
+    from app.storage import s3_client
 
     body: requests.VideoModify = ctx.body
     served, version, fields = _accept(ctx, body)
@@ -197,8 +198,15 @@ def modify_video(ctx: Context):
         error = _bad("media.url", exc.message)
         error.status = 413 if exc.status == 413 else 400
         raise error from None
-    fields.update(type="modify_video", upload_id=upload.id, **requests.modify_params(version.manifest, info))
-    return _submit(ctx, body, fields, served, {})
+    try:
+        # The quota after the download: its lock (per user) is not held for a slow media host.
+        enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)
+        fields.update(type="modify_video", upload_id=upload.id, **requests.modify_params(version.manifest, info))
+        return _submit(ctx, body, fields, served, {})
+    except Exception:
+        # Refused after the input was stored: its row rolls back, the object must go too.
+        s3_client().delete_object(Bucket=get_settings().media_bucket, Key=upload.object_key)
+        raise
 
 
 # Luma features dreamq has no model for: a clear 400 rather than a 404 the client would read as

@@ -328,3 +328,24 @@ def test_a_fresh_stack_is_seeded_once_and_a_removed_name_stays_removed(parked_mo
         assert seed_mappings(session, "parked") == []  # not empty: an admin's removal stands
         assert session.get(DreamMachineModel, "ray-1-6") is None
         session.rollback()
+
+
+def test_a_modify_refused_after_the_download_leaves_no_upload_behind(luma, make_user, mapped, allow):
+    from app.config import get_settings
+    from app.db.models import Upload
+    from app.storage import s3_client
+
+    user_id, key = make_user(create_tier(monthly_quota=1))
+    client = luma(key)
+    with media_server(moving_square_mp4(frames=8, size=32)) as port:
+        allow(network="127.0.0.1/32", port=port)
+        created = modify(client, f"http://127.0.0.1:{port}/clip.mp4")
+        with pytest.raises(lumaai.RateLimitError) as excinfo:
+            modify(client, f"http://127.0.0.1:{port}/clip.mp4")
+    assert excinfo.value.body["error"]["code"] == "quota_exceeded"
+    with transaction() as session:
+        uploads = session.scalars(select(Upload).where(Upload.user_id == user_id)).all()
+    assert [u.id for u in uploads] == [job_row(created.id).upload_id]
+    listed = s3_client().list_objects_v2(Bucket=get_settings().media_bucket, Prefix=f"uploads/{user_id}/")
+    assert [o["Key"] for o in listed.get("Contents", [])] == [uploads[0].object_key]
+    assert client.credits.get().credit_balance == 0
