@@ -2,7 +2,8 @@
 
     python bench/model_load.py [--size-mb 2048] [--device cuda|cpu|cuda:N] [--dtype bfloat16]
                                [--tensors 200] [--rounds 3] [--dir DIR] [--keep] [--json]
-                               [--chunk-mb 64] [--streams 2] [--readers N] [--sweep-readers 2,4,16]
+                               [--chunk-mb MB] [--streams N] [--readers N] [--sweep-readers 2,4,16]
+                               [--sweep-warm 16:32:4,8:64:2]
 
 Standalone on purpose: needs torch, safetensors and the standard library only, and loads
 workers/loading.py by file path (nothing else from the project), so it runs on a bare GPU box.
@@ -287,13 +288,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: temp dir, not tmpfs)")
     ap.add_argument("--keep", action="store_true", help="leave the checkpoint files behind")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    ap.add_argument("--chunk-mb", type=float, default=64)
-    ap.add_argument("--streams", type=int, default=2)
+    ap.add_argument("--chunk-mb", type=float, default=None, help="default: the loader's for the device")
+    ap.add_argument("--streams", type=int, default=None, help="default: the loader's (CUDA only)")
     ap.add_argument("--readers", type=int, default=None)
     ap.add_argument(
         "--sweep-readers",
         default="",
         help="comma-separated reader counts: also time ours cold and warm with each (same checkpoint)",
+    )
+    ap.add_argument(
+        "--sweep-warm",
+        default="",
+        help="comma-separated readers:chunk_mb:streams triples: also time ours warm with each "
+        "(picks the loader's defaults on a given machine)",
     )
     args = ap.parse_args(argv)
 
@@ -306,7 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device_name = f"cpu ({os.cpu_count()} cores)"
     dtype = getattr(torch, args.dtype)
-    readers = args.readers or loading.default_readers()
+    readers = args.readers or loading.default_readers(device.type)
+    if args.chunk_mb is None:
+        args.chunk_mb = loading.CUDA_CHUNK_MB if device.type == "cuda" else loading.CPU_CHUNK_MB
+    if args.streams is None:
+        args.streams = loading.CUDA_STREAMS
     opts = dict(chunk_mb=args.chunk_mb, streams=args.streams, readers=readers)
     rounds = max(1, args.rounds)
 
@@ -393,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
             o = dict(opts, readers=r)
             run(f"sweep_r{r}_cold", lambda o=o: loading.load_safetensors(st_path, device, **o), cold=True)
             run(f"sweep_r{r}_warm", lambda o=o: loading.load_safetensors(st_path, device, **o))
+        warm_sweep = [tuple(x.split(":")) for x in args.sweep_warm.split(",") if x.strip()]
+        for r, c, s in warm_sweep:
+            o = dict(opts, readers=int(r), chunk_mb=float(c), streams=int(s))
+            run(f"sweep_warm_r{r}_c{c}_s{s}", lambda o=o: loading.load_safetensors(st_path, device, **o))
 
         ours = loading.load_safetensors(st_path, device, **opts)
         ref = load_file(str(st_path), device=str(device))

@@ -135,12 +135,26 @@ class SafetensorsHeader:
     metadata: dict[str, str] | None
 
 
-def default_readers() -> int:
-    """Reader threads when none is given: half the cores, 2 to 8. Several page-cache copies in
-    parallel are needed to approach a PCIe Gen5 link or keep an NVMe queue busy; half the cores
-    leaves the rest of the worker room. On CUDA that is up to (8 + streams) * chunk_mb of pinned
-    staging (640 MiB at the defaults on a 16-core host)."""
+# Defaults by device type, from bench/model_load.py --sweep-warm on an H100 host (16 cores,
+# 2 GB bf16 checkpoint warm in the page cache, 2026-11-27; bench/results/gpu/model_load.json):
+#   readers:chunk MiB:streams   8:64:2 24.1 GB/s   12:64:2 27.0   16:64:2 27.7   16:32:2 29.2
+#                               16:32:4 30.9       16:16:4 29.8   12:128:2 23.0   8:32:4 25.2
+# against 53.3 GB/s pinned H2D: the page-cache copies by reader threads are the limit, so on a
+# GPU host every core reads (up to 16), in 32 MiB chunks over 4 copy streams. Pinned staging is
+# (readers + streams) * chunk_mb: 640 MiB, as before. On CPU, two readers per core pair were
+# measured best on the 2-core VM and half the cores leaves the worker room.
+CUDA_CHUNK_MB = 32
+CUDA_STREAMS = 4
+CPU_CHUNK_MB = 64
+
+
+def default_readers(device_type: str = "cpu") -> int:
+    """Reader threads when none is given: on CUDA every core up to 16 (see above); otherwise
+    half the cores, 2 to 8. Several page-cache copies in parallel are needed to approach a PCIe
+    Gen5 link or keep an NVMe queue busy."""
     cpus = os.cpu_count() or 1
+    if device_type == "cuda":
+        return max(2, min(16, cpus))
     return max(1, min(cpus, max(2, min(8, cpus // 2))))
 
 
@@ -229,16 +243,17 @@ def load_safetensors(
     paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     device: torch.device | str = "cpu",
     *,
-    chunk_mb: float = 64,
-    streams: int = 2,
+    chunk_mb: float | None = None,
+    streams: int | None = None,
     readers: int | None = None,
     mmap: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Load one or more safetensors files onto `device`; bit-identical to safetensors' load_file.
 
-    chunk_mb: size of one read / one H2D copy (and of each pinned staging buffer).
-    streams: CUDA side streams the copies are spread over (ignored on CPU).
-    readers: reader threads (default `default_readers()`). Pinned staging memory on CUDA is
+    chunk_mb: size of one read / one H2D copy (and of each pinned staging buffer); default
+    CUDA_CHUNK_MB on CUDA, CPU_CHUNK_MB elsewhere.
+    streams: CUDA side streams the copies are spread over (default CUDA_STREAMS; ignored on CPU).
+    readers: reader threads (default `default_readers(device.type)`). Pinned staging memory on CUDA is
     (readers + streams) * chunk_mb, capped by the checkpoint's size; torch's pinned-memory cache
     keeps it for the next load in the process.
     mmap: CPU only; tensors over a private (copy-on-write) mapping of each file instead of a
@@ -255,8 +270,11 @@ def load_safetensors(
         raise ValueError("mmap=True only makes sense for the cpu device")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if chunk_mb is None:
+        chunk_mb = CUDA_CHUNK_MB if device.type == "cuda" else CPU_CHUNK_MB
+    streams = CUDA_STREAMS if streams is None else streams
     chunk = max(1, int(chunk_mb * 2**20))
-    readers = default_readers() if readers is None else max(1, int(readers))
+    readers = default_readers(device.type) if readers is None else max(1, int(readers))
 
     fds: list[int] = []
     try:
