@@ -34,20 +34,21 @@ up: $(STAMP)
 ## make system-packages: Debian packages some end-to-end tests drive, installed only when missing
 ## and only as root with apt-get; never fails (without them those tests skip, naming what is
 ## missing): chromium + chromium-driver for the dashboard's browser test (never a downloaded
-## browser), slurmctld + slurmd + munge for the single-node Slurm of the burst tests.
-SYSTEM_PACKAGES := chromium chromium-driver slurmctld slurmd slurm-client munge
+## browser), slurmctld + slurmd + munge for the single-node Slurm of the burst tests, wrk for
+## bench/intake.py (which falls back to a slower Python load generator without it).
+SYSTEM_PACKAGES := chromium chromium-driver slurmctld slurmd slurm-client munge wrk
 system-packages:
 	@missing=""; \
-	for bin in chromium chromedriver slurmctld slurmd sbatch munged; do \
+	for bin in chromium chromedriver slurmctld slurmd sbatch munged wrk; do \
 	    command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$bin"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	        echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \
 	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); } \
-	            >/dev/null 2>&1 || echo "system package install failed: browser/Slurm tests will skip" >&2; \
+	            >/dev/null 2>&1 || echo "system package install failed: browser/Slurm tests will skip, bench/intake.py uses its Python load generator" >&2; \
 	    else \
-	        echo "missing:$$missing (needs root and apt-get): browser/Slurm tests will skip" >&2; \
+	        echo "missing:$$missing (needs root and apt-get): browser/Slurm tests will skip, bench/intake.py uses its Python load generator" >&2; \
 	    fi; \
 	fi
 
