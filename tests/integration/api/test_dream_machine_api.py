@@ -349,3 +349,37 @@ def test_a_modify_refused_after_the_download_leaves_no_upload_behind(luma, make_
     listed = s3_client().list_objects_v2(Bucket=get_settings().media_bucket, Prefix=f"uploads/{user_id}/")
     assert [o["Key"] for o in listed.get("Contents", [])] == [uploads[0].object_key]
     assert client.credits.get().credit_balance == 0
+
+
+def test_no_body_makes_a_server_error(client, user, mapped):
+    """Generated bodies around the documented shape (right keys, wrong and edge values): every
+    answer is a 2xx or a 4xx with Luma's `detail`, never a 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), st.floats(allow_nan=False),
+                        st.text(max_size=30), st.sampled_from(["ray-2", "16:9", "540p", "5s", "4k", "9:21", "0s",
+                                                               "http://127.0.0.1/", "http://10.0.0.1/a.mp4"]))
+    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                           st.dictionaries(st.sampled_from(["type", "url", "id", "key"]),
+                                                                           inner, max_size=3)), max_leaves=6)
+    keys = ["model", "prompt", "aspect_ratio", "resolution", "duration", "loop", "keyframes", "concepts",
+            "callback_url", "generation_type", "media", "mode", "first_frame"]
+    bodies = st.dictionaries(st.sampled_from(keys), values, max_size=6)
+    paths = st.sampled_from(["/dream-machine/v1/generations/video", "/dream-machine/v1/generations/video/modify",
+                             "/dream-machine/v1/generations"])
+    seen = []
+
+    @settings(max_examples=150, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(path=paths, body=bodies)
+    def run(path, body):
+        body.setdefault("model", "ray-2")
+        response = client.post(path, json=body, headers=auth(user[1]))
+        seen.append(response.status_code)
+        assert response.status_code < 500, (path, body, response.json)
+        if response.status_code >= 400:
+            assert response.json["detail"], response.json
+
+    run()
+    assert set(seen) >= {400, 422}, seen
