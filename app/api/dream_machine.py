@@ -23,6 +23,7 @@ dreamq's own and are in it.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 
 from flask import Blueprint, Response
@@ -44,6 +45,7 @@ from app.jobs.limits import enforce_quota, enforce_rate, month_usage
 from app.jobs.submit import ResolvedVersion, create_job, resolve_version
 from app.logging_setup import bind
 
+log = logging.getLogger(__name__)
 bp = Blueprint("dream_machine", __name__, url_prefix="/dream-machine/v1")
 
 # An unlimited tier's credit balance: the largest integer a JavaScript number holds exactly.
@@ -204,8 +206,12 @@ def modify_video(ctx: Context):
         fields.update(type="modify_video", upload_id=upload.id, **requests.modify_params(version.manifest, info))
         return _submit(ctx, body, fields, served, {})
     except Exception:
-        # Refused after the input was stored: its row rolls back, the object must go too.
-        s3_client().delete_object(Bucket=get_settings().media_bucket, Key=upload.object_key)
+        # Refused after the input was stored: its row rolls back, the object must go too (a
+        # failure to delete it must not hide the refusal the client is owed).
+        try:
+            s3_client().delete_object(Bucket=get_settings().media_bucket, Key=upload.object_key)
+        except Exception:
+            log.warning("orphaned modify input not deleted", extra={"key": upload.object_key}, exc_info=True)
         raise
 
 
