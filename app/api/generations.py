@@ -84,7 +84,8 @@ def create_generation(ctx: Context):
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 200):
         raise field_error("Idempotency-Key", "must be 1-200 characters")
-    digest = _request_hash(ctx.body)
+    # Only a keyed request is ever compared with another, so only it pays for the digest.
+    digest = _request_hash(ctx.body) if key else None
     if key:
         existing = ctx.session.scalar(select(Job).where(Job.user_id == ctx.user.user_id, Job.idempotency_key == key))
         if existing is not None:
