@@ -24,8 +24,9 @@ so in the output. The bench users belong to the `api` tier with its per-user buc
 no request is refused: every round must be all 2xx, and the rows each server inserted are counted
 in Postgres against the 2xx the generator saw; a round with any other status is reported invalid.
 
-Also measured per round: CPU seconds of each server's gunicorn processes per 1000 requests, and
-how busy the whole machine was (the load generator and Postgres share it).
+Also measured per round, per request: CPU of each server's gunicorn processes and of the Postgres
+backends serving it (read from /proc when Postgres runs on this host), and how busy the whole
+machine was (the load generator, Postgres and the servers share it).
 
 Services: DREAMQ_BENCH_DATABASE_URL / DREAMQ_BENCH_REDIS_URL if set (a fresh database
 `dreamq_bench_<random>` is created there and dropped at the end; give it a Redis db it may use:
@@ -96,7 +97,7 @@ def baseline_app():
     def connection() -> psycopg.Connection:
         conn = getattr(local, "conn", None)
         if conn is None or conn.closed:
-            conn = local.conn = psycopg.connect(dsn, autocommit=True)
+            conn = local.conn = psycopg.connect(dsn, autocommit=True, application_name="bench-baseline")
         return conn
 
     @app.post("/v1/generations")
@@ -244,7 +245,7 @@ class Wrk:
 class PythonLoad:
     """Fallback: threads, each with one keep-alive connection, POSTing back to back."""
 
-    name = "python (threads, keep-alive; wrk not installed)"
+    name = "python (threads, keep-alive)"
 
     def __init__(self, keys: list[str], connections: int) -> None:
         self.keys = keys
@@ -369,6 +370,8 @@ class Bench:
             server.wait_ready()
         if self.args.generator == "python" or (self.args.generator == "auto" and not shutil.which("wrk")):
             self.load = PythonLoad(self.keys, self.args.connections)
+            if not shutil.which("wrk"):
+                self.load.name += ", wrk not installed"
         else:
             if not shutil.which("wrk"):
                 raise SystemExit("--generator wrk: wrk is not installed (make system-packages)")
@@ -385,16 +388,38 @@ class Bench:
         with transaction() as session:
             return session.execute(text("SELECT count(*) FROM jobs WHERE user_id = ANY(:u)"), {"u": users}).scalar_one()
 
+    def backend_cpu(self, which: str) -> dict[int, float]:
+        """CPU seconds of the Postgres backends serving one server (when Postgres runs on this host)."""
+        import psutil
+        from sqlalchemy import text
+
+        from app.db.session import transaction
+
+        app_name = "bench-baseline" if which == "baseline" else "dreamq"
+        with transaction() as session:
+            pids = session.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                        "AND application_name = :a AND pid <> pg_backend_pid()"), {"a": app_name}).scalars().all()
+        out = {}
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                out[pid] = t.user + t.system
+        return out
+
     def measure(self, which: str, seconds: float) -> dict:
         import psutil
 
         server = self.servers[which]
         rows0 = self.rows(which)
+        pg0 = self.backend_cpu(which)
         cpu0 = server.cpu_seconds()
         machine0 = psutil.cpu_times()
         result = self.load.run(server.url, seconds)
         machine1 = psutil.cpu_times()
         cpu = server.cpu_seconds() - cpu0
+        pg1 = self.backend_cpu(which)
+        # Backends that lived through the whole measurement; none when Postgres is on another host.
+        pg_cpu = sum(pg1[pid] - pg0[pid] for pid in pg1 if pid in pg0) if pg1 else float("nan")
         time.sleep(0.3)  # requests abandoned at the deadline commit now, not in the next round's count
         inserted = self.rows(which) - rows0
         busy = (sum(machine1) - machine1.idle - machine1.iowait) - (sum(machine0) - machine0.idle - machine0.iowait)
@@ -404,6 +429,7 @@ class Bench:
             "which": which, "rate": ok / result["seconds"] if result["seconds"] else 0.0,
             "ok": ok, "non_2xx": result["requests"] - ok, "rows": inserted,
             "server_cpu_ms_per_req": cpu * 1000 / ok if ok else float("nan"),
+            "postgres_cpu_ms_per_req": pg_cpu * 1000 / ok if ok else float("nan"),
             "machine_busy": busy / wall if wall else float("nan"),
         })
         # wrk stops mid-request at the deadline: a request answered after it is a row without a
@@ -427,6 +453,7 @@ class Bench:
                 runs[which].append(m)
                 log(f"round {r + 1} {which:<8}: {m['rate']:>7,.0f} req/s  p50 {m['p50_ms']:6.1f} ms  "
                     f"p99 {m['p99_ms']:6.1f} ms  server CPU {m['server_cpu_ms_per_req']:5.2f} ms/req  "
+                    f"postgres CPU {m['postgres_cpu_ms_per_req']:5.2f} ms/req  "
                     f"machine {m['machine_busy'] * 100:3.0f}% busy  statuses {m['statuses']}  rows {m['rows']}"
                     + ("" if m["valid"] else "  INVALID"))
         out: dict[str, Any] = {"generator": self.load.name, "connections": self.args.connections,
@@ -438,6 +465,7 @@ class Bench:
                 "p50_ms": statistics.median(m["p50_ms"] for m in ms),
                 "p99_ms": statistics.median(m["p99_ms"] for m in ms),
                 "server_cpu_ms_per_req": statistics.median(m["server_cpu_ms_per_req"] for m in ms),
+                "postgres_cpu_ms_per_req": statistics.median(m["postgres_cpu_ms_per_req"] for m in ms),
                 "machine_busy": statistics.median(m["machine_busy"] for m in ms),
                 "non_2xx": sum(m["non_2xx"] for m in ms),
                 "socket_errors": sum(m["socket_errors"] for m in ms),
@@ -475,18 +503,20 @@ class Bench:
 def render(result: dict, total_s: float) -> str:
     ours, base = result["ours"], result["baseline"]
     lines = [f"{'':<10} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'server CPU ms/req':>17} | "
-             f"{'machine busy':>12} | {'non-2xx':>7} | valid"]
+             f"{'postgres CPU ms/req':>19} | {'machine busy':>12} | {'non-2xx':>7} | valid"]
     lines.append("-" * len(lines[0]))
     for name, r in (("ours", ours), ("baseline", base)):
         lines.append(f"{name:<10} | {r['rate']:>8,.0f} | {r['p50_ms']:>7.1f} | {r['p99_ms']:>7.1f} | "
-                     f"{r['server_cpu_ms_per_req']:>17.2f} | {r['machine_busy'] * 100:>11.0f}% | "
+                     f"{r['server_cpu_ms_per_req']:>17.2f} | {r['postgres_cpu_ms_per_req']:>19.2f} | "
+                     f"{r['machine_busy'] * 100:>11.0f}% | "
                      f"{r['non_2xx'] + r['socket_errors']:>7} | {'yes' if r['valid'] else 'NO'}")
     lines.append(f"ratio ours/baseline = {result['ratio']:.2f}x (goal >= {GOAL}x: "
                  f"{'MET' if result['ratio'] >= GOAL else 'NOT MET'}); median of the per-round ratios "
                  f"{result['ratio_paired']:.2f}x")
     lines.append(f"(medians of {result['rounds']} interleaved rounds of {result['seconds']:g}s; load generator: "
                  f"{result['generator']}, {result['connections']} keep-alive connections; gunicorn "
-                 f"{result['server_args']} for both; server CPU = gunicorn master + workers; "
+                 f"{result['server_args']} for both; server CPU = gunicorn master + workers, postgres CPU = "
+                 f"the backends serving it (when Postgres runs on this host); "
                  f"total runtime {total_s:.0f}s)")
     if not (ours["valid"] and base["valid"]):
         lines.append("INVALID RUN: some requests were refused or failed (see the rounds on stderr)")
@@ -534,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"{which}_p50_ms"] = round(r["p50_ms"], 2)
         summary[f"{which}_p99_ms"] = round(r["p99_ms"], 2)
         summary[f"{which}_server_cpu_ms_per_req"] = round(r["server_cpu_ms_per_req"], 3)
+        summary[f"{which}_postgres_cpu_ms_per_req"] = round(r["postgres_cpu_ms_per_req"], 3)
         summary[f"{which}_non_2xx"] = r["non_2xx"] + r["socket_errors"]
+    summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}  # NaN is not JSON
     summary["valid"] = result["ours"]["valid"] and result["baseline"]["valid"]
     if args.json:
         print(json.dumps({"intake": summary}))
