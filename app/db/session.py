@@ -143,19 +143,18 @@ def driver_execute(session: Session, sql: str, params: Mapping[str, Any] | None 
     job insert): per statement SQLAlchemy's compile cache, result objects and (for ORM
     statements) entity loading cost 0.2-1 ms of CPU, against ~0.1 ms here (bench/intake.py).
     Placeholders are psycopg's `%(name)s`. Errors come out as SQLAlchemy's exceptions, as from
-    `session.execute`, so a lost database still answers 503 and a dead connection is invalidated.
+    `session.execute`, so a lost database still answers 503 and the pool drops dead connections.
     """
     connection = session.connection()
     dbapi_connection = connection.connection.driver_connection
     try:
         return dbapi_connection.execute(sql, params)
     except connection.dialect.loaded_dbapi.Error as error:
-        disconnected = connection.dialect.is_disconnect(error, dbapi_connection, None)
-        if disconnected:
-            connection.invalidate(error)
-        raise exc.DBAPIError.instance(sql, params, error, connection.dialect.loaded_dbapi.Error,
-                                      connection_invalidated=disconnected,
-                                      dialect=connection.dialect) from error
+        # SQLAlchemy's own handler (private API; requirements.txt pins the version): the exception
+        # classes session.execute raises, the handle_error hooks, and on a disconnect this
+        # connection and every older one in the pool invalidated. It always raises.
+        connection._handle_dbapi_exception(error, sql, params, None, None)
+        raise
 
 
 @contextlib.contextmanager
