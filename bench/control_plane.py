@@ -1,6 +1,6 @@
 """Control-plane throughput: jobs/s through dreamq's whole job path against raw Celery.
 
-    .venv/bin/python bench/control_plane.py [--json] [--quick] [--jobs 1000] [--rounds 3]
+    .venv/bin/python bench/control_plane.py [--json] [--quick] [--jobs 500] [--rounds 3]
 
 With a model that takes no time (tests/fixtures/bundles/noop), a job's cost is what the control
 plane spends on it, so jobs/s here is the ceiling the control plane puts on one GPU worker.
@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print only the JSON result on stdout")
     parser.add_argument("--quick", action="store_true", help="fewer and smaller rounds (~1 minute)")
-    parser.add_argument("--jobs", type=int, help="jobs per round (default 1000, quick 300)")
+    parser.add_argument("--jobs", type=int, help="jobs per round (default 500, quick 200)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 2)")
-    parser.add_argument("--timeout-s", type=float, default=60.0, help="most one round may take")
+    parser.add_argument("--timeout-s", type=float, default=120.0, help="most one round may take")
     args = parser.parse_args(argv)
-    n = args.jobs or (300 if args.quick else 1000)
+    n = args.jobs or (200 if args.quick else 500)
     rounds = args.rounds or (2 if args.quick else 3)
 
     started = time.perf_counter()

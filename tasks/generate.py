@@ -56,12 +56,27 @@ class ClaimedJob:
     dispatch_seq: int
 
 
+# The claimed job's row, and the worker marked busy with it, in one round trip.
+#
+# The claim commits without waiting for its WAL flush (synchronous_commit off, this transaction
+# only): one fsync less on every job's way to the model. A Postgres crash could lose a claim made
+# in its last few hundred ms; the job is then `dispatched` again while this worker runs it, so
+# the completing compare-and-set (running -> succeeded) matches nothing and the outputs are
+# discarded, and the broker reconciler requeues the job: run again, never completed twice.
+# Completions (succeeded, failed) keep the synchronous commit: a client may already have seen them
+# (the one exception, max_attempts_exceeded decided inside the claim, is simply decided again).
 _CLAIMED_SQL = text(
     """
+    WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true)),
+    busy AS (
+        UPDATE workers SET state = CASE WHEN state IN ('draining', 'retiring') THEN state ELSE 'busy' END,
+                           current_job_id = :id, heartbeat_at = now()
+        WHERE id = :w
+    )
     SELECT j.id, j.user_id, j.tier, j.kind, j.prompt, j.params, j.attempts, j.max_attempts, j.dispatch_seq,
            EXTRACT(EPOCH FROM j.started_at - j.created_at) AS wait_s,
            m.name AS model, v.number AS version, v.digest, u.object_key AS upload_key
-    FROM jobs j
+    FROM async_commit, jobs j
     JOIN model_versions v ON v.id = j.model_version_id
     JOIN models m ON m.id = v.model_id
     LEFT JOIN uploads u ON u.id = j.upload_id
@@ -91,7 +106,7 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
             log.info("message does not match the job's state; acknowledged without running",
                      extra={"job_id": job_id, "dispatch_seq": dispatch_seq})
             return None
-        row = session.execute(_CLAIMED_SQL, {"id": job_id}).mappings().one()
+        row = session.execute(_CLAIMED_SQL, {"id": job_id, "w": worker_id}).mappings().one()
         # Inside the task's job_context, which drops these at its end.
         bind(user_id=str(row["user_id"]), tier=row["tier"])
         if row["attempts"] > row["max_attempts"]:
@@ -101,15 +116,11 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
                 failure_message=f"the job was started {row['attempts'] - 1} times and its worker was lost each time",
                 finished_at=NOW,
             )
+            _worker_idle(session, worker_id)  # _CLAIMED_SQL marked it busy
             log.warning("job failed: worker lost on every attempt", extra={"job_id": job_id, "attempts": row["attempts"]})
             return None
         if left == JobState.running.value:
             log.warning("job redelivered after its worker was lost", extra={"job_id": job_id, "attempt": row["attempts"]})
-        session.execute(
-            text("UPDATE workers SET state = CASE WHEN state IN ('draining', 'retiring') THEN state ELSE 'busy' END, "
-                 "current_job_id = :job, heartbeat_at = now() WHERE id = :w"),
-            {"job": job_id, "w": worker_id},
-        )
     # After the commit: the wait from submission to this start, against the tier's W.
     observe_wait(row["tier"], float(row["wait_s"] or 0.0))
     return ClaimedJob(
@@ -148,7 +159,11 @@ class ProgressReporter:
                     "WHERE id = :id AND state = 'running' AND dispatch_seq = :seq RETURNING cancel_requested, "
                     "EXISTS (SELECT 1 FROM workers WHERE id = :w AND state = 'draining')"
                 ),
-                {"p": round(0.95 * done / max(total, 1), 4), "id": str(self.job_id), "seq": self.dispatch_seq,
+                # Steps report up to 0.9: progress >= 0.95 means "frames staged, handed to the cpu
+                # queue", which the reconciler and the reaper treat as a finalize hand-off. A job
+                # lost after its last step but before staging (or while finishing inline) must
+                # not look like one: it would get finalize resends for frames that do not exist.
+                {"p": round(0.9 * done / max(total, 1), 4), "id": str(self.job_id), "seq": self.dispatch_seq,
                  "w": self.worker_id},
             ).first()
             if row is not None:
@@ -190,13 +205,26 @@ def _gpu_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
 
 
+# When this process claimed its current job (time.monotonic()); see _worker_idle.
+_job_started: float | None = None
+
+# info.job_s: how long this worker's jobs take, for the dispatcher's per-worker depth
+# (app/scheduling/dispatcher.py worker_depth). It rises at once to a longer job and decays
+# slowly after it, so a worker that starts getting long jobs is given few jobs at once.
+_WORKER_IDLE_SQL = text(
+    # A draining or retiring worker stays so: the dispatcher must not count it as capacity again.
+    "UPDATE workers SET state = CASE WHEN state IN ('draining', 'retiring') THEN state ELSE 'idle' END, "
+    "current_job_id = NULL, heartbeat_at = now(), "
+    "info = CASE WHEN CAST(:s AS float8) IS NULL THEN info ELSE jsonb_set(COALESCE(info, '{}'::jsonb), '{job_s}', "
+    "to_jsonb(round(CAST(GREATEST(CAST(:s AS float8), 0.8 * COALESCE(CAST(info ->> 'job_s' AS float8), CAST(:s AS float8)) "
+    "+ 0.2 * CAST(:s AS float8)) AS numeric), 4))) END "
+    "WHERE id = :w"
+)
+
+
 def _worker_idle(session, worker_id: str) -> None:
-    session.execute(
-        # A draining or retiring worker stays so: the dispatcher must not count it as capacity again.
-        text("UPDATE workers SET state = CASE WHEN state IN ('draining', 'retiring') THEN state ELSE 'idle' END, "
-             "current_job_id = NULL, heartbeat_at = now() WHERE id = :w"),
-        {"w": worker_id},
-    )
+    job_s = None if _job_started is None else time.monotonic() - _job_started
+    session.execute(_WORKER_IDLE_SQL, {"w": worker_id, "s": job_s})
 
 
 def staging_key(job_id: uuid.UUID, dispatch_seq: int) -> str:
@@ -255,6 +283,9 @@ def run_claimed(job: ClaimedJob, worker_id: str) -> None:
         return
     gen_s = time.perf_counter() - started
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    if frames.nbytes <= settings.inline_finalize_max_bytes:
+        _finish_inline(job, worker_id, frames, gen_s, loaded.load_s)
+        return
     buffer = io.BytesIO()
     np.save(buffer, frames, allow_pickle=False)
     key = staging_key(job.id, job.dispatch_seq)
@@ -282,12 +313,43 @@ def run_claimed(job: ClaimedJob, worker_id: str) -> None:
     log.info("generated", extra={"job_id": str(job.id), "generate_s": round(gen_s, 3), "frames": int(frames.shape[0])})
 
 
+def _finish_inline(job: ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float) -> None:
+    """A small output: encode, upload and complete here, in one transaction with going idle.
+
+    The same compare-and-set as the finalize task (running -> succeeded for this dispatch_seq),
+    under the same lease (held by the caller), so a job cancelled or requeued meanwhile is not
+    completed and its outputs are deleted.
+    """
+    from tasks.finalize import discard_outputs, encode_outputs
+
+    started = time.perf_counter()
+    video_key, thumb_key, video_bytes = encode_outputs(str(job.id), job.dispatch_seq, frames, int(job.params["fps"]))
+    encode_s = time.perf_counter() - started
+    with transaction() as session:
+        left = transition(
+            session, job.id, JobState.running, JobState.succeeded, worker_id=worker_id,
+            guard={"dispatch_seq": job.dispatch_seq}, video_key=video_key, thumbnail_key=thumb_key,
+            progress=1.0, finished_at=NOW,
+            detail={"generate_s": round(gen_s, 3), "model_load_s": round(load_s, 3), "encode_s": round(encode_s, 3),
+                    "video_bytes": video_bytes, "finalized": "inline"},
+        )
+        _worker_idle(session, worker_id)
+    if left is None:
+        log.info("finalize lost the race; outputs discarded", extra={"job_id": str(job.id), "dispatch_seq": job.dispatch_seq})
+        discard_outputs(video_key, thumb_key)
+    request_dispatch()
+    log.info("generated and finalized", extra={"job_id": str(job.id), "generate_s": round(gen_s, 3),
+                                               "encode_s": round(encode_s, 3), "succeeded": left is not None})
+
+
 @celery_app.task(
     name="dreamq.generate", bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True,
     soft_time_limit=_settings.job_soft_time_limit_s, time_limit=_settings.job_hard_time_limit_s,
 )
 def generate(self, job_id: str, dispatch_seq: int) -> None:
+    global _job_started
     worker_id = self.request.hostname or "unknown"
+    _job_started = time.monotonic()
     with job_context(job_id=job_id):
         job = claim(job_id, dispatch_seq, worker_id)
         if job is None:

@@ -3,8 +3,9 @@
 list, add, set (dispatch limit), drain, enable. A pool's queues are `<cluster>.<model>.<tier>`
 (tasks/celery_app.py); its dispatch limit is the most jobs it may hold dispatched-but-not-started.
 The numbers shown (effective limit, live workers, in flight) are computed exactly as the
-dispatcher and the operator snapshot compute them: min(dispatch_limit, DISPATCH_PER_WORKER x live
-workers), 0 while the pool or its cluster is drained.
+dispatcher and the operator snapshot compute them: min(dispatch_limit, what the live workers may
+hold: DISPATCH_PER_WORKER each, more for workers whose jobs are short), 0 while the pool or its
+cluster is drained.
 
 Drain = `pools.enabled = false`: the dispatcher stops releasing work to the pool; with `now=True`
 its live workers are also marked draining, which requeues their running jobs at the next step
@@ -23,15 +24,16 @@ from sqlalchemy.orm import Session
 from app.admin.clusters import drain_workers, get_cluster, undrain_workers
 from app.admin.errors import AdminError, audit
 from app.db.models import Cluster, Model, Pool, Tier
-from app.scheduling.dispatcher import WORKER_STALE_S, effective_dispatch_limit
+from app.scheduling.dispatcher import LIVE_DEPTH_SQL, WORKER_STALE_S, effective_dispatch_limit
 from tasks.celery_app import pool_queue
 
 _POOL_ROWS = text(
-    """
+    f"""
     SELECT p.id, c.name AS cluster, c.kind AS cluster_kind, c.enabled AS cluster_enabled, m.name AS model,
            p.dispatch_limit, p.enabled, p.created_at,
            (SELECT count(*) FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')
                 AND w.heartbeat_at > now() - make_interval(secs => :stale)) AS live_workers,
+           {LIVE_DEPTH_SQL} AS live_depth,
            (SELECT count(*) FROM workers w WHERE w.pool_id = p.id AND w.state = 'draining'
                 AND w.heartbeat_at > now() - make_interval(secs => :stale)) AS draining_workers,
            (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'dispatched') AS dispatched,
@@ -53,7 +55,7 @@ def _views(session: Session, ids: list | None = None) -> list[dict[str, Any]]:
         views.append({
             "name": f"{r.cluster}.{r.model}", "cluster": r.cluster, "cluster_kind": r.cluster_kind, "model": r.model,
             "enabled": r.enabled, "cluster_enabled": r.cluster_enabled, "dispatch_limit": r.dispatch_limit,
-            "effective_limit": effective_dispatch_limit(r.dispatch_limit, r.live_workers, open_),
+            "effective_limit": effective_dispatch_limit(r.dispatch_limit, r.live_depth, open_),
             "live_workers": r.live_workers, "draining_workers": r.draining_workers, "dispatched": r.dispatched,
             "running": r.running, "queues": [pool_queue(r.cluster, r.model, t) for t in tiers],
             "created_at": r.created_at.isoformat(),

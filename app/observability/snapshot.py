@@ -9,7 +9,8 @@ JSON (`/v1/admin/status`), `dreamq status` in the terminal and the Postgres-deri
               broken for that job), and SLO attainment over the last hour (jobs that started
               within W, out of those started, plus those still queued past W)
     pools     per cluster and model: dispatch limit, the effective limit the dispatcher uses
-              (min(limit, DISPATCH_PER_WORKER x live workers)), in flight, live workers
+              (min(limit, what live workers may hold: DISPATCH_PER_WORKER each, more for
+              short jobs)), in flight, live workers
     workers   every worker seen in the last hour: device, state, current job, the model versions
               it holds, seconds since its heartbeat (stale past WORKER_STALE_S)
     failures  the most recent failed jobs with their reason
@@ -26,7 +27,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from app.scheduling.dispatcher import WORKER_STALE_S, effective_dispatch_limit
+from app.scheduling.dispatcher import LIVE_DEPTH_SQL, WORKER_STALE_S, effective_dispatch_limit
 
 # SLO attainment looks at jobs that started in this window.
 ATTAINMENT_WINDOW_S = 3600
@@ -148,11 +149,12 @@ _ATTAINMENT = text(
 )
 
 _POOLS = text(
-    """
+    f"""
     SELECT p.id, c.name AS cluster, c.kind AS cluster_kind, m.name AS model, p.dispatch_limit,
            (p.enabled AND c.enabled) AS enabled,
            (SELECT count(*) FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')
                 AND w.heartbeat_at > now() - make_interval(secs => :stale)) AS live_workers,
+           {LIVE_DEPTH_SQL} AS live_depth,
            (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'dispatched') AS dispatched,
            (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'running') AS running
     FROM pools p JOIN clusters c ON c.id = p.cluster_id JOIN models m ON m.id = p.model_id
@@ -232,7 +234,7 @@ def take_snapshot(session: Session) -> Snapshot:
         snapshot.pools.append(PoolStatus(
             id=str(row.id), name=f"{row.cluster}.{row.model}", cluster=row.cluster, cluster_kind=row.cluster_kind,
             model=row.model, enabled=bool(row.enabled), dispatch_limit=row.dispatch_limit,
-            effective_limit=effective_dispatch_limit(row.dispatch_limit, row.live_workers, bool(row.enabled)),
+            effective_limit=effective_dispatch_limit(row.dispatch_limit, row.live_depth, bool(row.enabled)),
             live_workers=row.live_workers,
             dispatched=row.dispatched, running=row.running,
         ))

@@ -5,9 +5,10 @@ One pass, in one transaction:
 1. Pools, locked `FOR UPDATE SKIP LOCKED`, then counted in a second statement (see
    _LOCK_POOLS_SQL for why the count must come after the lock). A pool's room = its effective dispatch limit minus
    the jobs it holds dispatched-but-not-started. The effective limit is the configured
-   `dispatch_limit`, capped at DISPATCH_PER_WORKER x live workers (heartbeat fresh, not
-   draining): a pool whose workers are gone has room 0 and receives nothing, and a pool with
-   one live worker out of fifty does not fill its queue for fifty. Holding the pool rows locked
+   `dispatch_limit`, capped at what its live workers (heartbeat fresh, not draining) may
+   hold: DISPATCH_PER_WORKER each, more for a worker whose jobs are short (worker_depth). A
+   pool whose workers are gone has room 0 and receives nothing, and a pool with one live
+   worker out of fifty does not fill its queue for fifty. Holding the pool rows locked
    for the pass is what makes the limit exact with several dispatchers: a second dispatcher
    skips a locked pool (another pass is already filling it) instead of counting the same room.
 2. Heads, one statement for every lane (a model with room x a tier), from the partial indexes
@@ -17,7 +18,8 @@ One pass, in one transaction:
    every user with queued work is visited even when a tier has more users than one pass looks
    at; the K oldest keep the tier's true oldest job (its pressure) in view. Cost depends on K,
    M, N and the number of lanes, not on how many jobs are queued.
-3. In-flight jobs per user of those heads (ix_jobs_user_inflight), for the concurrency caps.
+3. In-flight jobs per user of those heads (ix_jobs_user_inflight), for the concurrency caps,
+   in the same statement.
 4. `plan_dispatch(...)` decides (pure; the same function the simulator proves).
 5. One statement applies the decisions: rows still queued are locked `FOR UPDATE SKIP LOCKED`,
    moved to dispatched with dispatch_seq+1, and get a job_events row each. A job taken by a
@@ -44,8 +46,16 @@ from app.scheduling.tiers import TierSpec
 
 # A worker's heartbeat older than this and the worker no longer counts as pool capacity.
 WORKER_STALE_S = 30
-# Jobs a pool may hold queued per live worker (on top of the one each is running).
+# Jobs a pool may hold queued per live worker (on top of the one each is running), at least.
 DISPATCH_PER_WORKER = 2
+# ...and for short jobs as many as fill this much of the worker's time, measured from its own
+# recent jobs (workers.info.job_s, an average the worker writes when it goes idle), capped.
+# A fixed 2 starves a worker whose jobs take less than a dispatch round trip: with a no-op model
+# one worker ran 12 jobs/s, one pass per job. Half a second of queued work keeps it busy between
+# passes while a job still spends at most ~0.5 s committed to a worker's queue, where its
+# priority can no longer change; a video job (seconds to minutes) still gets 2.
+QUEUED_WORK_S = 0.5
+MAX_PER_WORKER = 64
 # Most decisions in one pass; a full batch makes the task run another pass at once.
 MAX_BATCH = 512
 # Jobs that may wait in one worker's own queue for its version (besides the one it runs): as
@@ -60,11 +70,30 @@ AFFINITY_DEPTH = DISPATCH_PER_WORKER
 USERS_PER_TIER = 32
 JOBS_PER_USER = 2
 
-def effective_dispatch_limit(dispatch_limit: int, live_workers: int, enabled: bool = True) -> int:
-    """What a pool may hold dispatched: its limit, capped at DISPATCH_PER_WORKER x live workers
-    (0 while the pool or its cluster is drained). The dispatcher, the snapshot and the admin
-    views all show this number."""
-    return min(dispatch_limit if enabled else 0, DISPATCH_PER_WORKER * live_workers)
+def worker_depth(job_s: float | None) -> int:
+    """Jobs one live worker may hold queued: DISPATCH_PER_WORKER, or QUEUED_WORK_S of its
+    measured job time when that is more (at most MAX_PER_WORKER). Mirrors LIVE_DEPTH_SQL."""
+    if job_s is None:
+        return DISPATCH_PER_WORKER
+    return min(MAX_PER_WORKER, max(DISPATCH_PER_WORKER, math.ceil(QUEUED_WORK_S / max(job_s, 0.001))))
+
+
+# The sum of worker_depth over pool p's live workers (heartbeat fresh, idle or busy); needs
+# :stale. Constants from code, formatted in once.
+LIVE_DEPTH_SQL = f"""
+    (SELECT CAST(COALESCE(sum(CASE WHEN w.info ->> 'job_s' IS NULL THEN {DISPATCH_PER_WORKER}
+                 ELSE LEAST({MAX_PER_WORKER}, GREATEST({DISPATCH_PER_WORKER},
+                     ceil({QUEUED_WORK_S} / GREATEST(CAST(w.info ->> 'job_s' AS float8), 0.001)))) END), 0) AS int)
+     FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')
+          AND w.heartbeat_at > now() - make_interval(secs => :stale))"""
+
+
+def effective_dispatch_limit(dispatch_limit: int, live_depth: int, enabled: bool = True) -> int:
+    """What a pool may hold dispatched: its limit, capped at what its live workers may hold
+    (LIVE_DEPTH_SQL: DISPATCH_PER_WORKER each, more for workers whose jobs are short; 0 with
+    no live worker or while the pool or its cluster is drained). The dispatcher, the snapshot
+    and the admin views all show this number."""
+    return min(dispatch_limit if enabled else 0, live_depth)
 
 
 ZERO_UUID = str(uuid.UUID(int=0))  # the user cursor before the first user
@@ -102,9 +131,17 @@ class PassResult:
 # waits for or takes row locks: counting in-flight jobs in the same statement that locks the
 # pool could miss the dispatches a concurrent dispatcher committed just before releasing that
 # lock, and overfill the pool. A second statement, issued once the lock is held, sees them.
+#
+# The pass commits without waiting for its WAL flush (synchronous_commit off for this
+# transaction only; set here to save a round trip): it is on every job's path from accept to
+# running, and the flush was the slowest part of a one-job pass on a busy host. What a Postgres
+# crash could lose is only a pass's last few hundred ms: those jobs are back to `queued` with the
+# dispatch_seq they had, so a message already published for them claims nothing until they are
+# dispatched again (then it is an ordinary duplicate delivery, see tasks/generate.py claim).
 _LOCK_POOLS_SQL = text(
     """
-    SELECT p.id FROM pools p JOIN clusters c ON c.id = p.cluster_id
+    WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
+    SELECT p.id FROM async_commit, pools p JOIN clusters c ON c.id = p.cluster_id
     WHERE p.enabled AND c.enabled AND (CAST(:clusters AS text[]) IS NULL OR c.name = ANY(CAST(:clusters AS text[])))
     ORDER BY p.id
     FOR UPDATE OF p SKIP LOCKED
@@ -112,11 +149,10 @@ _LOCK_POOLS_SQL = text(
 )
 
 _POOLS_SQL = text(
-    """
+    f"""
     SELECT p.id, c.name AS cluster, m.name AS model, p.model_id, p.dispatch_limit,
            (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'dispatched') AS in_flight,
-           (SELECT count(*) FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')
-                AND w.heartbeat_at > now() - make_interval(secs => :stale)) AS live_workers,
+           {LIVE_DEPTH_SQL} AS live_depth,
            extract(epoch FROM now()) AS db_now
     FROM pools p
     JOIN clusters c ON c.id = p.cluster_id
@@ -164,21 +200,22 @@ _HEADS_SQL = text(
             WHERE j.state = 'queued' AND j.model_id = l.model_id AND j.tier = l.tier
             ORDER BY j.created_at LIMIT :oldest
         ) o
+    ), heads AS (
+        SELECT id, tier, user_id, model_id, created_at, max(depth) AS depth
+        FROM (SELECT * FROM per_user UNION ALL SELECT * FROM oldest) c
+        GROUP BY id, tier, user_id, model_id, created_at
+    ), inflight AS (
+        -- Jobs dispatched or running per user of these heads (ix_jobs_user_inflight), for the
+        -- concurrency caps: in this statement rather than a second one, a round trip less a pass.
+        SELECT u.user_id, (SELECT count(*) FROM jobs j
+                           WHERE j.user_id = u.user_id AND j.state IN ('dispatched', 'running')) AS n
+        FROM (SELECT DISTINCT user_id FROM heads) u
     )
     -- ids as text: the policy hashes them thousands of times a pass, and a str caches its hash
     -- where uuid.UUID recomputes it in Python (measured ~10% of a pass).
-    SELECT CAST(id AS text) AS id, tier, CAST(user_id AS text) AS user_id, CAST(model_id AS text) AS model,
-           CAST(extract(epoch FROM created_at) AS float8) AS enqueued_at, max(depth) AS depth
-    FROM (SELECT * FROM per_user UNION ALL SELECT * FROM oldest) c
-    GROUP BY id, tier, user_id, model_id, created_at
-    """
-)
-
-_INFLIGHT_SQL = text(
-    """
-    SELECT CAST(user_id AS text), count(*) FROM jobs
-    WHERE state IN ('dispatched', 'running') AND user_id = ANY(CAST(:users AS uuid[]))
-    GROUP BY user_id
+    SELECT CAST(h.id AS text) AS id, h.tier, CAST(h.user_id AS text) AS user_id, CAST(h.model_id AS text) AS model,
+           CAST(extract(epoch FROM h.created_at) AS float8) AS enqueued_at, h.depth, i.n AS inflight
+    FROM heads h JOIN inflight i ON i.user_id = h.user_id
     """
 )
 
@@ -267,7 +304,7 @@ class Dispatcher:
         db_now = time.time()
         for pool in pools:
             db_now = float(pool["db_now"])
-            limit = effective_dispatch_limit(pool["dispatch_limit"], pool["live_workers"])
+            limit = effective_dispatch_limit(pool["dispatch_limit"], pool["live_depth"])
             room = max(limit - pool["in_flight"], 0)
             names[str(pool["id"])] = f"{pool['cluster']}.{pool['model']}"
             if room:
@@ -298,8 +335,7 @@ class Dispatcher:
             if row.depth is not None and row.depth >= last_user.get(lane, (0, ZERO_UUID))[0]:
                 last_user[lane] = (row.depth, row.user_id)
         self._advance_cursors(lanes, last_user, walk_users)
-        users = list({c.user_id for cands in heads.values() for c in cands})
-        inflight = dict(session.execute(_INFLIGHT_SQL, {"users": users}).all()) if users else {}
+        inflight = {row.user_id: row.inflight for row in heads_rows if row.inflight}
         backlog = {t: TierBacklog(t, len(c), c[0].enqueued_at if c else None) for t, c in heads.items()}
         ledger = self.ledger_store.load(db_now)
         decisions = plan_dispatch(db_now, tiers, heads, backlog, rooms, inflight, ledger,

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from app.db.session import after_commit, transaction
-from app.scheduling.dispatcher import DISPATCH_PER_WORKER, Dispatcher, LedgerStore
+from app.scheduling.dispatcher import DISPATCH_PER_WORKER, MAX_PER_WORKER, Dispatcher, LedgerStore, worker_depth
 from support.factories import create_user
 
 
@@ -111,6 +111,24 @@ def test_a_pool_without_live_workers_receives_nothing(users):
     lane.workers(1)
     # One live worker: its share of the limit, not the pool's whole limit.
     assert len(run_pass(dispatcher).releases) == DISPATCH_PER_WORKER
+
+
+def test_a_worker_with_short_jobs_is_given_half_a_second_of_them(users):
+    lane = Lane(dispatch_limit=1000)
+    lane.workers(2)
+    (user,) = users("api")
+    lane.jobs(user, "api", 200)
+    dispatcher = lane.dispatcher()
+    # No job time reported yet: DISPATCH_PER_WORKER each.
+    assert len(run_pass(dispatcher).releases) == 2 * DISPATCH_PER_WORKER
+    with transaction() as session:
+        session.execute(text("UPDATE workers SET info = info || CAST(:i AS jsonb) WHERE pool_id = :p"),
+                        {"i": '{"job_s": 0.02}', "p": lane.pool_id})
+    # 20 ms jobs: QUEUED_WORK_S / 0.02 = 25 each, 50 for the pool, 4 of them already out.
+    assert worker_depth(0.02) == 25 and worker_depth(60.0) == DISPATCH_PER_WORKER
+    assert worker_depth(0.0001) == MAX_PER_WORKER and worker_depth(None) == DISPATCH_PER_WORKER
+    assert len(run_pass(dispatcher).releases) == 50 - 2 * DISPATCH_PER_WORKER
+    assert run_pass(dispatcher).releases == []
 
 
 def test_one_users_burst_does_not_hold_back_other_users_of_the_tier(users):
