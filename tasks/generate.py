@@ -1,12 +1,15 @@
 """The GPU task: claim the job, run the model with per-step progress, hand the frames on.
 
 The GPU task only runs the model. Encoding and upload run on the `cpu` queue (tasks/finalize.py)
-so the GPU is free for the next job while the last one is being encoded.
+so the GPU is free for the next job while the last one is being encoded; small clips are
+finished here (_finish_inline). Either way, what follows the model (the job's tail: staging or
+finishing, recording, the hand-off) runs on the worker's tail thread (tasks/job_tail.py) while
+the task returns and the next job starts on the GPU.
 """
 
 from __future__ import annotations
 
-import io
+import functools
 import logging
 import time
 import uuid
@@ -26,11 +29,13 @@ from app.logging_setup import bind, job_context
 from app.observability.metrics import observe_wait
 from app.webhooks.events import ProgressWebhooks
 from app.storage import get_bytes, put_bytes
+from tasks import job_tail
 from tasks.celery_app import CPU_QUEUE, celery_app
 from tasks.dispatch import request_dispatch
 from workers.cache import CacheFull
 from workers.environments import ModelEnvironmentError
 from workers.repository import IntegrityError as ModelIntegrityError
+from workers.staging import npy_bytes
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +121,7 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
                 failure_message=f"the job was started {row['attempts'] - 1} times and its worker was lost each time",
                 finished_at=NOW,
             )
-            _worker_idle(session, worker_id)  # _CLAIMED_SQL marked it busy
+            _worker_idle(session, worker_id, job_id)  # _CLAIMED_SQL marked it busy
             log.warning("job failed: worker lost on every attempt", extra={"job_id": job_id, "attempts": row["attempts"]})
             return None
         if left == JobState.running.value:
@@ -175,14 +180,14 @@ class ProgressReporter:
         return row is not None and not row[0]
 
 
-def _fail(job: ClaimedJob, worker_id: str, code: str, message: str) -> None:
+def _fail(job: ClaimedJob, worker_id: str, code: str, message: str, job_s: float | None = None) -> None:
     with transaction() as session:
         transition(
             session, job.id, JobState.running, JobState.failed, worker_id=worker_id,
             guard={"dispatch_seq": job.dispatch_seq},
             failure_code=code, failure_message=message[:2000], finished_at=NOW,
         )
-        _worker_idle(session, worker_id)
+        _worker_idle(session, worker_id, job.id, job_s)
     request_dispatch()
 
 
@@ -194,7 +199,7 @@ def _requeue_for_drain(job: ClaimedJob, worker_id: str, steps: int) -> None:
             guard={"dispatch_seq": job.dispatch_seq}, attempts=job.attempts - 1, progress=0.0,
             detail={"reason": "worker_draining", "at_step": steps},
         )
-        _worker_idle(session, worker_id)
+        _worker_idle(session, worker_id, job.id)
     log.info("worker draining: job requeued", extra={"job_id": str(job.id), "at_step": steps})
     request_dispatch()
 
@@ -211,10 +216,16 @@ _job_started: float | None = None
 # info.job_s: how long this worker's jobs take, for the dispatcher's per-worker depth
 # (app/scheduling/dispatcher.py worker_depth). It rises at once to a longer job and decays
 # slowly after it, so a worker that starts getting long jobs is given few jobs at once.
+#
+# Only the job's own ending makes the worker idle: with the tail on its own thread, the worker
+# may already have claimed its next job (current_job_id moved on, state busy) when a tail
+# commits; that row is then left as it is, apart from job_s.
 _WORKER_IDLE_SQL = text(
     # A draining or retiring worker stays so: the dispatcher must not count it as capacity again.
-    "UPDATE workers SET state = CASE WHEN state IN ('draining', 'retiring') THEN state ELSE 'idle' END, "
-    "current_job_id = NULL, heartbeat_at = now(), "
+    "UPDATE workers SET state = CASE WHEN state IN ('draining', 'retiring') THEN state "
+    "WHEN current_job_id IS DISTINCT FROM CAST(:job AS uuid) AND current_job_id IS NOT NULL THEN state ELSE 'idle' END, "
+    "current_job_id = CASE WHEN current_job_id IS DISTINCT FROM CAST(:job AS uuid) THEN current_job_id END, "
+    "heartbeat_at = now(), "
     "info = CASE WHEN CAST(:s AS float8) IS NULL THEN info ELSE jsonb_set(COALESCE(info, '{}'::jsonb), '{job_s}', "
     "to_jsonb(round(CAST(GREATEST(CAST(:s AS float8), 0.8 * COALESCE(CAST(info ->> 'job_s' AS float8), CAST(:s AS float8)) "
     "+ 0.2 * CAST(:s AS float8)) AS numeric), 4))) END "
@@ -222,9 +233,11 @@ _WORKER_IDLE_SQL = text(
 )
 
 
-def _worker_idle(session, worker_id: str) -> None:
-    job_s = None if _job_started is None else time.monotonic() - _job_started
-    session.execute(_WORKER_IDLE_SQL, {"w": worker_id, "s": job_s})
+def _worker_idle(session, worker_id: str, job_id: uuid.UUID | str, job_s: float | None = None) -> None:
+    """The worker is done with `job_id` (idle unless it has moved on to another job already).
+    job_s: the job's time on this worker; by default, since this process's last claim."""
+    job_s = _since(_job_started) if job_s is None else job_s
+    session.execute(_WORKER_IDLE_SQL, {"w": worker_id, "job": str(job_id), "s": job_s})
 
 
 def staging_key(job_id: uuid.UUID, dispatch_seq: int) -> str:
@@ -266,7 +279,7 @@ def run_claimed(job: ClaimedJob, worker_id: str) -> None:
                         guard={"dispatch_seq": job.dispatch_seq}, finished_at=NOW,
                         detail={"at_step": reporter.steps},
                     )
-                    _worker_idle(session, worker_id)
+                    _worker_idle(session, worker_id, job.id)
                 log.info("job stopped at a step boundary", extra={"job_id": str(job.id), "cancelled": bool(left)})
                 request_dispatch()
                 return
@@ -283,13 +296,37 @@ def run_claimed(job: ClaimedJob, worker_id: str) -> None:
         return
     gen_s = time.perf_counter() - started
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
-    if frames.nbytes <= settings.inline_finalize_max_bytes:
-        _finish_inline(job, worker_id, frames, gen_s, loaded.load_s)
-        return
-    buffer = io.BytesIO()
-    np.save(buffer, frames, allow_pickle=False)
+    job_tail.run(functools.partial(_tail, job, worker_id, frames, gen_s, loaded.load_s, _job_started))
+
+
+def _tail(job: ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float,
+          claimed_at: float | None) -> None:
+    """Everything after the model, on the tail thread (tasks/job_tail.py), under the job's own
+    lease: if this process dies here, the lease runs out and the reaper requeues the job.
+
+    The job time reported for the dispatcher's queue depth runs from this job's claim to the end
+    of its tail, as when the tail ran in line: with the next job overlapping it that overstates
+    the worker's time per job, which errs towards shallower queues (the safe side)."""
+    with job_context(job_id=str(job.id), user_id=str(job.user_id), tier=job.tier), JobLease(job.id, job.dispatch_seq):
+        try:
+            if frames.nbytes <= get_settings().inline_finalize_max_bytes:
+                _finish_inline(job, worker_id, frames, gen_s, load_s, claimed_at)
+            else:
+                _stage_for_finalize(job, worker_id, frames, gen_s, load_s, claimed_at)
+        except Exception as exc:  # as when it ran inside the task: the job fails with the reason
+            log.exception("job failed after its model ran")
+            _fail(job, worker_id, "model_error", f"{type(exc).__name__}: {exc}", _since(claimed_at))
+
+
+def _since(claimed_at: float | None) -> float | None:
+    return None if claimed_at is None else time.monotonic() - claimed_at
+
+
+def _stage_for_finalize(job: ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float,
+                        claimed_at: float | None) -> None:
+    """Frames to object storage, `generated` recorded, the job handed to the cpu queue."""
     key = staging_key(job.id, job.dispatch_seq)
-    put_bytes(settings.media_bucket, key, buffer.getvalue())
+    put_bytes(get_settings().media_bucket, key, npy_bytes(frames))
     with transaction() as session:
         session.execute(
             text(
@@ -303,9 +340,9 @@ def run_claimed(job: ClaimedJob, worker_id: str) -> None:
                 "VALUES (:id, 'running', 'running', :w, CAST(:d AS jsonb))"
             ),
             {"id": str(job.id), "w": worker_id,
-             "d": f'{{"step": "generated", "generate_s": {gen_s:.3f}, "model_load_s": {loaded.load_s:.3f}}}'},
+             "d": f'{{"step": "generated", "generate_s": {gen_s:.3f}, "model_load_s": {load_s:.3f}}}'},
         )
-        _worker_idle(session, worker_id)
+        _worker_idle(session, worker_id, job.id, _since(claimed_at))
     celery_app.send_task(
         "dreamq.finalize", args=[str(job.id), job.dispatch_seq, key], queue=CPU_QUEUE,
         task_id=f"{job.id}-{job.dispatch_seq}-finalize",
@@ -313,7 +350,8 @@ def run_claimed(job: ClaimedJob, worker_id: str) -> None:
     log.info("generated", extra={"job_id": str(job.id), "generate_s": round(gen_s, 3), "frames": int(frames.shape[0])})
 
 
-def _finish_inline(job: ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float) -> None:
+def _finish_inline(job: ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float,
+                   claimed_at: float | None) -> None:
     """A small output: encode, upload and complete here, in one transaction with going idle.
 
     The same compare-and-set as the finalize task (running -> succeeded for this dispatch_seq),
@@ -333,7 +371,7 @@ def _finish_inline(job: ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: f
             detail={"generate_s": round(gen_s, 3), "model_load_s": round(load_s, 3), "encode_s": round(encode_s, 3),
                     "video_bytes": video_bytes, "finalized": "inline"},
         )
-        _worker_idle(session, worker_id)
+        _worker_idle(session, worker_id, job.id, _since(claimed_at))
     if left is None:
         log.info("finalize lost the race; outputs discarded", extra={"job_id": str(job.id), "dispatch_seq": job.dispatch_seq})
         discard_outputs(video_key, thumb_key)

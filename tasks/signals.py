@@ -5,6 +5,7 @@
 - worker_ready (main process of a GPU worker): register in `workers` and heartbeat every few
   seconds from a thread, so the dispatcher knows the pool has capacity.
 - worker_shutdown: mark the worker stopped, so its pool stops receiving work at once.
+- worker_process_shutdown / worker_shutdown: wait for the job tail in flight (tasks/job_tail.py).
 """
 
 from __future__ import annotations
@@ -52,16 +53,20 @@ def _metrics_exporter(**_kwargs) -> None:
 @signals.worker_process_shutdown.connect
 def _child_exit(pid=None, **_kwargs) -> None:
     from app.observability.metrics import mark_process_dead
+    from tasks import job_tail
 
+    job_tail.flush()  # a finished job's hand-off must commit before the process goes
     mark_process_dead(pid or os.getpid())
 
 
 @signals.worker_process_init.connect
 def _child_init(**_kwargs) -> None:
     from app import storage
+    from tasks import job_tail
 
     dispose_after_fork()
     storage.reset_clients()
+    job_tail.reset_after_fork()
     if gpu_worker_pool() is not None and os.environ.get("DREAMQ_PRELOAD", "1") == "1":
         _preload()
 
@@ -203,5 +208,8 @@ def _worker_shutting_down(**_kwargs) -> None:
 
 @signals.worker_shutdown.connect
 def _worker_shutdown(**_kwargs) -> None:
+    from tasks import job_tail
+
+    job_tail.flush()  # the solo pool runs tasks in this process
     if _heartbeat is not None:
         _heartbeat.stop()
