@@ -92,7 +92,8 @@ def normalise(name: str, data: dict) -> dict[str, dict]:
                                 "ratio": gbps["ours_warm"] / base["warm"], "baseline_name": base.get("warm_name"),
                                 "torch_load_warm": gbps.get("torch_load_warm"), **common},
         }
-    return data
+    # Entries are the dict values; a bench's scalar extras (e.g. its total_s) are not rows.
+    return {k: v for k, v in data.items() if isinstance(v, dict)}
 
 
 def goal_text(entry_name: str, entry: dict) -> tuple[str, str]:
