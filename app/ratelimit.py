@@ -98,6 +98,29 @@ end
 return out
 """
 
+# give_back(): KEYS the buckets, ARGV: cost, then (rate_per_s, capacity) for each key. Refills to
+# now as _TAKE_LUA does, then adds the cost back, capped at capacity; a bucket that expired
+# (full) stays absent. The TTL is left as the take set it.
+_GIVE_LUA = """
+local cost = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[2 * i])
+  local cap = tonumber(ARGV[2 * i + 1])
+  local h = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local tok = tonumber(h[1])
+  local ts = tonumber(h[2])
+  if tok ~= nil and ts ~= nil then
+    local elapsed = now - ts
+    if elapsed < 0 then elapsed = 0 end
+    tok = math.min(cap, tok + elapsed * rate + cost)
+    redis.call('HSET', KEYS[i], 'tokens', string.format('%.17g', tok), 'ts', string.format('%.6f', now))
+  end
+end
+return 1
+"""
+
 # Keeps a bucket that refills in milliseconds from being re-created on almost every call.
 _MIN_TTL_MS = 5_000
 _STATE_ATTR = "_dreamq_ratelimit_state"
@@ -155,6 +178,7 @@ class _ClientState:
 
     def __init__(self, client: redis.Redis) -> None:
         self.script = client.register_script(_TAKE_LUA)
+        self.give_script = client.register_script(_GIVE_LUA)
         self.lock = threading.Lock()
         self.failed = False
         self.retry_at = 0.0  # time.monotonic() from which one call may probe again
@@ -235,6 +259,15 @@ class RateLimiter:
             if not ok:
                 state.retry_at = time.monotonic() + self.recheck_after_s
 
+    def _evalsha(self, keys: list[str], args: list) -> list:
+        # EVALSHA as one plain command: redis-py's Script.__call__ and evalsha() wrappers cost
+        # as much CPU as the command itself (bench/intake.py). A server that lost the script
+        # (restart, SCRIPT FLUSH, failover) answers NOSCRIPT: then the Script loads it and runs.
+        try:
+            return self.redis.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self._script(keys=keys, args=args)
+
     def take(self, buckets: Sequence[Bucket], cost: float = 1.0) -> Verdict:
         """Take `cost` tokens from every bucket, or from none if any bucket lacks them.
 
@@ -261,7 +294,7 @@ class RateLimiter:
         args.append(_MIN_TTL_MS)
         self._enter()
         try:
-            reply = self._script(keys=keys, args=[repr(a) if isinstance(a, float) else a for a in args])
+            reply = self._evalsha(keys, [repr(a) if isinstance(a, float) else a for a in args])
         except redis.exceptions.RedisError as exc:
             # Connection refused, timeouts, a loading or read-only replica, OOM under
             # noeviction: in every case there is no verdict, and the caller decides (fail open).
@@ -282,3 +315,17 @@ class RateLimiter:
             remaining=remaining,
             limited_by=None if allowed or limited == 0 else keys[limited - 1],
         )
+
+    def give_back(self, buckets: Sequence[Bucket], cost: float = 1.0) -> None:
+        """Return `cost` tokens that `take()` granted for work that then did not happen (the
+        job insert after the token failed), so a request that creates no job costs none.
+        Best effort: raises RateLimiterUnavailable when Redis cannot be asked."""
+        if not buckets:
+            return
+        args: list = [repr(float(cost))]
+        for b in buckets:
+            args += [repr(float(b.rate_per_s)), repr(float(b.capacity))]
+        try:
+            self._state.give_script(keys=[b.key for b in buckets], args=args)
+        except redis.exceptions.RedisError as exc:
+            raise RateLimiterUnavailable(f"rate limiter Redis unavailable: {exc}") from exc

@@ -81,7 +81,8 @@ def create_key(session: Session, user: User, scopes: list[str], name: str = "") 
     return key, plaintext
 
 
-def _bearer() -> str:
+def bearer_token() -> str:
+    """The key of `Authorization: Bearer <key>`, or the 401 for a missing or malformed header."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
@@ -107,7 +108,7 @@ def authenticate(session: Session, required_scope: str, *, allow_session: bool =
                 # Revoked, demoted or disabled since the login: the session ends here.
                 flask_session.clear()
                 raise Unauthorized("the dashboard session has ended; log in again") from None
-    return principal_for_key(session, _bearer(), required_scope)
+    return principal_for_key(session, bearer_token(), required_scope)
 
 
 def principal_for_key(session: Session, token: str, required_scope: str) -> Principal:
@@ -124,8 +125,19 @@ _PRINCIPAL_SQL = (
 )
 
 
+# The lookup by Bearer key, for a caller that runs it itself (POST /v1/generations joins it with
+# the model lookup, one statement); its row goes to principal_from_row().
+PRINCIPAL_BY_KEY_SQL = _PRINCIPAL_SQL + "k.key_hash = %(which)s"
+PRINCIPAL_COLUMNS = 8 + len(_TIER_COLUMNS)  # a longer row (the lookup joined with more) is cut here
+
+
 def _principal(session: Session, where: str, which, required_scope: str) -> Principal:
-    row = driver_execute(session, _PRINCIPAL_SQL + where, {"which": which}).fetchone()
+    return principal_from_row(driver_execute(session, _PRINCIPAL_SQL + where, {"which": which}).fetchone(), required_scope)
+
+
+def principal_from_row(row, required_scope: str) -> Principal:
+    """The principal of a row of _PRINCIPAL_SQL (None: no such key), or the 401/403 it earns;
+    columns past PRINCIPAL_COLUMNS are ignored."""
     if row is None:
         raise Unauthorized("API key is not valid")
     key_id, prefix, key_scopes, revoked_at, user_id, user_name, tier, disabled = row[:8]
@@ -136,4 +148,4 @@ def _principal(session: Session, where: str, which, required_scope: str) -> Prin
     scopes = frozenset(key_scopes)
     if required_scope not in scopes and "admin" not in scopes:
         raise Forbidden(f"this key lacks the '{required_scope}' scope")
-    return Principal(user_id, user_name, tier, scopes, key_id, prefix, TierLimits(*row[8:]))
+    return Principal(user_id, user_name, tier, scopes, key_id, prefix, TierLimits(*row[8:PRINCIPAL_COLUMNS]))

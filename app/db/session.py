@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
+from psycopg.pq import TransactionStatus
 from sqlalchemy import create_engine, event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -128,7 +129,11 @@ def after_commit(session: Session, callback: Callable[[], None]) -> None:
 
 
 def _run_after_commit(session: Session) -> None:
-    callbacks = session.info.pop(_AFTER_COMMIT, [])
+    run_callbacks(session.info.pop(_AFTER_COMMIT, []))
+
+
+def run_callbacks(callbacks: list[Callable[[], None]]) -> None:
+    """Run after-commit callbacks; a failure is logged, the others still run."""
     for callback in callbacks:
         try:
             callback()
@@ -155,6 +160,43 @@ def driver_execute(session: Session, sql: str, params: Mapping[str, Any] | None 
         # connection and every older one in the pool invalidated. It always raises.
         connection._handle_dbapi_exception(error, sql, params, None, None)
         raise
+
+
+@contextlib.contextmanager
+def driver_connection(engine: Engine | None = None) -> Iterator[Any]:
+    """A pooled connection in autocommit, straight through psycopg, without an ORM Session.
+
+    For the common case of POST /v1/generations only (see app/api/generations.py): a Session's
+    create, checkout, commit and close, and the BEGIN and COMMIT round trips, cost more CPU than
+    the route's statements did (bench/intake.py). Each statement commits on its own; a caller
+    that needs several in one transaction opens one (`with connection.transaction():`). Same
+    pool and ping-if-idle checkout as `transaction()`. A psycopg error inside comes out as
+    SQLAlchemy's exception through its own handler, as from `session.execute`: a lost database
+    answers 503 and the pool drops its dead connections.
+    """
+    connection = (engine or get_engine()).connect()
+    dbapi_connection = connection.connection.driver_connection
+    try:
+        if dbapi_connection.info.transaction_status != TransactionStatus.IDLE:
+            dbapi_connection.rollback()  # the checkout's ping (after 1 s idle) left one open
+        dbapi_connection.autocommit = True
+        yield dbapi_connection
+    except connection.dialect.loaded_dbapi.Error as error:
+        # SQLAlchemy's own handler (private API; requirements.txt pins the version), as in
+        # driver_execute(): the exception classes, handle_error hooks, pool invalidation.
+        connection._handle_dbapi_exception(error, None, None, None, None)
+        raise
+    finally:
+        try:
+            # Out of a `with connection.transaction()` an exception has rolled back already;
+            # this is for one left open otherwise. Then back to what the pool hands out, or
+            # never back to the pool.
+            if dbapi_connection.info.transaction_status != TransactionStatus.IDLE:
+                dbapi_connection.rollback()
+            dbapi_connection.autocommit = False
+        except Exception:
+            connection.invalidate()
+        connection.close()
 
 
 @contextlib.contextmanager

@@ -42,6 +42,26 @@ def enforce_quota(session: Session, principal, tier: Tier) -> None:
     # Two concurrent submissions of one user must not both see "one left".
     session.execute(text("SELECT pg_advisory_xact_lock(hashtext('dreamq.quota.' || :u))"), {"u": str(principal.user_id)})
     used, end = month_usage(session, principal.user_id)
+    _refuse_over_quota(tier, used, end)
+
+
+# enforce_quota() for a caller on a bare psycopg connection in a transaction
+# (app.db.session.driver_connection): the same lock and the same count as month_usage().
+_QUOTA_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('dreamq.quota.' || %(u)s))"
+_MONTH_COUNT_SQL = "SELECT count(*) FROM jobs WHERE user_id = %(user_id)s AND created_at >= %(start)s"
+
+
+def enforce_quota_driver(connection, principal, tier) -> None:
+    if tier.monthly_quota is None:
+        return
+    start, end = _month_bounds(dt.datetime.now(dt.timezone.utc))
+    connection.execute(_QUOTA_LOCK_SQL, {"u": str(principal.user_id)})
+    # Its own statement, after the lock: its snapshot must include what the last holder committed.
+    used = connection.execute(_MONTH_COUNT_SQL, {"user_id": principal.user_id, "start": start}).fetchone()[0]
+    _refuse_over_quota(tier, used, end)
+
+
+def _refuse_over_quota(tier, used: int, end: dt.datetime) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     if used >= tier.monthly_quota:
         count_rejection(tier.name, "quota_exceeded")
@@ -51,13 +71,15 @@ def enforce_quota(session: Session, principal, tier: Tier) -> None:
         )
 
 
-def enforce_rate(principal, tier: Tier) -> None:
+def enforce_rate(principal, tier: Tier) -> list | None:
+    """Take the submission's token (429 when refused). Returns the buckets it was taken from, for
+    give_back_rate(), or None when none was taken (no Redis, or the limiter failed open)."""
     from app.ratelimit import RateLimiter, RateLimiterUnavailable
     from app.redis_client import get_redis
 
     redis = get_redis()
     if redis is None:
-        return
+        return None
     limiter = RateLimiter(redis)
     buckets = limiter.submission_buckets(
         user_id=str(principal.user_id), tier=tier.name, user_rate_per_min=tier.rate_per_min, user_burst=tier.burst,
@@ -69,7 +91,7 @@ def enforce_rate(principal, tier: Tier) -> None:
         # Fail open: Postgres is the source of truth and losing Redis must not stop intake.
         log.warning("rate limiter unavailable; submission accepted without a token")
         count_limiter_unavailable()
-        return
+        return None
     if not verdict.allowed:
         scope = "tier" if verdict.limited_by and ":tier:" in verdict.limited_by else "user"
         count_rejection(tier.name, f"rate_limited_{scope}")
@@ -78,3 +100,18 @@ def enforce_rate(principal, tier: Tier) -> None:
             f"submission rate limit of the {tier.name} tier ({scope} bucket) reached; retry in {retry} s",
             code="rate_limited", headers={"Retry-After": str(retry)},
         )
+    return buckets
+
+
+def give_back_rate(buckets: list | None) -> None:
+    """Return the token enforce_rate() took, for a submission that then stored no job."""
+    from app.ratelimit import RateLimiter, RateLimiterUnavailable
+    from app.redis_client import get_redis
+
+    redis = get_redis()
+    if not buckets or redis is None:
+        return
+    try:
+        RateLimiter(redis).give_back(buckets)
+    except RateLimiterUnavailable:
+        log.warning("rate limiter unavailable; a token of a failed submission was not given back")

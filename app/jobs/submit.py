@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,7 @@ class ResolvedVersion:
 
 # One round trip: the model, whether a pool serves it, and the candidate versions (the pinned
 # number, or the versions its aliases point at).
-_RESOLVE_SQL = """
+RESOLVE_SQL = """
     SELECT m.id AS model_id, EXISTS (SELECT 1 FROM pools p WHERE p.model_id = m.id) AS has_pool,
            v.id AS version_id, v.number, v.digest, v.manifest, a.alias, a.percent
     FROM models m
@@ -64,7 +65,7 @@ _RESOLVE_SQL = """
 # submission's (bench/intake.py). The row comes back whole (server defaults included) and is
 # attached to the session as a persistent Job, the object a flush would have left there.
 _JOB_COLUMNS = [c.name for c in Job.__table__.columns]
-_INSERT_JOB_SQL = f"""
+INSERT_JOB_SQL = f"""
     WITH job AS (
         INSERT INTO jobs (id, user_id, tier, kind, state, prompt, params, model_id, model_version_id, upload_id,
                           max_attempts, idempotency_key, request_hash, callback_url, webhook_events)
@@ -82,7 +83,15 @@ _INSERT_JOB_SQL = f"""
 
 def resolve_version(session: Session, name: str, number: int | None) -> tuple[ResolvedVersion, bool]:
     """The exact version a new job runs on, and whether any pool serves the model."""
-    rows = driver_execute(session, _RESOLVE_SQL, {"name": name, "number": number}).fetchall()
+    return version_from_rows(driver_execute(session, RESOLVE_SQL, resolve_params(name, number)).fetchall(), name, number)
+
+
+def resolve_params(name: str, number: int | None) -> dict[str, Any]:
+    return {"name": name, "number": number}
+
+
+def version_from_rows(rows: list[tuple], name: str, number: int | None) -> tuple[ResolvedVersion, bool]:
+    """resolve_version() on the rows of RESOLVE_SQL, for a caller that ran it itself."""
     if not rows:
         raise field_error("model", f"unknown model '{name}'")
     has_pool = rows[0][1]
@@ -149,15 +158,29 @@ def create_job(session: Session, principal, body, *, idempotency_key: str | None
             raise field_error("upload_id", "no such upload (it may have expired)")
         upload_id = upload.id
 
-    row = driver_execute(session, _INSERT_JOB_SQL, {
-        "id": uuid.uuid4(), "user_id": principal.user_id, "tier": principal.tier, "kind": JobKind(body.type).value,
-        "state": JobState.queued.value, "prompt": body.prompt, "params": Jsonb(params), "model_id": version.model_id,
-        "model_version_id": version.id, "upload_id": upload_id, "max_attempts": settings.max_attempts,
-        "idempotency_key": idempotency_key, "request_hash": request_hash, "callback_url": callback_url,
-        "webhook_events": None if webhook_events is None else Jsonb(webhook_events),
-        "detail": Jsonb({"model": name, "version": version.number}),
-    }).fetchone()
+    row = driver_execute(session, INSERT_JOB_SQL, insert_params(
+        principal, body, name, version, params, upload_id=upload_id, idempotency_key=idempotency_key,
+        request_hash=request_hash, callback_url=callback_url, webhook_events=webhook_events)).fetchone()
     job = Job(**dict(zip(_JOB_COLUMNS, row)))
     make_transient_to_detached(job)
     session.add(job)
     return job, version
+
+
+def insert_params(principal, body, name: str, version: ResolvedVersion, params: dict[str, int], *,
+                  upload_id: uuid.UUID | None = None, idempotency_key: str | None = None,
+                  request_hash: str | None = None, callback_url: str | None = None,
+                  webhook_events: list[str] | None = None) -> dict[str, Any]:
+    """The parameters of INSERT_JOB_SQL: the job row and its 'queued' event."""
+    return {
+        "id": uuid.uuid4(), "user_id": principal.user_id, "tier": principal.tier, "kind": JobKind(body.type).value,
+        "state": JobState.queued.value, "prompt": body.prompt, "params": Jsonb(params), "model_id": version.model_id,
+        "model_version_id": version.id, "upload_id": upload_id, "max_attempts": get_settings().max_attempts,
+        "idempotency_key": idempotency_key, "request_hash": request_hash, "callback_url": callback_url,
+        "webhook_events": None if webhook_events is None else Jsonb(webhook_events),
+        "detail": Jsonb({"model": name, "version": version.number}),
+    }
+
+
+# A job as INSERT_JOB_SQL returns it, for a caller without a Session: what job_view() reads.
+JobRow = namedtuple("JobRow", _JOB_COLUMNS)
