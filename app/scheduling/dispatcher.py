@@ -246,14 +246,20 @@ _APPLY_SQL = text(
 
 # Live workers of the pools a pass dispatched to: the versions each holds in memory and how
 # many jobs already wait in its own queue (dispatched, routed to it, not yet started).
+# Live workers that hold at least one version (only those can be affinity holders), with the
+# jobs already waiting in their own queues. The waiting counts come from one grouped scan of the
+# pools' dispatched jobs: a count(*) per worker re-read every dispatched job of the pool for each
+# worker (170 ms a pass with 2,000 dispatched jobs in bench/dispatch_scale.py, against 1.6 ms).
 _POOL_WORKERS_SQL = text(
     """
-    SELECT w.id, w.pool_id, w.state, COALESCE(w.info -> 'loaded', '[]'::jsonb) AS loaded,
-           (SELECT count(*) FROM jobs j WHERE j.pool_id = w.pool_id AND j.state = 'dispatched'
-                AND j.worker_id = w.id) AS waiting
+    SELECT w.id, w.pool_id, w.state, w.info -> 'loaded' AS loaded, COALESCE(d.waiting, 0) AS waiting
     FROM workers w
+    LEFT JOIN (SELECT j.worker_id, count(*) AS waiting FROM jobs j
+               WHERE j.state = 'dispatched' AND j.pool_id = ANY(CAST(:pools AS uuid[])) AND j.worker_id IS NOT NULL
+               GROUP BY j.worker_id) d ON d.worker_id = w.id
     WHERE w.pool_id = ANY(CAST(:pools AS uuid[])) AND w.state IN ('idle', 'busy')
       AND w.heartbeat_at > now() - make_interval(secs => :stale)
+      AND jsonb_typeof(w.info -> 'loaded') = 'array' AND jsonb_array_length(w.info -> 'loaded') > 0
     """
 )
 
