@@ -21,7 +21,7 @@ from app.db.session import after_commit, driver_connection, run_callbacks, trans
 from app.jobs.limits import enforce_quota, enforce_quota_driver, enforce_rate, give_back_rate
 from app.jobs.submit import (INSERT_JOB_SQL, RESOLVE_SQL, JobRow, check_params, create_job, insert_params,
                              resolve_params, version_from_rows)
-from app.jobs.transitions import NOW, transition
+from app.jobs.cancel import request_cancel
 from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
 from app.logging_setup import bind
 
@@ -210,20 +210,8 @@ def list_generations(ctx: Context):
           summary="Cancel a job: queued or dispatched ones at once, running ones at the next model step",
           errors=[401, 404, 409])
 def cancel_generation(ctx: Context, job_id: str):
-    from tasks.dispatch import request_dispatch
-
     job = _job_for(ctx, job_id, lock=True)
-    state = JobState(job.state)
-    if state.terminal:
-        raise Conflict(f"job is already {state.value}", code="job_finished")
-    if state in (JobState.queued, JobState.dispatched):
-        # A dispatched message still in the broker finds the job cancelled and claims nothing.
-        transition(ctx.session, job.id, state, JobState.cancelled, detail={"by": ctx.user.key_prefix},
-                   finished_at=NOW, cancel_requested=True)
-        after_commit(ctx.session, request_dispatch)
-    else:
-        ctx.session.execute(
-            Job.__table__.update().where(Job.id == job.id, Job.state == JobState.running.value).values(cancel_requested=True)
-        )
+    if not request_cancel(ctx.session, job, by=ctx.user.key_prefix):
+        raise Conflict(f"job is already {job.state}", code="job_finished")
     ctx.session.refresh(job)
     return load_job_views(ctx.session, [job])[0], 202
