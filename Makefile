@@ -62,7 +62,7 @@ test: $(DEV_STAMP) system-packages
 check: $(DEV_STAMP)
 	$(BIN)/python -m pytest tests/integration/db $(PYTEST_ARGS)
 
-## make bench: every benchmark (baseline and ours interleaved in the same run), about 6 minutes;
+## make bench: every benchmark (baseline and ours interleaved in the same run), about 11 minutes;
 ## writes bench/results.md (the table the README links) and bench/results.json.
 bench: $(DEV_STAMP) system-packages
 	$(BIN)/python -m bench.run_all

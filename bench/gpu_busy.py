@@ -16,10 +16,10 @@ what `tasks.generate.generate` does on a GPU worker:
   upload       put the staged frames into object storage                    sleep size/--upload-mbps + --upload-ms
   record       the "generated" transaction and the finalize hand-off         sleep --record-ms
 
-The sleeps stand for round trips to services this box does not have; their defaults are what
-the same steps cost on the 2-core development machine against local Postgres and SeaweedFS (they
-are printed, and the fraction they take is reported separately, so a reader can redo the sum
-for their own network).
+The sleeps stand for round trips to services this box does not have. Their defaults are
+assumptions, of the order of local Postgres and SeaweedFS round trips, not measurements; they
+are printed, and the time each step takes is reported separately, so a reader can redo the sum
+for their own network.
 
 GPU busy = the union of CUDA kernel intervals recorded by torch.profiler / wall time of the
 loop (the first job, which compiles and warms the allocator, is not counted). The rest of the
