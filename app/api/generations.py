@@ -19,8 +19,8 @@ from app.config import get_settings
 from app.db.models import Job, JobState
 from app.db.session import after_commit, driver_connection, run_callbacks, transaction
 from app.jobs.limits import enforce_quota, enforce_quota_driver, enforce_rate, give_back_rate
-from app.jobs.submit import (INSERT_JOB_SQL, RESOLVE_SQL, JobRow, check_params, create_job, insert_params,
-                             resolve_params, version_from_rows)
+from app.jobs.submit import (INSERT_JOB_SQL, RESOLVE_SQL, JobRow, accept_version, create_job, insert_params,
+                             resolve_params)
 from app.jobs.cancel import request_cancel
 from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
 from app.logging_setup import bind
@@ -115,11 +115,11 @@ def _create_generation_fast():
         if tier.monthly_quota is not None:
             with conn.transaction():
                 enforce_quota_driver(conn, principal, tier)
-                version, params = _accepted(candidates, name, body)
+                version, params = accept_version(candidates, name, body)
                 job = JobRow(*conn.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone())
                 enforce_rate(principal, tier)  # inside the transaction: a refusal rolls the job back
         else:
-            version, params = _accepted(candidates, name, body)
+            version, params = accept_version(candidates, name, body)
             taken = enforce_rate(principal, tier)
             try:
                 job = JobRow(*conn.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone())
@@ -130,14 +130,6 @@ def _create_generation_fast():
     run_callbacks([request_dispatch])
     location = url_for("generations.get_generation", job_id=job.id)
     return job_view(job, version.model, version, tier.slo_s), 202, {"Location": location}
-
-
-def _accepted(candidates: list[tuple], name: str, body: schemas.GenerationCreate):
-    """create_job()'s checks before its insert, for a body without upload or callback."""
-    version, has_pool = version_from_rows(candidates, name, body.model_version)
-    if not has_pool:
-        raise field_error("model", f"no pool serves model '{name}'")
-    return version, check_params(version.manifest, body.model_dump())
 
 
 @endpoint(

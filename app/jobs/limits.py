@@ -12,11 +12,11 @@ import datetime as dt
 import logging
 import math
 
-from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.api.errors import TooManyRequests
-from app.db.models import Job, Tier
+from app.db.models import Tier
+from app.db.session import driver_execute
 from app.observability.metrics import count_limiter_unavailable, count_rejection
 
 log = logging.getLogger(__name__)
@@ -28,36 +28,38 @@ def _month_bounds(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
     return start, start + dt.timedelta(days=days)
 
 
-def month_usage(session: Session, user_id) -> tuple[int, dt.datetime]:
-    """Jobs the user submitted this calendar month (what the quota counts), and when it renews."""
-    now = dt.datetime.now(dt.timezone.utc)
-    start, end = _month_bounds(now)
-    used = session.scalar(select(func.count()).select_from(Job).where(Job.user_id == user_id, Job.created_at >= start))
-    return used, end
-
-
-def enforce_quota(session: Session, principal, tier: Tier) -> None:
-    if tier.monthly_quota is None:
-        return
-    # Two concurrent submissions of one user must not both see "one left".
-    session.execute(text("SELECT pg_advisory_xact_lock(hashtext('dreamq.quota.' || :u))"), {"u": str(principal.user_id)})
-    used, end = month_usage(session, principal.user_id)
-    _refuse_over_quota(tier, used, end)
-
-
-# enforce_quota() for a caller on a bare psycopg connection in a transaction
-# (app.db.session.driver_connection): the same lock and the same count as month_usage().
+# One lock and one count for every caller, on a Session (through driver_execute) or on a bare
+# psycopg connection in a transaction (app.db.session.driver_connection).
 _QUOTA_LOCK_SQL = "SELECT pg_advisory_xact_lock(hashtext('dreamq.quota.' || %(u)s))"
 _MONTH_COUNT_SQL = "SELECT count(*) FROM jobs WHERE user_id = %(user_id)s AND created_at >= %(start)s"
 
 
+def _month_count(execute, user_id) -> tuple[int, dt.datetime]:
+    start, end = _month_bounds(dt.datetime.now(dt.timezone.utc))
+    return execute(_MONTH_COUNT_SQL, {"user_id": user_id, "start": start}).fetchone()[0], end
+
+
+def month_usage(session: Session, user_id) -> tuple[int, dt.datetime]:
+    """Jobs the user submitted this calendar month (what the quota counts), and when it renews."""
+    return _month_count(lambda sql, params: driver_execute(session, sql, params), user_id)
+
+
+def enforce_quota(session: Session, principal, tier: Tier) -> None:
+    _enforce_quota(lambda sql, params: driver_execute(session, sql, params), principal, tier)
+
+
 def enforce_quota_driver(connection, principal, tier) -> None:
+    """enforce_quota() on a bare psycopg connection in a transaction."""
+    _enforce_quota(connection.execute, principal, tier)
+
+
+def _enforce_quota(execute, principal, tier) -> None:
     if tier.monthly_quota is None:
         return
-    start, end = _month_bounds(dt.datetime.now(dt.timezone.utc))
-    connection.execute(_QUOTA_LOCK_SQL, {"u": str(principal.user_id)})
+    # Two concurrent submissions of one user must not both see "one left".
+    execute(_QUOTA_LOCK_SQL, {"u": str(principal.user_id)})
     # Its own statement, after the lock: its snapshot must include what the last holder committed.
-    used = connection.execute(_MONTH_COUNT_SQL, {"user_id": principal.user_id, "start": start}).fetchone()[0]
+    used, end = _month_count(execute, principal.user_id)
     _refuse_over_quota(tier, used, end)
 
 

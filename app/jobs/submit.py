@@ -137,14 +137,21 @@ def check_params(manifest: dict[str, Any], requested: dict[str, int | None]) -> 
     return params
 
 
+def accept_version(rows: list[tuple], name: str, body) -> tuple[ResolvedVersion, dict[str, int]]:
+    """The version a new job runs on and its checked parameters, from RESOLVE_SQL's rows: 422
+    for an unknown model or version, a model no pool serves, or parameters out of range."""
+    version, has_pool = version_from_rows(rows, name, body.model_version)
+    if not has_pool:
+        raise field_error("model", f"no pool serves model '{name}'")
+    return version, check_params(version.manifest, body.model_dump())
+
+
 def create_job(session: Session, principal, body, *, idempotency_key: str | None = None,
                request_hash: str | None = None) -> tuple[Job, ResolvedVersion]:
     settings = get_settings()
     name = body.model or settings.default_model
-    version, has_pool = resolve_version(session, name, body.model_version)
-    if not has_pool:
-        raise field_error("model", f"no pool serves model '{name}'")
-    params = check_params(version.manifest, body.model_dump())
+    rows = driver_execute(session, RESOLVE_SQL, resolve_params(name, body.model_version)).fetchall()
+    version, params = accept_version(rows, name, body)
     # getattr: other request surfaces (e.g. a Luma-compatible one) may have no webhook fields.
     callback_url, webhook_events = subscription(session, getattr(body, "callback_url", None),
                                                 getattr(body, "webhook_events", None))
