@@ -11,7 +11,6 @@ Pure unit tests request none of these fixtures and start nothing.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-sys.path.insert(0, str(TESTS))
 
 # Settings read at import by some modules: keep test processes quiet and fast.
 os.environ.setdefault("DREAMQ_LOG_JSON", "0")
@@ -43,7 +41,7 @@ def run_id() -> str:
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
-    from support.services import test_services
+    from tests.support.services import test_services
 
     with test_services(tmp_path_factory.mktemp("services")) as urls:
         yield urls
@@ -52,7 +50,7 @@ def services(tmp_path_factory):
 @pytest.fixture(scope="session")
 def stack_env(services, tmp_path_factory, run_id):
     """Point this process's settings at the test services; migrate; seed tiers; buckets."""
-    from support.stack import configure_environment
+    from tests.support.stack import configure_environment
 
     home = tmp_path_factory.mktemp("dreamq-home")
     env = configure_environment(services, home, run_id)
@@ -62,7 +60,7 @@ def stack_env(services, tmp_path_factory, run_id):
 @pytest.fixture(scope="session")
 def tiny_model(stack_env):
     """The tiny fixture model pushed as version(s) of model `tiny`, served by pool local.tiny."""
-    from support.stack import push_fixture_model
+    from tests.support.stack import push_fixture_model
 
     return push_fixture_model("tiny", ROOT / "tests" / "fixtures" / "bundles" / "tiny", dispatch_limit=4)
 
@@ -70,7 +68,7 @@ def tiny_model(stack_env):
 @pytest.fixture(scope="session")
 def parked_model(stack_env):
     """The tiny bundle as model `parked`: it has a pool but no worker, so its jobs never run."""
-    from support.stack import push_fixture_model
+    from tests.support.stack import push_fixture_model
 
     return push_fixture_model("parked", ROOT / "tests" / "fixtures" / "bundles" / "tiny", dispatch_limit=2)
 
@@ -78,7 +76,7 @@ def parked_model(stack_env):
 @pytest.fixture(scope="session")
 def demo_model(stack_env):
     """The real demo model (workers/demo_models/shapes) pushed as model `demo`."""
-    from support.stack import push_fixture_model
+    from tests.support.stack import push_fixture_model
 
     return push_fixture_model("demo", ROOT / "workers" / "demo_models" / "shapes", dispatch_limit=4)
 
@@ -86,8 +84,8 @@ def demo_model(stack_env):
 @pytest.fixture(scope="session")
 def workers(stack_env, tiny_model, demo_model, tmp_path_factory):
     """Real Celery workers as subprocesses: control+cpu, and one CPU-device GPU worker per pool."""
-    from support.stack import running_workers
-    from support.webhooks import WEBHOOK_TEST_ENV
+    from tests.support.stack import running_workers
+    from tests.support.webhooks import WEBHOOK_TEST_ENV
 
     # Each tiny-model step sleeps 50 ms so a test can watch progress and cancel mid-run.
     with running_workers(stack_env, tmp_path_factory.mktemp("worker-logs"), models=["tiny", "demo"],
@@ -112,6 +110,6 @@ def client(flask_app):
 @pytest.fixture()
 def make_user(stack_env):
     """Factory: a fresh user (unique name) in a tier, with a key; returns (user_id, key)."""
-    from support.factories import create_user
+    from tests.support.factories import create_user
 
     return create_user

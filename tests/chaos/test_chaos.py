@@ -33,7 +33,7 @@ import requests
 
 from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis
 from app.stack.process import ManagedProcess, find_free_port
-from support.stack import ROOT, TINY_BUNDLE
+from tests.support.stack import ROOT, TINY_BUNDLE
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ class ChaosStack:
         }
         import subprocess
 
-        out = subprocess.run([sys.executable, "-m", "support.chaos_setup", MODEL, str(TINY_BUNDLE), "6", "8"],
+        out = subprocess.run([sys.executable, "-m", "tests.support.chaos_setup", MODEL, str(TINY_BUNDLE), "6", "8"],
                              env=self.env, cwd=str(ROOT), capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-4000:]
         self.keys = json.loads(out.stdout.strip().splitlines()[-1])["keys"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import requests
 
-from support.factories import auth
-from support.stack import gunicorn_api
+from tests.support.factories import auth
+from tests.support.stack import gunicorn_api
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def api_url(stack_env, workers, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def admin(api_url, stack_env):
-    from support.factories import create_user
+    from tests.support.factories import create_user
 
     return auth(create_user("api", scopes=("user", "admin"))[1])
 

@@ -21,8 +21,8 @@ from sqlalchemy import text
 from app.config import reload_settings
 from app.db.session import transaction
 from app.provisioning import get_provisioner
-from support.factories import auth, create_user
-from support.stack import TINY_BUNDLE, push_fixture_model, running_workers
+from tests.support.factories import auth, create_user
+from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def set_cluster_enabled(enabled: bool) -> None:
 def provisioner_for(kind: str, tmp_path):
     env = {"DREAMQ_TINY_STEP_S": STEP_S, "DREAMQ_LOG_LEVEL": "INFO"}
     if kind == "slurm":
-        from support.slurm import ensure_slurm
+        from tests.support.slurm import ensure_slurm
 
         reason = ensure_slurm()
         if reason:

@@ -27,8 +27,8 @@ from sqlalchemy import text
 
 from app.db.session import transaction
 from app.scheduling.dispatcher import WORKER_STALE_S
-from support.factories import auth, create_user
-from support.stack import gunicorn_api
+from tests.support.factories import auth, create_user
+from tests.support.stack import gunicorn_api
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("DREAMQ_CHROMIUM", "/usr/bin/chromium")

@@ -22,10 +22,10 @@ import pytest
 import requests
 from PIL import Image
 
-from support.factories import auth
-from support.frames import dominant_colour, motion_direction
-from support.media import media_server, moving_square_mp4
-from support.webhooks import Receiver
+from tests.support.factories import auth
+from tests.support.frames import dominant_colour, motion_direction
+from tests.support.media import media_server, moving_square_mp4
+from tests.support.webhooks import Receiver
 
 pytestmark = pytest.mark.slow
 

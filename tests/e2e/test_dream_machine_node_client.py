@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from app.media import decode_video, probe_video
-from support.frames import dominant_colour, motion_direction
+from tests.support.frames import dominant_colour, motion_direction
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ import pytest
 import redis
 import requests
 
-from support.frames import dominant_colour, motion_direction
+from tests.support.frames import dominant_colour, motion_direction
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import requests
 from sqlalchemy import text
 
 from app.db.session import transaction
-from support.flower import running_flower
+from tests.support.flower import running_flower
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,10 @@ from app.config import get_settings
 from app.db.models import JobEvent
 from app.db.session import transaction
 from app.storage import s3_client
-from support.factories import auth
-from support.frames import dominant_colour, motion_direction
-from support.jobs import wait_done
-from support.media import moving_square_mp4
+from tests.support.factories import auth
+from tests.support.frames import dominant_colour, motion_direction
+from tests.support.jobs import wait_done
+from tests.support.media import moving_square_mp4
 from workers.repository import version_prefix
 
 pytestmark = pytest.mark.slow
@@ -129,7 +129,7 @@ def test_a_gpu_out_of_memory_fails_that_job_and_the_worker_keeps_serving(client,
 def test_a_version_whose_weights_were_corrupted_fails_with_a_clear_error(client, user, tiny_model, tmp_path):
     import shutil
 
-    from support.stack import TINY_BUNDLE, push_fixture_model
+    from tests.support.stack import TINY_BUNDLE, push_fixture_model
 
     _, key = user
     # A file no other version has: the cache shares identical files between versions, so a

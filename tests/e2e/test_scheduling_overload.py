@@ -18,8 +18,8 @@ from sqlalchemy import text
 
 from app.db.session import transaction
 from app.scheduling.dispatcher import DISPATCH_PER_WORKER
-from support.factories import auth, create_user
-from support.stack import TINY_BUNDLE, push_fixture_model, running_workers
+from tests.support.factories import auth, create_user
+from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
 from tasks.dispatch import request_dispatch
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ import requests
 from sqlalchemy import text
 
 from app.db.session import transaction
-from support.factories import auth, create_user
-from support.stack import TINY_BUNDLE, push_fixture_model, running_workers
+from tests.support.factories import auth, create_user
+from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
 
 pytestmark = pytest.mark.slow
 

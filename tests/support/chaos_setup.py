@@ -1,6 +1,6 @@
 """Prepare a fresh stack's database for the chaos test, in its own process (its own settings).
 
-    python -m support.chaos_setup MODEL BUNDLE DISPATCH_LIMIT USERS   (env: the stack's URLs)
+    python -m tests.support.chaos_setup MODEL BUNDLE DISPATCH_LIMIT USERS   (env: the stack's URLs)
 
 Migrates, seeds tiers, makes the buckets, pushes BUNDLE as MODEL with a pool in cluster `local`,
 creates USERS api-tier users and prints {"keys": [...], "version": N} as JSON.
@@ -26,7 +26,7 @@ def main(model: str, bundle: str, dispatch_limit: str, users: str) -> None:
         seed_tiers(session)
         version = ensure_demo_model(session, model, Path(bundle))
         ensure_pool(session, "local", model, int(dispatch_limit))
-    from support.factories import create_user
+    from tests.support.factories import create_user
 
     keys = [create_user("api", name=f"chaos-{index}")[1] for index in range(int(users))]
     print(json.dumps({"keys": keys, "version": getattr(version, "number", None)}))

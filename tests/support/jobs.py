@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from support.factories import auth
+from tests.support.factories import auth
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -18,8 +18,8 @@ from app.cli import main as cli
 from app.db.session import transaction
 from app.observability.snapshot import take_snapshot
 from app.scheduling.dispatcher import Dispatcher
-from support.factories import auth, create_user
-from support.stack import TINY_BUNDLE, push_fixture_model
+from tests.support.factories import auth, create_user
+from tests.support.stack import TINY_BUNDLE, push_fixture_model
 
 pytestmark = pytest.mark.usefixtures("parked_model")
 

@@ -11,8 +11,8 @@ import pytest
 
 from app.config import get_settings
 from app.storage import s3_client
-from support.factories import auth, create_user
-from support.stack import TINY_BUNDLE, push_fixture_model
+from tests.support.factories import auth, create_user
+from tests.support.stack import TINY_BUNDLE, push_fixture_model
 from workers.repository import version_prefix
 
 

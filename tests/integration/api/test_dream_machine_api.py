@@ -20,8 +20,8 @@ from sqlalchemy import select
 from app.cli import main as cli
 from app.db.models import DreamMachineModel, Job
 from app.db.session import transaction
-from support.factories import auth, create_tier
-from support.media import media_server, moving_square_mp4
+from tests.support.factories import auth, create_tier
+from tests.support.media import media_server, moving_square_mp4
 
 BASE = "http://dreamq.test/dream-machine/v1"
 

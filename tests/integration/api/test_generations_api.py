@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text
 from app.api import schemas
 from app.db.models import Job, JobEvent
 from app.db.session import transaction
-from support.factories import auth
+from tests.support.factories import auth
 
 
 def job_count(user_id) -> int:

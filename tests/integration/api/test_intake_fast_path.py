@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, func, select, text
 import app.api.generations as generations
 from app.db.models import Job
 from app.db.session import driver_connection, transaction
-from support.factories import auth, create_tier, create_user
+from tests.support.factories import auth, create_tier, create_user
 
 
 def jobs_of(user_id) -> int:

@@ -35,8 +35,8 @@ from sqlalchemy import select
 from app import config
 from app.db.models import Tier
 from app.db.session import transaction
-from support.factories import auth, create_user
-from support.stack import TINY_BUNDLE, push_fixture_model
+from tests.support.factories import auth, create_user
+from tests.support.stack import TINY_BUNDLE, push_fixture_model
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 MAX_EXAMPLES = 25

@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 
 from app.db.models import Job, Tier
 from app.db.session import transaction
-from support.factories import auth, create_tier, create_user
-from support.loadgen import hammer_submissions
+from tests.support.factories import auth, create_tier, create_user
+from tests.support.loadgen import hammer_submissions
 
 ROOT = Path(__file__).resolve().parents[3]
 

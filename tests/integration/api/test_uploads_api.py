@@ -12,8 +12,8 @@ from app import config
 from app.db.models import Upload
 from app.db.session import transaction
 from app.storage import get_bytes
-from support.factories import auth
-from support.media import moving_square_mp4
+from tests.support.factories import auth
+from tests.support.media import moving_square_mp4
 
 
 def upload_count(user_id) -> int:

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from app.config import get_settings
 from app.db.session import transaction
 from app.storage import put_bytes, s3_client
-from support.factories import auth
+from tests.support.factories import auth
 
 pytestmark = pytest.mark.usefixtures("parked_model")
 

@@ -17,7 +17,7 @@ from app.api.auth import hash_key
 from app.api.schemas import StatusOut
 from app.db.models import ApiKey
 from app.db.session import transaction
-from support.factories import auth
+from tests.support.factories import auth
 
 
 @pytest.fixture()

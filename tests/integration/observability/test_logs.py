@@ -19,7 +19,7 @@ from app.db.session import transaction
 from app.logging_setup import JsonFormatter, job_context
 from app.scheduling.dispatcher import Release
 from app.storage import put_bytes
-from support.factories import auth, create_user
+from tests.support.factories import auth, create_user
 
 pytestmark = pytest.mark.usefixtures("parked_model")
 

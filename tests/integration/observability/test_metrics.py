@@ -26,7 +26,7 @@ from app.db.session import transaction
 from app.jobs.transitions import NOW, transition
 from app.observability import metrics
 from app.observability.snapshot import take_snapshot
-from support.factories import auth, create_tier, create_user
+from tests.support.factories import auth, create_tier, create_user
 
 ROOT = Path(__file__).resolve().parents[3]
 

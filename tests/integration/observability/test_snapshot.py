@@ -7,7 +7,7 @@ from sqlalchemy import text
 
 from app.db.session import transaction
 from app.observability.snapshot import take_snapshot
-from support.factories import auth
+from tests.support.factories import auth
 
 pytestmark = pytest.mark.usefixtures("parked_model")
 

@@ -14,9 +14,9 @@ from sqlalchemy import text
 from app.db.session import transaction
 from app.provisioning import get_provisioner
 from app.provisioning.base import wait_until, worker_rows
-from support.factories import auth, create_user
-from support.jobs import wait_done
-from support.stack import TINY_BUNDLE, push_fixture_model, running_workers
+from tests.support.factories import auth, create_user
+from tests.support.jobs import wait_done
+from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_local_provisioner_starts_lists_retires_and_stops_a_worker(bursty, clien
 
 
 def test_slurm_provisioner_runs_a_worker_as_a_batch_job(bursty, client, tmp_path):
-    from support.slurm import ensure_slurm
+    from tests.support.slurm import ensure_slurm
 
     reason = ensure_slurm()
     if reason:

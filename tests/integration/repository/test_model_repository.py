@@ -158,7 +158,7 @@ def test_concurrent_pushes_of_the_same_version_one_wins(model_name, stack_env):
     import multiprocessing
     import time
 
-    from support.pushers import push_in_process
+    from tests.support.pushers import push_in_process
 
     spawn = multiprocessing.get_context("spawn")
     start_at = time.time() + 3  # both processes are up (torch imported) before either pushes

@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from app.db.session import after_commit, transaction
 from app.scheduling.dispatcher import DISPATCH_PER_WORKER, MAX_PER_WORKER, Dispatcher, LedgerStore, worker_depth
-from support.factories import create_user
+from tests.support.factories import create_user
 
 
 class Lane:

@@ -28,8 +28,8 @@ from app.db.models import ApiKey
 from app.db.session import transaction
 from app.logging_setup import JsonFormatter
 from app.storage import presign_get, put_bytes
-from support.factories import auth
-from support.media import moving_square_mp4
+from tests.support.factories import auth
+from tests.support.media import moving_square_mp4
 
 
 @pytest.fixture()
@@ -323,7 +323,7 @@ def test_presigned_urls_expire(stack_env):
 
 @pytest.mark.slow
 def test_flower_refuses_requests_without_basic_auth(stack_env, tmp_path):
-    from support.flower import running_flower
+    from tests.support.flower import running_flower
 
     # The same command line `dreamq up` runs (app.stack.up.flower_command).
     with running_flower(stack_env.env, tmp_path / "flower.log") as (base, (user, password)):

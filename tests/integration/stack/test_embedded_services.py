@@ -31,7 +31,7 @@ from app.stack.process import (  # noqa: E402
     release_port,
     wait_for_port,
 )
-from support.services import (  # noqa: E402
+from tests.support.services import (  # noqa: E402
     ENV_DATABASE_URL,
     ENV_REDIS_URL,
     ENV_S3_ACCESS_KEY,

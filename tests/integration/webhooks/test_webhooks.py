@@ -17,9 +17,9 @@ from sqlalchemy import select, text
 
 from app.db.models import Job, WebhookDelivery
 from app.db.session import transaction
-from support.factories import auth
-from support.jobs import wait_done
-from support.webhooks import WEBHOOK_TEST_ENV, Receiver
+from tests.support.factories import auth
+from tests.support.jobs import wait_done
+from tests.support.webhooks import WEBHOOK_TEST_ENV, Receiver
 
 PUBLIC_IP = "93.184.216.34"
 MAX_ATTEMPTS = int(WEBHOOK_TEST_ENV["DREAMQ_WEBHOOK_MAX_ATTEMPTS"])

@@ -15,11 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parents[2]
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-from support.frames import (  # noqa: E402
+from tests.support.frames import (
     PALETTE,
     centroid_track,
     dominant_colour,
@@ -27,6 +23,7 @@ from support.frames import (  # noqa: E402
     motion_direction,
 )
 
+TESTS = Path(__file__).resolve().parents[2]
 BUNDLE = TESTS.parent / "workers" / "demo_models" / "shapes"
 # Deliberately not "shapes_model": the worker imports each version under a digest-derived name,
 # so the package must work through relative imports alone.

@@ -1,0 +1,1 @@
+"""The job's life: submission, transitions, execution, recovery, the workers registry."""
