@@ -15,7 +15,9 @@ from pathlib import Path
 
 import click
 
-from app.config import get_settings, reload_settings
+from app.core.config import get_settings, reload_settings
+from app.wiring import connect_listeners
+from workers.launch import visible_gpus, worker_command
 
 
 def load_stack_env() -> None:
@@ -31,6 +33,7 @@ def load_stack_env() -> None:
 @click.group()
 def main() -> None:
     """dreamq: serving system for generative video."""
+    connect_listeners()
 
 
 @main.command()
@@ -44,57 +47,6 @@ def up(gpu_workers: int | None, grace: float, detach_after_ready: bool) -> None:
     sys.exit(run_stack(gpu_workers=gpu_workers, grace_s=grace, exit_when_ready=detach_after_ready))
 
 
-def _visible_gpus() -> list[str]:
-    """GPU indices from nvidia-smi, without initialising CUDA in this (forking) process."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
-    except (subprocess.SubprocessError, OSError):
-        return []
-    return [line.split(",")[0].strip() for line in out.splitlines() if line.strip()]
-
-
-def _gpu_label(gpus: str) -> str:
-    if not gpus:
-        return "cpu"
-    try:
-        out = subprocess.run(["nvidia-smi", f"--id={gpus}", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
-        return f"cuda:{gpus} ({', '.join(sorted(set(out.split(chr(10))) - {''}))})"
-    except (subprocess.SubprocessError, OSError):
-        return f"cuda:{gpus}"
-
-
-def worker_command(cluster: str, model: str, gpus: str, name: str, *, concurrency: int = 1) -> tuple[list[str], dict[str, str]]:
-    """The Celery command line and environment of one GPU worker (also used by `dreamq up`)."""
-    import socket
-
-    from tasks.celery_app import pool_queues
-
-    env = dict(os.environ)
-    # Pin the GPU set before anything can initialise CUDA: device 0 in the worker is "my GPU".
-    # An empty value hides every GPU (a CPU worker).
-    env["CUDA_VISIBLE_DEVICES"] = gpus
-    env["DREAMQ_WORKER_CLUSTER"] = cluster
-    env["DREAMQ_WORKER_MODEL"] = model
-    env["DREAMQ_DEVICE_LABEL"] = _gpu_label(gpus)
-    env["DREAMQ_LOG_COMPONENT"] = f"gpu-worker:{name}"
-    # The Celery node name, known before Celery starts: the child reports its loaded versions
-    # under it, and the dispatcher routes to its own queue.
-    env["DREAMQ_WORKER_NODENAME"] = f"{name}@{socket.gethostname()}"
-    argv = [
-        sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker",
-        # Per tier, its own queue (jobs routed to it because it holds their version) and then
-        # the pool's; tiers in order. Celery expands %h to socket.gethostname() too.
-        "-Q", ",".join(pool_queues(cluster, model, env["DREAMQ_WORKER_NODENAME"])),
-        "-c", str(concurrency), "--prefetch-multiplier", "1", "-P", "prefork",
-        "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-E", "--loglevel", "INFO",
-    ]
-    return argv, env
-
-
 @main.command()
 @click.option("--cluster", default=None, help="Cluster name (default: DREAMQ_CLUSTER or 'local')")
 @click.option("--model", default=None, help="Model this worker's pool serves (default: DREAMQ_DEFAULT_MODEL)")
@@ -106,7 +58,7 @@ def worker(cluster: str | None, model: str | None, gpus: str | None, name: str |
     settings = get_settings()
     settings.require("database_url", "broker_url")
     if gpus is None:
-        visible = _visible_gpus()
+        visible = visible_gpus()
         gpus = visible[0] if visible else ""
     if gpus == "cpu":
         gpus = ""
@@ -195,7 +147,7 @@ def models() -> None:
 def models_push(bundle: Path, name: str, created_by: str, number: int | None) -> None:
     """Upload BUNDLE (model.json, code/, weights/*.safetensors, env/) as the next immutable version."""
     from app.db.session import transaction
-    from app.storage import ensure_buckets
+    from app.core.storage import ensure_buckets
     from workers.repository import RepositoryError, push_version
 
     load_stack_env()

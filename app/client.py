@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import requests
 
-from app.config import get_settings
+from app.core.config import get_settings
 
 
 class ApiClientError(RuntimeError):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.webhooks.addresses import AddressRefused
 
 CONNECT_TIMEOUT_S = 5.0

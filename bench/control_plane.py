@@ -73,7 +73,7 @@ def ours_round(stack: Stack, n: int, timeout_s: float) -> dict:
 
 def baseline_round(stack: Stack, n: int, timeout_s: float) -> dict:
     from bench.raw_celery import noop
-    from app.redis_client import get_redis
+    from app.core.redis_client import get_redis
 
     redis = get_redis()
     counter = f"dreamq:bench:raw:{uuid.uuid4().hex}"

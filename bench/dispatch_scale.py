@@ -11,7 +11,7 @@ dispatch_limit and enough live fake workers that room is never the limit.
 
 Then, interleaved over several rounds (median reported):
 
-* ours:     `Dispatcher.run_pass` + commit, then `publish_releases` (Celery -> Redis) and the
+* ours:     `Dispatcher.run_pass` + commit, then `CeleryPublisher.release` (Celery -> Redis) and the
             ledger record (Redis), exactly what `tasks.dispatch.dispatch_once` does.
 * baseline: the naive dispatcher most people write first (ORDER BY rank, created_at with a
             correlated count(*) for the per-user cap, LIMIT 512 FOR UPDATE SKIP LOCKED), then an
@@ -166,13 +166,13 @@ def configure_app(services: Services) -> None:
     os.environ["DREAMQ_REDIS_URL"] = services.redis_url
     # The naive baseline at 1M rows must not be cut by the app's 30 s statement timeout.
     os.environ.setdefault("DREAMQ_DB_STATEMENT_TIMEOUT_MS", "600000")
-    import app.config
+    import app.core.config
     import app.db.session
-    import app.redis_client
+    import app.core.redis_client
 
-    app.config.reload_settings()
+    app.core.config.reload_settings()
     app.db.session.dispose_all()
-    app.redis_client.reset()
+    app.core.redis_client.reset()
 
 
 # -- statement timing --------------------------------------------------------------------
@@ -301,16 +301,16 @@ _BASELINE_APPLY = text(
 class Bench:
     def __init__(self, services: Services, args: argparse.Namespace) -> None:
         from app.db.session import get_engine
-        from app.redis_client import get_redis
+        from app.core.redis_client import get_redis
         from app.scheduling import dispatcher as dispatcher_mod
-        from tasks import dispatch as dispatch_tasks
+        from tasks.publisher import CeleryPublisher
 
         self.args = args
         self.services = services
         self.engine = get_engine()
         self.redis = get_redis()
         self.dmod = dispatcher_mod
-        self.publish_releases = dispatch_tasks.publish_releases
+        self.publish_releases = CeleryPublisher().release
         self.run_id = secrets.token_hex(4)
         self.prefix = f"bench-{self.run_id}-"
         self.cluster = f"bench-{self.run_id}"

@@ -11,7 +11,7 @@ what `tasks.generate.generate` does on a GPU worker:
 
   claim        the claim transaction (queued/dispatched -> running)           sleep --claim-ms
   generate     the model's own generate(), on_step after every step; every
-               0.25 s a progress write (tasks.generate.PROGRESS_INTERVAL_S)    real; writes sleep --progress-ms
+               0.25 s a progress write (app.jobs.execution.PROGRESS_INTERVAL_S)    real; writes sleep --progress-ms
   frames       uint8 frames to host memory, np.save into a buffer           real
   upload       put the staged frames into object storage                    sleep size/--upload-mbps + --upload-ms
   record       the "generated" transaction and the finalize hand-off         sleep --record-ms
@@ -63,7 +63,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRESS_INTERVAL_S = 0.25  # tasks.generate.PROGRESS_INTERVAL_S (not imported: standalone)
+PROGRESS_INTERVAL_S = 0.25  # app.jobs.execution.PROGRESS_INTERVAL_S (not imported: standalone)
 
 
 def _load_module(name: str, path: Path):

@@ -81,7 +81,7 @@ def ours_round(stack: Stack, n: int, timeout_s: float) -> tuple[list[float], lis
 
 
 def baseline_round(stack: Stack, n: int, timeout_s: float) -> tuple[list[float], list[float]]:
-    from app.redis_client import get_redis
+    from app.core.redis_client import get_redis
     from bench.raw_celery import noop
 
     redis = get_redis()

@@ -9,7 +9,7 @@ always embedded. Everything started here is stopped at the end.
 Ours: the noop fixture model (tests/fixtures/bundles/noop: generate returns one 16x16 frame at
 once) pushed to the repository like any model, served by pool `bench.noop`; one control+cpu
 worker (as `dreamq up` starts it: -Q control,cpu -c 2) and one GPU worker started exactly as
-`dreamq worker` starts it (app.cli.worker_command: prefork, concurrency 1, prefetch 1, -E),
+`dreamq worker` starts it (workers.launch.worker_command: prefork, concurrency 1, prefetch 1, -E),
 on the CPU device. Jobs go in through `create_job` + commit + `request_dispatch` after the
 commit: the POST /v1/generations handler without HTTP, auth and rate limiting.
 
@@ -101,8 +101,8 @@ class Stack:
         self.procs: dict = {}
 
     def setup(self) -> None:
-        from app import redis_client, storage
-        from app.config import reload_settings
+        from app.core import redis_client, storage
+        from app.core.config import reload_settings
         from app.db import session as db_session
         from app.db.migrate import upgrade
         from app.db.session import transaction
@@ -143,7 +143,7 @@ class Stack:
     # -- workers --
 
     def start_workers(self, *, raw: bool = True) -> None:
-        from app.cli import worker_command
+        from workers.launch import worker_command
         from app.stack.process import ManagedProcess
 
         base = {**os.environ, **self.env}
@@ -214,12 +214,12 @@ class Stack:
         from app.api.schemas import GenerationCreate
         from app.db.session import after_commit, transaction
         from app.jobs.submit import create_job
-        from tasks.dispatch import request_dispatch
+        from app.messaging import get_publisher
 
         body = GenerationCreate(prompt="noop", model=MODEL)
         with transaction() as session:
             job, _ = create_job(session, principal, body)
-            after_commit(session, request_dispatch)
+            get_publisher().request_dispatch(session)
         return job.id
 
     def succeeded(self, user_id) -> int:

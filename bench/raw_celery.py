@@ -35,7 +35,7 @@ _COPIED = (
 
 
 def _make() -> Celery:
-    from app.config import get_settings
+    from app.core.config import get_settings
     from tasks.celery_app import make_celery
 
     reference = make_celery().conf

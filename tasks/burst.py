@@ -28,11 +28,12 @@ from typing import Any
 
 from sqlalchemy import text
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.session import transaction
+from app.observability.metrics import BURST_DECISIONS
 from app.provisioning import ProvisionedWorker, get_provisioner
 from app.provisioning.base import worker_rows_by_name
-from app.redis_client import get_redis
+from app.core.redis_client import get_redis
 from app.scheduling.burst import (
     DRAINING,
     SERVING,
@@ -226,10 +227,6 @@ class BurstPool:
 
 
 def _count_decision(pool: str, action: str) -> None:
-    try:
-        from app.observability.metrics import BURST_DECISIONS
-    except ImportError:  # metrics not wired (or prometheus_client missing): the log line stays
-        return
     BURST_DECISIONS.labels(pool=pool, action=action).inc()
 
 

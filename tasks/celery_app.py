@@ -1,15 +1,6 @@
 """The Celery app: every setting that matters for long GPU jobs, in one place.
 
-Queues:
-    control                     dispatch, maintenance (beat)
-    cpu                         encode MP4 + thumbnail, upload, webhooks
-    <cluster>.<model>.<tier>    per pool and tier; a GPU worker consumes its pool's five queues
-                                in tier order (api first), see `pool_queues()`.
-    <cluster>.<model>.worker.<node>.<tier>
-                                per GPU worker and tier: jobs the dispatcher routed to the worker
-                                because it holds their version (affinity). A worker consumes its
-                                own queue of a tier just before the pool's queue of that tier, so
-                                affinity never lets a free job overtake an api job.
+Queue names and the order workers consume them: app/core/queues.py.
 
 Why these settings:
 - JSON only: a pickle payload from anyone who can write to the broker would be code execution.
@@ -31,42 +22,13 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from app.config import ConfigError, get_settings
+from app.core.config import ConfigError, get_settings
+from app.core.queues import CONTROL_QUEUE, CPU_QUEUE
+from app.wiring import connect_listeners
 
-TIER_ORDER = ("api", "enterprise", "unlimited", "light", "free")
-
-CONTROL_QUEUE = "control"
-CPU_QUEUE = "cpu"
-
-
-def pool_queue_prefix(cluster: str, model: str) -> str:
-    return f"{cluster}.{model}"
-
-
-def pool_queue(cluster: str, model: str, tier: str) -> str:
-    return f"{pool_queue_prefix(cluster, model)}.{tier}"
-
-
-def worker_queue(pool_prefix: str, worker_id: str, tier: str) -> str:
-    """A GPU worker's own queue for one tier (jobs routed to it for version affinity)."""
-    return f"{pool_prefix}.worker.{worker_id}.{tier}"
-
-
-def pool_queues(cluster: str, model: str, worker_id: str | None = None) -> list[str]:
-    """The queues a GPU worker consumes, in the order it takes work from them.
-
-    With a worker id: its own queue of each tier before the pool's queue of the same tier, so a
-    job waiting for this worker's loaded version goes first within its tier and never ahead of
-    a higher tier.
-    """
-    prefix = pool_queue_prefix(cluster, model)
-    queues = []
-    for tier in TIER_ORDER:
-        if worker_id is not None:
-            queues.append(worker_queue(prefix, worker_id, tier))
-        queues.append(pool_queue(cluster, model, tier))
-    return queues
-
+# The worker's lifecycle hooks (logging, fork safety, heartbeat, preload) must be connected
+# before a worker boots: every worker process starts from this module.
+import workers.lifecycle  # noqa: F401
 
 def _broker_transport_options(settings) -> dict:
     return {
@@ -90,10 +52,12 @@ def make_celery() -> Celery:
     settings = get_settings()
     check_time_limits(settings)
     broker = settings.broker_url or "redis://127.0.0.1:6379/0"
-    # Task modules are imported by the worker (include=); publishers send by task name and never
-    # import them, which keeps the API process free of worker code.
+    # Task modules are imported by the worker and by beat (include=, at their init; the periodic
+    # tasks declare their beat entries there); publishers send by task name and never import them,
+    # which keeps the API process free of worker code.
     app = Celery("dreamq", broker=broker, set_as_current=True,
-                 include=["tasks.dispatch", "tasks.generate", "tasks.finalize", "tasks.webhooks"])
+                 include=["tasks.dispatch", "tasks.generate", "tasks.finalize", "tasks.webhooks",
+                          "tasks.maintenance", "tasks.burst"])
     direct = Exchange("", type="direct")
     app.conf.update(
         task_serializer="json",
@@ -147,10 +111,6 @@ def make_celery() -> Celery:
 
 
 celery_app = make_celery()
+# Webhooks and metrics hear of every transition a worker, beat or a publishing process makes.
+connect_listeners()
 
-# Worker lifecycle hooks must be connected before the worker boots (logging setup, fork init).
-import tasks.signals  # noqa: E402,F401
-# Maintenance tasks register themselves and their beat entries on import (declared next to
-# their code); beat, Flower and the control workers all see them through this import.
-import tasks.maintenance  # noqa: E402,F401
-import tasks.burst  # noqa: E402,F401

@@ -38,12 +38,17 @@ from typing import Any, Callable, Iterator
 
 from sqlalchemy import text
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.models import JobState
 from app.db.session import get_engine, transaction
 from app.jobs.lease import lease_expired_where
 from app.jobs.transitions import NOW, transition
-from tasks.celery_app import CONTROL_QUEUE, CPU_QUEUE, celery_app
+from app.scheduling.dispatcher import WORKER_STALE_S
+from app.jobs.outputs import staging_key
+from app.core.storage import s3_client
+from app.messaging import get_publisher
+from tasks.celery_app import celery_app
+from app.core.queues import CONTROL_QUEUE, CPU_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +165,6 @@ def requeue_or_fail(session, job, reason: str, expected: JobState, where=None) -
 @periodic("reap_expired_leases", _interval)
 def reap_expired_leases() -> dict[str, int]:
     """Requeue (or fail after max attempts) jobs whose worker is gone."""
-    from app.scheduling.dispatcher import WORKER_STALE_S
-
     settings = get_settings()
     counts = {"requeued": 0, "failed": 0, "unrouted": 0}
     lease_sql, lease_params = lease_expired_where()
@@ -263,8 +266,6 @@ def _task_id(message: Any) -> str:
 @periodic("reconcile_broker", _interval)
 def reconcile_broker() -> dict[str, int]:
     """Requeue dispatched jobs (and resend finalize hand-offs) that the broker no longer holds."""
-    from tasks.generate import staging_key
-
     settings = get_settings()
     counts = {"requeued": 0, "finalize_resent": 0}
     params = {"after": settings.reconcile_after_s, "limit": BATCH}
@@ -371,8 +372,6 @@ def _retention_interval() -> float:
 @periodic("expire_retention", _retention_interval)
 def expire_retention() -> dict[str, int]:
     """Delete outputs and uploads past their tier's retention (S3 objects first, then rows)."""
-    from app.storage import s3_client
-
     settings = get_settings()
     counts = {"outputs": 0, "uploads": 0}
     with transaction() as session:
@@ -401,6 +400,4 @@ def expire_retention() -> dict[str, int]:
 
 
 def _request_dispatch() -> None:
-    from tasks.dispatch import request_dispatch
-
-    request_dispatch()
+    get_publisher().request_dispatch()

@@ -14,10 +14,11 @@ import logging
 from sqlalchemy import text
 
 from app.db.session import transaction
-from app.logging_setup import job_context
+from app.core.logging_setup import job_context
 from app.webhooks.delivery import attempt
 from app.webhooks.events import enqueue
-from tasks.celery_app import CPU_QUEUE, celery_app
+from tasks.celery_app import celery_app
+from app.core.queues import CPU_QUEUE
 
 log = logging.getLogger(__name__)
 

@@ -54,6 +54,10 @@ def stack_env(services, tmp_path_factory, run_id):
 
     home = tmp_path_factory.mktemp("dreamq-home")
     env = configure_environment(services, home, run_id)
+    # As every entry point does (app/wiring.py): webhooks and metrics follow the tests' transitions.
+    from app.wiring import connect_listeners
+
+    connect_listeners()
     yield env
 
 

@@ -59,8 +59,8 @@ from typing import Any, Callable, Iterator
 from botocore.exceptions import ClientError
 from filelock import FileLock
 
-from app.config import get_settings
-from app.storage import TRANSFER, s3_client
+from app.core.config import get_settings
+from app.core.storage import TRANSFER, s3_client
 from workers.repository import (
     MANIFEST,
     IntegrityError,

@@ -29,7 +29,7 @@ manifest's `torch` field is informational (the pusher's torch); the lock's torch
 requirement. The installed distributions are read once per process (importlib.metadata, first
 on sys.path wins, as for imports).
 
-Venv layout, under `<cache_dir>/envs/` (`app.config.get_settings().cache_dir`):
+Venv layout, under `<cache_dir>/envs/` (`app.core.config.get_settings().cache_dir`):
 
     envs/<key>/                  python -m venv --without-pip [--system-site-packages]
     envs/<key>/lib/python3.X/site-packages/
@@ -280,7 +280,7 @@ class Plan:
 
 
 def default_root() -> Path:
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     return Path(get_settings().cache_dir) / "envs"
 

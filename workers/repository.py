@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.models import Model, ModelAlias, ModelVersion
-from app.storage import TRANSFER, s3_client
+from app.core.storage import TRANSFER, s3_client
 
 log = logging.getLogger(__name__)
 

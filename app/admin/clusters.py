@@ -26,7 +26,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.admin.errors import AdminError, audit
+from app.core.queues import CONTROL_QUEUE
 from app.db.models import Cluster, Pool
+from app.messaging import get_publisher
 from app.scheduling.dispatcher import WORKER_STALE_S
 
 KINDS = ("inference", "burst")
@@ -169,12 +171,5 @@ def reclaim_cluster(session: Session, name: str, *, actor: str) -> dict[str, Any
     view = drain_cluster(session, name, now=True, actor=actor)
     audit("cluster.reclaim", actor=actor, target=f"cluster:{name}")
 
-    def _kick() -> None:
-        from tasks.celery_app import CONTROL_QUEUE, celery_app
-
-        celery_app.send_task("dreamq.maintenance.burst_control", queue=CONTROL_QUEUE)
-
-    from app.db.session import after_commit
-
-    after_commit(session, _kick)
+    get_publisher().send("dreamq.maintenance.burst_control", queue=CONTROL_QUEUE, session=session)
     return view

@@ -9,9 +9,10 @@ import uuid
 
 from flask import Flask, g, request
 
-from app.config import get_settings
-from app.logging_setup import close_context, open_context
+from app.core.config import get_settings
+from app.core.logging_setup import close_context, open_context
 from app.observability.metrics import observe_request
+from app.wiring import connect_listeners
 
 log = logging.getLogger("app.api.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -24,6 +25,7 @@ def create_app() -> Flask:
 
     settings = get_settings()
     settings.require("database_url")
+    connect_listeners()
     # No static folder: its route would be the one route that declares no permission.
     app = Flask("dreamq", static_folder=None)
     # Werkzeug refuses bodies above this before reading them (413); uploads are the largest.

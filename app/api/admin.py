@@ -12,7 +12,7 @@ from app.admin import users as users_admin
 from app.admin.errors import AdminError
 from app.admin.tiers import TierChangeError, list_tiers, tier_view, update_tier
 from app.api import schemas
-from app.api.errors import ApiError, NotFound, field_error
+from app.core.errors import ApiError, NotFound, field_error
 from app.api.routing import Context, endpoint
 from app.observability.snapshot import take_snapshot
 

@@ -16,7 +16,7 @@ from flask import request
 from flask import session as flask_session
 from sqlalchemy.orm import Session
 
-from app.api.errors import Forbidden, Unauthorized
+from app.core.errors import Forbidden, Unauthorized
 from app.db.models import ApiKey, User
 from app.db.session import driver_execute
 

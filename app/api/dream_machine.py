@@ -32,10 +32,11 @@ from sqlalchemy import func, select, update
 from werkzeug.exceptions import HTTPException
 
 from app.api import schemas
-from app.api.errors import ApiError, BadRequest, NotFound, error_response, pydantic_fields
+from app.core.errors import ApiError, BadRequest, NotFound
+from app.api.errors import error_response, pydantic_fields
 from app.api.routing import Context, endpoint
 from app.api.uploads import store_upload
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.models import DreamMachineGeneration, Job
 from app.db.session import after_commit
 from app.dream_machine import generations, requests
@@ -43,7 +44,7 @@ from app.dream_machine.models import known_names, served_by
 from app.jobs.cancel import request_cancel
 from app.jobs.limits import enforce_quota, enforce_rate, month_usage
 from app.jobs.submit import ResolvedVersion, create_job, resolve_version
-from app.logging_setup import bind
+from app.core.logging_setup import bind
 
 log = logging.getLogger(__name__)
 bp = Blueprint("dream_machine", __name__, url_prefix="/dream-machine/v1")
@@ -131,7 +132,7 @@ def _explain(exc: ApiError, served: str, asked: dict[str, str]) -> BadRequest:
 def _submit(ctx: Context, body: requests.VideoCreate | requests.VideoModify, fields: dict[str, Any], served: str,
             asked: dict[str, str]):
     """create_job() with the mapped fields, then the record of the client's own request."""
-    from tasks.dispatch import request_dispatch
+    from app.messaging import get_publisher
 
     try:
         create = schemas.GenerationCreate.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -150,7 +151,7 @@ def _submit(ctx: Context, body: requests.VideoCreate | requests.VideoModify, fie
                                  model_name=body.model, request=request)
     ctx.session.add(row)
     ctx.session.flush()
-    after_commit(ctx.session, request_dispatch)
+    get_publisher().request_dispatch(ctx.session)
     return generations.render(ctx.session, [(job, row)])[0], 201
 
 
@@ -184,7 +185,7 @@ def create_generation(ctx: Context):
         summary="Modify a video fetched from media.url (mapped onto a modify-video job)")
 def modify_video(ctx: Context):
     from app.fetch import FetchRefused, fetch
-    from app.storage import s3_client
+    from app.core.storage import s3_client
 
     body: requests.VideoModify = ctx.body
     served, version, fields = _accept(ctx, body)
@@ -277,7 +278,7 @@ def list_generations(ctx: Context):
 @_route("/generations/<generation_id>", methods=["DELETE"], status=204,
         summary="Delete a generation: cancel it if unfinished, delete its outputs; it is gone from this API")
 def delete_generation(ctx: Context, generation_id: str):
-    from app.storage import s3_client
+    from app.core.storage import s3_client
 
     job, row = _found(ctx, generation_id, lock=True)
     request_cancel(ctx.session, job, by=ctx.user.key_prefix)

@@ -12,10 +12,10 @@ from flask import Blueprint, request, url_for
 from sqlalchemy import and_, or_, select
 
 from app.api import schemas
-from app.api.errors import Conflict, NotFound, field_error
+from app.core.errors import Conflict, NotFound, field_error
 from app.api.auth import PRINCIPAL_BY_KEY_SQL, PRINCIPAL_COLUMNS, bearer_token, hash_key, principal_from_row
 from app.api.routing import Context, Deferred, endpoint, parse_json_body
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.models import Job, JobState
 from app.db.session import after_commit, driver_connection, run_callbacks, transaction
 from app.jobs.limits import enforce_quota, enforce_quota_driver, enforce_rate, give_back_rate
@@ -23,7 +23,7 @@ from app.jobs.submit import (INSERT_JOB_SQL, RESOLVE_SQL, JobRow, accept_version
                              resolve_params)
 from app.jobs.cancel import request_cancel
 from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
-from app.logging_setup import bind
+from app.core.logging_setup import bind
 
 bp = Blueprint("generations", __name__, url_prefix="/v1")
 
@@ -94,7 +94,7 @@ def _create_generation_fast():
     monthly quota keeps the transaction the quota's lock needs: lock, count, insert, token,
     commit.
     """
-    from tasks.dispatch import request_dispatch
+    from app.messaging import get_publisher
 
     if "Idempotency-Key" in request.headers or "Prefer" in request.headers:
         return None
@@ -127,7 +127,7 @@ def _create_generation_fast():
                 give_back_rate(taken)
                 raise
     bind(job_id=str(job.id))
-    run_callbacks([request_dispatch])
+    run_callbacks([get_publisher().request_dispatch])
     location = url_for("generations.get_generation", job_id=job.id)
     return job_view(job, version.model, version, tier.slo_s), 202, {"Location": location}
 
@@ -141,7 +141,7 @@ def _create_generation_fast():
     fast=_create_generation_fast,
 )
 def create_generation(ctx: Context):
-    from tasks.dispatch import request_dispatch
+    from app.messaging import get_publisher
 
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 200):
@@ -161,7 +161,7 @@ def create_generation(ctx: Context):
     # After the insert: a refusal raises inside the transaction and rolls the job back.
     enforce_rate(ctx.user, tier)
     bind(job_id=str(job.id))  # the access line of this request names the job it created
-    after_commit(ctx.session, request_dispatch)
+    get_publisher().request_dispatch(ctx.session)
     location = url_for("generations.get_generation", job_id=job.id)
     wait = _prefer_wait()
     if wait:

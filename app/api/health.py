@@ -20,10 +20,10 @@ def healthz(_ctx):
 @endpoint(bp, "/readyz", methods=["GET"], auth="public", response=schemas.Health, transactional=False,
           summary="Readiness: Postgres, the broker's Redis and object storage answer", also=[503])
 def readyz(_ctx):
-    from app.config import get_settings
+    from app.core.config import get_settings
     from app.db.session import get_engine
-    from app.redis_client import get_redis
-    from app.storage import s3_client
+    from app.core.redis_client import get_redis
+    from app.core.storage import s3_client
 
     checks: dict[str, str] = {}
     try:

@@ -24,9 +24,10 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from app.api.auth import Principal, authenticate
-from app.api.errors import BadRequest, Unauthorized, Unprocessable, UnsupportedMediaType, pydantic_fields
+from app.core.errors import BadRequest, Unauthorized, Unprocessable, UnsupportedMediaType
+from app.api.errors import pydantic_fields
 from app.db.session import transaction
-from app.logging_setup import bind
+from app.core.logging_setup import bind
 
 AUTH_LEVELS = ("public", "user", "admin")
 

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.observability.snapshot import Snapshot
 
 # Postgres `integer` columns: a larger number must be a 422, not an overflow in the database.

@@ -15,12 +15,12 @@ import uuid
 from flask import Blueprint, request
 
 from app.api import schemas
-from app.api.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from app.core.errors import PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from app.api.routing import Context, endpoint
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.models import Tier, Upload
-from app.media import ACCEPTED_CONTENT_TYPES, InvalidMedia, VideoInfo, probe_video
-from app.storage import put_bytes
+from app.core.media import ACCEPTED_CONTENT_TYPES, InvalidMedia, VideoInfo, probe_video
+from app.core.storage import put_bytes
 
 bp = Blueprint("uploads", __name__, url_prefix="/v1")
 

@@ -10,7 +10,7 @@ from flask import Blueprint, Response
 from sqlalchemy import select, update
 
 from app.api import schemas
-from app.api.errors import NotFound, field_error
+from app.core.errors import NotFound, field_error
 from app.api.generations import _job_for
 from app.api.routing import Context, endpoint
 from app.db.models import User, WebhookDelivery

@@ -15,14 +15,14 @@ from app.jobs.transitions import NOW, transition
 
 def request_cancel(session: Session, job: Job, *, by: str) -> bool:
     """Cancel `job` (locked by the caller); False when it had already finished."""
-    from tasks.dispatch import request_dispatch
+    from app.messaging import get_publisher
 
     state = JobState(job.state)
     if state.terminal:
         return False
     if state in (JobState.queued, JobState.dispatched):
         transition(session, job.id, state, JobState.cancelled, detail={"by": by}, finished_at=NOW, cancel_requested=True)
-        after_commit(session, request_dispatch)  # its pool slot or concurrency slot is free now
+        get_publisher().request_dispatch(session)  # its pool slot or concurrency slot is free now
     else:
         session.execute(
             Job.__table__.update().where(Job.id == job.id, Job.state == JobState.running.value).values(cancel_requested=True)

@@ -21,7 +21,7 @@ import uuid
 
 from sqlalchemy import text
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.session import transaction
 
 log = logging.getLogger(__name__)

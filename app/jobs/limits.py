@@ -14,7 +14,7 @@ import math
 
 from sqlalchemy.orm import Session
 
-from app.api.errors import TooManyRequests
+from app.core.errors import TooManyRequests
 from app.db.models import Tier
 from app.db.session import driver_execute
 from app.observability.metrics import count_limiter_unavailable, count_rejection
@@ -76,8 +76,8 @@ def _refuse_over_quota(tier, used: int, end: dt.datetime) -> None:
 def enforce_rate(principal, tier: Tier) -> list | None:
     """Take the submission's token (429 when refused). Returns the buckets it was taken from, for
     give_back_rate(), or None when none was taken (no Redis, or the limiter failed open)."""
-    from app.ratelimit import RateLimiter, RateLimiterUnavailable
-    from app.redis_client import get_redis
+    from app.core.ratelimit import RateLimiter, RateLimiterUnavailable
+    from app.core.redis_client import get_redis
 
     redis = get_redis()
     if redis is None:
@@ -107,8 +107,8 @@ def enforce_rate(principal, tier: Tier) -> list | None:
 
 def give_back_rate(buckets: list | None) -> None:
     """Return the token enforce_rate() took, for a submission that then stored no job."""
-    from app.ratelimit import RateLimiter, RateLimiterUnavailable
-    from app.redis_client import get_redis
+    from app.core.ratelimit import RateLimiter, RateLimiterUnavailable
+    from app.core.redis_client import get_redis
 
     redis = get_redis()
     if not buckets or redis is None:

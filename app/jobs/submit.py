@@ -16,8 +16,8 @@ from typing import Any
 from psycopg.types.json import Jsonb
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from app.api.errors import field_error
-from app.config import get_settings
+from app.core.errors import field_error
+from app.core.config import get_settings
 from app.db.models import Job, JobKind, JobState, Upload
 from app.db.session import driver_execute
 from app.webhooks.events import subscription

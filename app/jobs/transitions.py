@@ -11,7 +11,6 @@ the caller learns it lost: a job can never be completed twice.
 
 from __future__ import annotations
 
-import functools
 import json
 import uuid
 from typing import Any, Iterable
@@ -19,6 +18,7 @@ from typing import Any, Iterable
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from app.core.signals import Transition, job_transitioned
 from app.db.models import JobState
 
 ALLOWED: dict[JobState, frozenset[JobState]] = {
@@ -118,18 +118,12 @@ def transition(
         """
     )
     row = session.execute(sql, params).first()
-    if row is not None and row[1] is not None:
-        # Webhook events (started, completed) ride on the same transaction: written here,
-        # published after its commit.
-        from app.webhooks.events import on_transition
-
-        on_transition(session, job_id, row[0], to, row[1], row[2])
     if row is not None:
-        # Outcome and requeue counters (/metrics): only for a transition that won and committed.
-        from app.db.session import after_commit
-        from app.observability.metrics import count_transition
-
-        after_commit(session, functools.partial(count_transition, row[3], row[0], to.value, row[4]))
+        # Listeners (webhooks, metrics: app/wiring.py) hear of a change that won, inside its
+        # transaction; what they publish waits for the commit.
+        job_transitioned.send(session, session=session, change=Transition(
+            job_id=job_id, from_state=row[0], to_state=to.value, tier=row[3], failure_code=row[4],
+            callback_url=row[1], webhook_events=row[2]))
     return row[0] if row else None
 
 

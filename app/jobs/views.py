@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.models import Job, Model, ModelVersion, Tier
-from app.storage import presign_get
+from app.core.storage import presign_get
 
 
 def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, current_app, make_response, redirect, render_template, request, session
 
 from app.api.auth import SESSION_KEY_ID, principal_for_key
-from app.api.errors import Forbidden, Unauthorized
+from app.core.errors import Forbidden, Unauthorized
 from app.api.routing import Context, endpoint
 from app.observability.snapshot import take_snapshot
 

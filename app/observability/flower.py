@@ -15,6 +15,11 @@ from __future__ import annotations
 import logging
 import time
 
+from sqlalchemy import text
+
+from app.core.queues import CONTROL_QUEUE, CPU_QUEUE, pool_queue
+from app.db.session import transaction
+
 log = logging.getLogger(__name__)
 
 # The query is small, but Flower calls this on its IO loop for every page and API call.
@@ -25,10 +30,6 @@ _cache: tuple[float, list[str]] = (0.0, [])
 
 def pool_queue_names(session) -> list[str]:
     """control, cpu and every `<cluster>.<model>.<tier>` of every pool, tiers in rank order."""
-    from sqlalchemy import text
-
-    from tasks.celery_app import CONTROL_QUEUE, CPU_QUEUE, pool_queue
-
     rows = session.execute(text(
         "SELECT c.name AS cluster, m.name AS model FROM pools p JOIN clusters c ON c.id = p.cluster_id "
         "JOIN models m ON m.id = p.model_id ORDER BY c.name, m.name")).all()
@@ -39,14 +40,10 @@ def pool_queue_names(session) -> list[str]:
 def known_queues() -> list[str]:
     """pool_queue_names(), cached; the last good list (or just control/cpu) when Postgres is down."""
     global _cache
-    from tasks.celery_app import CONTROL_QUEUE, CPU_QUEUE
-
     at, names = _cache
     if time.monotonic() - at < POOL_QUEUES_TTL_S and names:
         return names
     try:
-        from app.db.session import transaction
-
         with transaction() as session:
             names = pool_queue_names(session)
     except Exception:  # Flower must keep serving what the workers report

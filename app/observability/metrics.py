@@ -36,6 +36,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from app.db.session import transaction
+from app.observability.snapshot import take_snapshot
+
 log = logging.getLogger(__name__)
 
 __all__ = ["CONTENT_TYPE_LATEST", "render", "observe_wait", "count_transition", "observe_model_load",
@@ -136,7 +139,7 @@ def observe_wait(tier: str, seconds: float) -> None:
 
 @_safe
 def count_transition(tier: str, from_state: str, to: str, failure_code: str | None) -> None:
-    """Called after the commit of a transition that won (app/jobs/transitions.py)."""
+    """After the commit of a transition that won (app/observability/listeners.py)."""
     if to in ("succeeded", "failed", "cancelled"):
         reason = (failure_code or "unknown") if to == "failed" else "none"
         JOB_OUTCOMES.labels(tier, to, reason).inc()
@@ -214,9 +217,6 @@ class SnapshotCollector(Collector):
             self._cached = None
 
     def _families(self) -> Iterable[Metric]:
-        from app.db.session import transaction
-        from app.observability.snapshot import take_snapshot
-
         started = time.perf_counter()
         try:
             with transaction() as session:

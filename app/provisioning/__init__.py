@@ -21,6 +21,16 @@ a standing worker. Stopping comes in two strengths:
 
 from __future__ import annotations
 
-from app.provisioning.base import Provisioner, ProvisionedWorker, get_provisioner
+from app.provisioning.base import ProvisionedWorker, Provisioner
+from app.provisioning.local import LocalProvisioner
+from app.provisioning.slurm import SlurmProvisioner
+
+
+def get_provisioner(kind: str, **options) -> Provisioner:
+    if kind == "local":
+        return LocalProvisioner(**options)
+    if kind == "slurm":
+        return SlurmProvisioner(**options)
+    raise ValueError(f"unknown provisioner {kind!r}: local or slurm")
 
 __all__ = ["Provisioner", "ProvisionedWorker", "get_provisioner"]

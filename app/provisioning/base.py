@@ -11,7 +11,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 
+from app.core.queues import pool_queues
+from app.db.models import JobState
 from app.db.session import transaction
+from app.jobs.transitions import transition
+from app.messaging import get_publisher
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +64,9 @@ class Provisioner(ABC):
 
     def retire(self, worker: ProvisionedWorker) -> None:
         """Finish the current job, take nothing new; the controller stops it once idle."""
-        from tasks.celery_app import celery_app, pool_queues
-
         retire_worker_rows(worker.node_prefix())
         for node in worker_nodes(worker.node_prefix()):
-            for queue in pool_queues(worker.cluster, worker.model, node):
-                celery_app.control.cancel_consumer(queue, destination=[node])
+            get_publisher().stop_consuming(pool_queues(worker.cluster, worker.model, node), node)
         log.info("burst worker retiring", extra={"worker": worker.name, "cluster": worker.cluster})
 
 
@@ -79,9 +80,6 @@ def retire_worker_rows(prefix: str) -> int:
     """Mark the worker retiring and take back the jobs routed to its own queues (version
     affinity) that it has not started: it stops consuming, so nobody else would run them.
     Returns how many went back to the queue."""
-    from app.db.models import JobState
-    from app.jobs.transitions import transition
-
     returned = 0
     with transaction() as session:
         session.execute(text("UPDATE workers SET state = 'retiring' WHERE id LIKE :p AND state IN ('idle', 'busy', 'starting')"),
@@ -93,9 +91,7 @@ def retire_worker_rows(prefix: str) -> int:
                           detail={"reason": "routed_worker_retiring", "worker": job.worker_id}):
                 returned += 1
     if returned:
-        from tasks.dispatch import request_dispatch
-
-        request_dispatch()
+        get_publisher().request_dispatch()
     return returned
 
 
@@ -118,18 +114,6 @@ def worker_rows_by_name(workers: list[ProvisionedWorker]) -> dict[str, list[dict
                 "WHERE split_part(id, '@', 1) || '@' = ANY(:p)"), {"p": list(prefixes)}).mappings():
             found[prefixes[row["id"].split("@", 1)[0] + "@"]].append(dict(row))
     return found
-
-
-def get_provisioner(kind: str, **options) -> Provisioner:
-    if kind == "local":
-        from app.provisioning.local import LocalProvisioner
-
-        return LocalProvisioner(**options)
-    if kind == "slurm":
-        from app.provisioning.slurm import SlurmProvisioner
-
-        return SlurmProvisioner(**options)
-    raise ValueError(f"unknown provisioner {kind!r}: local or slurm")
 
 
 def wait_until(predicate, timeout_s: float, poll_s: float = 0.2) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 from filelock import FileLock
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.provisioning.base import Provisioner, ProvisionedWorker, new_worker_name
 
 log = logging.getLogger(__name__)

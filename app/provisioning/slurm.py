@@ -21,7 +21,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.provisioning.base import Provisioner, ProvisionedWorker, new_worker_name
 
 log = logging.getLogger(__name__)

@@ -41,6 +41,8 @@ from typing import Any, Mapping
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from app.core.queues import worker_queue
+from app.messaging import Release
 from app.scheduling.policy import Candidate, PoolRoom, ShareLedger, TierBacklog, plan_dispatch
 from app.scheduling.tiers import TierSpec
 
@@ -97,17 +99,6 @@ def effective_dispatch_limit(dispatch_limit: int, live_depth: int, enabled: bool
 
 
 ZERO_UUID = str(uuid.UUID(int=0))  # the user cursor before the first user
-
-
-@dataclass(frozen=True)
-class Release:
-    """A job released to a queue: what the publisher needs after commit."""
-
-    job_id: uuid.UUID
-    queue: str
-    dispatch_seq: int
-    tier: str
-    user_id: uuid.UUID | None = None  # for the job's log lines
 
 
 @dataclass
@@ -376,8 +367,6 @@ class Dispatcher:
         *which* jobs run now; affinity only decides *where*. A routed job records the worker in
         jobs.worker_id while dispatched, which is how the next pass counts that queue's depth.
         """
-        from tasks.celery_app import worker_queue  # queue names live with the Celery app; imported late (cycle)
-
         pools = list({str(r.pool_id) for r in rows})
         holders: dict[tuple[str, str], list[list]] = {}
         for worker in session.execute(_POOL_WORKERS_SQL, {"pools": pools, "stale": WORKER_STALE_S}):

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
+from app.core.tiers import TIER_ORDER
+
 # Sum of all floors may not exceed this: a floor is a promise taken from rank order, and rank
 # order must keep most of the capacity or the top tiers' SLO is no longer protected.
 MAX_TOTAL_MIN_SHARE = 0.5
@@ -49,7 +51,6 @@ class TierSpec:
             raise ValueError(f"tier {self.name}: user_concurrency_cap must be >= 1")
 
 
-TIER_ORDER: tuple[str, ...] = ("api", "enterprise", "unlimited", "light", "free")
 
 _DEFAULTS = (
     TierSpec("api", 0, 60.0, 0.00, 200),

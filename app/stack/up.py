@@ -26,7 +26,7 @@ from typing import Callable
 
 import requests
 
-from app.config import get_settings, reload_settings
+from app.core.config import get_settings, reload_settings
 from app.stack.process import ManagedProcess, Supervisor, SupervisorShutdown, find_free_port
 
 # Preferred ports (used when free, else any free port): clear of the machine's own 5432/6379/5672
@@ -120,7 +120,7 @@ def _migrate_and_seed(state: StackState, previous: dict) -> dict:
     from app.db.session import transaction
     from app.admin.dream_machine import seed_mappings
     from app.seed import ensure_demo_model, ensure_pool, new_user_key, seed_tiers
-    from app.storage import ensure_buckets
+    from app.core.storage import ensure_buckets
 
     settings = get_settings()
     upgrade(settings.database_url)
@@ -190,8 +190,8 @@ def _gpu_worker_ready(name: str) -> Callable[[], bool]:
 
 
 def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_when_ready: bool = False) -> int:
-    from app.cli import _visible_gpus, worker_command
-    from app.logging_setup import configure_logging
+    from workers.launch import visible_gpus, worker_command
+    from app.core.logging_setup import configure_logging
 
     configure_logging("up", json_logs=False, level="WARNING")
     settings = get_settings()
@@ -239,7 +239,7 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
             env=_child_env(state, "control-worker"), log_path=logs / "control-worker.log", signal_group=False),
             ready_timeout=0, stage=APPS)
 
-        visible = _visible_gpus()
+        visible = visible_gpus()
         count = gpu_workers if gpu_workers is not None else max(len(visible), 1)
         gpu_names = []
         for index in range(count):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import text
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.session import transaction
 from app.webhooks.addresses import AddressRefused, CheckedURL, IPAddress
 

@@ -23,11 +23,17 @@ from typing import Sequence
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from app.api.errors import field_error
-from app.config import get_settings
+from app.core.config import get_settings
+from app.core.errors import field_error
+from app.core.queues import CPU_QUEUE
+from app.core.signals import Transition, job_progressed, job_transitioned
 from app.db.models import TERMINAL_STATES, Job, JobState, WebhookDelivery
 from app.db.session import after_commit
+from app.dream_machine.generations import callback_payload
+from app.jobs.views import load_job_views
+from app.messaging import get_publisher
 from app.webhooks.addresses import AddressRefused
+from app.webhooks.allowlist import check_with_allowlist
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,6 @@ def subscription(session: Session, callback_url: str | None, events: Sequence[st
     """
     if callback_url is None:
         return None, None
-    from app.webhooks.allowlist import check_with_allowlist
-
     try:
         check_with_allowlist(session, callback_url)
     except AddressRefused as exc:
@@ -60,12 +64,34 @@ def event_for(from_state: str, to: JobState) -> str | None:
     return None
 
 
-def on_transition(session: Session, job_id: uuid.UUID | str, from_state: str, to: JobState,
-                  callback_url: str, events: Sequence[str] | None) -> None:
-    """Called by app.jobs.transitions.transition() for a job that has a callback URL."""
-    event = event_for(from_state, to)
-    if event is not None and event in (events or DEFAULT_EVENTS):
-        emit(session, job_id, event, callback_url)
+def on_transition(sender, *, session: Session, change: Transition) -> None:
+    """Listener of job_transitioned (app/core/signals.py): the delivery row in the same transaction."""
+    if change.to_state != JobState.running.value:
+        _progress.pop(str(change.job_id), None)  # the job left running: its progress throttle goes
+    if change.callback_url is None:
+        return
+    event = event_for(change.from_state, JobState(change.to_state))
+    if event is not None and event in (change.webhook_events or DEFAULT_EVENTS):
+        emit(session, change.job_id, event, change.callback_url)
+
+
+# Per running job in this process: its progress throttle (ProgressWebhooks), dropped when it
+# leaves running.
+_progress: dict[str, ProgressWebhooks] = {}
+
+
+def on_progress(sender, *, session: Session, job_id: uuid.UUID | str) -> None:
+    """Listener of job_progressed: a `progress` event at most every interval, if subscribed."""
+    key = str(job_id)
+    webhooks = _progress.get(key)
+    if webhooks is None:
+        webhooks = _progress[key] = ProgressWebhooks(job_id)
+    webhooks.report(session)
+
+
+def connect() -> None:
+    job_transitioned.connect(on_transition, weak=False)
+    job_progressed.connect(on_progress, weak=False)
 
 
 def emit(session: Session, job_id: uuid.UUID | str, event: str, url: str) -> uuid.UUID:
@@ -73,9 +99,6 @@ def emit(session: Session, job_id: uuid.UUID | str, event: str, url: str) -> uui
 
     A job made through /dream-machine/v1 gets Luma's callback body instead (the generation
     object itself), with the same headers, signature, retries and address checks."""
-    from app.dream_machine.generations import callback_payload
-    from app.jobs.views import load_job_views
-
     # populate_existing: the state change was a raw UPDATE the identity map has not seen.
     job = session.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).one()
     payload = callback_payload(session, job) or {"event": event, "job": load_job_views(session, [job])[0]}
@@ -88,10 +111,7 @@ def emit(session: Session, job_id: uuid.UUID | str, event: str, url: str) -> uui
 
 
 def enqueue(delivery_id: uuid.UUID | str, countdown: float | None = None) -> None:
-    from tasks.celery_app import CPU_QUEUE, celery_app
-
-    celery_app.send_task("dreamq.webhooks.deliver", args=[str(delivery_id)], queue=CPU_QUEUE,
-                         countdown=countdown if countdown and countdown > 0 else None)
+    get_publisher().send("dreamq.webhooks.deliver", [str(delivery_id)], queue=CPU_QUEUE, countdown=countdown)
 
 
 class ProgressWebhooks:

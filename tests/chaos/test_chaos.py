@@ -110,7 +110,7 @@ class ChaosStack:
         return proc
 
     def start_gpu(self, index: int) -> None:
-        from app.cli import worker_command
+        from workers.launch import worker_command
 
         name = f"gpu-{index}"
         argv, env = worker_command("local", MODEL, "", name)
@@ -281,8 +281,8 @@ def test_a_redelivered_message_of_a_running_job_does_not_run_it_twice(chaos):
         time.sleep(0.05)
     seq = chaos.scalar("SELECT dispatch_seq FROM jobs WHERE id = %s", (job_id,))
     publish = (
-        "from tasks.dispatch import publish_releases; from app.scheduling.dispatcher import Release; import uuid; "
-        f"publish_releases([Release(uuid.UUID('{job_id}'), 'local.{MODEL}.api', {seq}, 'api')])"
+        "from app.messaging import Release, get_publisher; import uuid; "
+        f"get_publisher().release([Release(uuid.UUID('{job_id}'), 'local.{MODEL}.api', {seq}, 'api')])"
     )
     import subprocess
 

@@ -18,7 +18,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from app.config import reload_settings
+from app.core.config import reload_settings
 from app.db.session import transaction
 from app.provisioning import get_provisioner
 from tests.support.factories import auth, create_user
@@ -131,7 +131,7 @@ def test_a_backlog_starts_burst_workers_that_drain_it_and_are_given_back(surge, 
 def _last_decision() -> dict | None:
     import json
 
-    from app.redis_client import get_redis
+    from app.core.redis_client import get_redis
 
     raw = get_redis().lindex("dreamq:burst:training.surge:decisions", 0)
     return json.loads(raw) if raw else None

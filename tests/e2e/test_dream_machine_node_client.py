@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from app.media import decode_video, probe_video
+from app.core.media import decode_video, probe_video
 from tests.support.frames import dominant_colour, motion_direction
 
 pytestmark = pytest.mark.slow

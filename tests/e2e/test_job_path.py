@@ -18,10 +18,10 @@ import requests
 from PIL import Image
 from sqlalchemy import select, text
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.models import JobEvent
 from app.db.session import transaction
-from app.storage import s3_client
+from app.core.storage import s3_client
 from tests.support.factories import auth
 from tests.support.frames import dominant_colour, motion_direction
 from tests.support.jobs import wait_done

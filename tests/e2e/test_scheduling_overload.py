@@ -20,7 +20,7 @@ from app.db.session import transaction
 from app.scheduling.dispatcher import DISPATCH_PER_WORKER
 from tests.support.factories import auth, create_user
 from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
-from tasks.dispatch import request_dispatch
+from app.messaging import get_publisher
 
 pytestmark = pytest.mark.slow
 
@@ -80,13 +80,13 @@ def test_overload_respects_the_limit_releases_once_and_serves_tiers_in_policy_or
         # The share ledger counts every tier's dispatches over the last 10 minutes, whatever the
         # test: earlier tests' api-heavy traffic would make the starvation guard serve the lower
         # tiers first here. Start from an empty ledger, as after a quiet 10 minutes.
-        from app.redis_client import get_redis
+        from app.core.redis_client import get_redis
 
         redis = get_redis()
         for ledger_key in redis.scan_iter(match="dreamq:ledger:*"):
             redis.delete(ledger_key)
         set_pool_enabled(True)
-        request_dispatch()
+        get_publisher().request_dispatch()
         deadline = time.monotonic() + 180
         while True:
             with transaction() as session:

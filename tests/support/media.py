@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from app.media import encode_mp4
+from app.core.media import encode_mp4
 
 
 def moving_square_frames(*, frames: int = 12, size: int = 64, colour=(230, 30, 30), direction: str = "right") -> np.ndarray:

@@ -22,8 +22,8 @@ class StackEnv:
 
 
 def configure_environment(services, home: Path, run_id: str) -> StackEnv:
-    from app import redis_client, storage
-    from app.config import reload_settings
+    from app.core import redis_client, storage
+    from app.core.config import reload_settings
     from app.db import session as db_session
     from app.db.migrate import upgrade
     from app.seed import seed_tiers
@@ -117,7 +117,7 @@ def running_workers(stack: StackEnv, log_dir: Path, *, models: list[str], extra_
                     control: int = 1, tag: str = "t") -> Iterator[dict]:
     """Start `control` control+cpu workers and one GPU worker per entry of `models` (a model may
     repeat: several workers in its pool); stop them all at the end."""
-    from app.cli import worker_command
+    from workers.launch import worker_command
     from app.stack.process import ManagedProcess
 
     base_env = {**os.environ, **stack.env, **(extra_env or {})}

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from app.config import get_settings
-from app.storage import s3_client
+from app.core.config import get_settings
+from app.core.storage import s3_client
 from tests.support.factories import auth, create_user
 from tests.support.stack import TINY_BUNDLE, push_fixture_model
 from workers.repository import version_prefix

@@ -331,9 +331,9 @@ def test_a_fresh_stack_is_seeded_once_and_a_removed_name_stays_removed(parked_mo
 
 
 def test_a_modify_refused_after_the_download_leaves_no_upload_behind(luma, make_user, mapped, allow):
-    from app.config import get_settings
+    from app.core.config import get_settings
     from app.db.models import Upload
-    from app.storage import s3_client
+    from app.core.storage import s3_client
 
     user_id, key = make_user(create_tier(monthly_quota=1))
     client = luma(key)

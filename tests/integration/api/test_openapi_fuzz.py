@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import select
 
-from app import config
+from app.core import config
 from app.db.models import Tier
 from app.db.session import transaction
 from tests.support.factories import auth, create_user

@@ -1,4 +1,4 @@
-"""Token buckets of app/ratelimit.py against a real Redis, including many processes at once.
+"""Token buckets of app/core/ratelimit.py against a real Redis, including many processes at once.
 
 Redis: DREAMQ_TEST_REDIS_URL, else redis://127.0.0.1:6379/14, else a private EmbeddedRedis.
 Every test works under its own random key namespace and deletes it afterwards, so it can share
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.ratelimit import Bucket, RateLimiter, RateLimiterUnavailable
+from app.core.ratelimit import Bucket, RateLimiter, RateLimiterUnavailable
 
 ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_URL = "redis://127.0.0.1:6379/14"
@@ -293,7 +293,7 @@ def test_bad_take_rejected_before_redis(dead_client):
 HAMMER = r"""
 import json, sys, time
 import redis
-from app.ratelimit import Bucket, RateLimiter
+from app.core.ratelimit import Bucket, RateLimiter
 
 spec = json.loads(sys.argv[1])
 client = redis.Redis.from_url(spec["url"], socket_timeout=5)

@@ -8,10 +8,10 @@ import io
 import pytest
 from sqlalchemy import func, select
 
-from app import config
+from app.core import config
 from app.db.models import Upload
 from app.db.session import transaction
-from app.storage import get_bytes
+from app.core.storage import get_bytes
 from tests.support.factories import auth
 from tests.support.media import moving_square_mp4
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import inspect
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.migrate import check, current_revision, heads
 from app.db.session import get_engine
 

@@ -12,9 +12,9 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.session import transaction
-from app.storage import put_bytes, s3_client
+from app.core.storage import put_bytes, s3_client
 from tests.support.factories import auth
 
 pytestmark = pytest.mark.usefixtures("parked_model")
@@ -109,7 +109,7 @@ def test_jobs_routed_to_a_worker_that_went_quiet_go_back_to_the_queue(submit):
 
 def test_reconciler_requeues_what_the_broker_lost_and_keeps_what_it_holds(submit):
     from app.scheduling.dispatcher import Release
-    from tasks.dispatch import publish_releases
+    from app.messaging import get_publisher
     from tasks.maintenance import broker_task_ids, reconcile_broker
 
     lost, held, recent = submit(), submit(), submit()
@@ -117,7 +117,7 @@ def test_reconciler_requeues_what_the_broker_lost_and_keeps_what_it_holds(submit
         set_job(job_id, state="'dispatched'", dispatch_seq="1", dispatched_at="now() - interval '10 minutes'")
     set_job(recent, state="'dispatched'", dispatch_seq="1", dispatched_at="now()")
     # `held` really is in the broker: published the way the dispatcher publishes.
-    publish_releases([Release(uuid.UUID(held), "local.parked.api", 1, "api")])
+    get_publisher().release([Release(uuid.UUID(held), "local.parked.api", 1, "api")])
     assert f"{held}-1" in broker_task_ids(["local.parked"])
     assert reconcile_broker()["requeued"] >= 1
     assert job(lost)["state"] == "queued"
@@ -183,8 +183,8 @@ def test_retention_deletes_expired_outputs_and_uploads_but_not_what_is_in_use(su
 
 
 def test_a_redelivered_message_never_takes_a_job_whose_lease_is_live(submit):
-    from app.logging_setup import job_context
-    from tasks.generate import claim as claim_in_task
+    from app.core.logging_setup import job_context
+    from app.jobs.execution import claim as claim_in_task
 
     def claim(*args):
         with job_context():  # as in the generate task: what claim binds for its log lines ends here

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.session import transaction
-from app.logging_setup import JsonFormatter, job_context
+from app.core.logging_setup import JsonFormatter, job_context
 from app.scheduling.dispatcher import Release
-from app.storage import put_bytes
+from app.core.storage import put_bytes
 from tests.support.factories import auth, create_user
 
 pytestmark = pytest.mark.usefixtures("parked_model")
@@ -115,7 +115,8 @@ def test_dispatcher_lines_about_a_returned_job_carry_its_user_and_tier(client, m
 def test_worker_lines_carry_the_job_its_user_and_tier(client, make_user):
     """The claim (GPU task) and finalize (CPU task) bind user and tier as soon as they read the job."""
     from tasks.finalize import finalize
-    from tasks.generate import claim, staging_key
+    from app.jobs.execution import claim
+    from app.jobs.outputs import staging_key
 
     user_id, key = make_user("unlimited")
     lost = submit(client, key)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.session import transaction
-from app.storage import s3_client
+from app.core.storage import s3_client
 from workers.cache import CacheFull, ModelCache
 from workers.repository import IntegrityError, fetch_manifest, push_version, version_prefix
 
@@ -31,7 +31,7 @@ TINY = ROOT / "tests" / "fixtures" / "bundles" / "tiny"
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
-from app.storage import s3_client
+from app.core.storage import s3_client
 from workers.cache import ModelCache
 
 spec = json.loads(sys.argv[1])

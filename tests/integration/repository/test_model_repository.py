@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app.config import get_settings
+from app.core.config import get_settings
 from app.db.models import Model, ModelAlias, ModelVersion
 from app.db.session import transaction
-from app.storage import s3_client
+from app.core.storage import s3_client
 from workers.cache import ModelCache
 from workers.repository import (
     BundleError,

@@ -245,6 +245,7 @@ def test_after_commit_callbacks_run_only_when_the_transaction_commits(stack_env)
 
 def test_a_failed_publish_returns_the_batch_to_the_queue(users, monkeypatch):
     import tasks.dispatch as dispatch_module
+    from app.messaging import get_publisher
 
     lane = Lane(dispatch_limit=4)
     lane.workers(2)
@@ -254,7 +255,7 @@ def test_a_failed_publish_returns_the_batch_to_the_queue(users, monkeypatch):
     def broker_down(releases):
         raise ConnectionError("broker unreachable")
 
-    monkeypatch.setattr(dispatch_module, "publish_releases", broker_down)
+    monkeypatch.setattr(get_publisher(), "release", broker_down)
     result = dispatch_module.dispatch_once(lane.dispatcher())
     assert len(result.releases) == 4
     # Committed as dispatched, then put back by the after-commit handler: nothing holds room.

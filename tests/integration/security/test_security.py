@@ -21,13 +21,13 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from app import config
+from app.core import config
 from app.api.auth import display_prefix, hash_key
 from app.api.routing import REGISTRY
 from app.db.models import ApiKey
 from app.db.session import transaction
-from app.logging_setup import JsonFormatter
-from app.storage import presign_get, put_bytes
+from app.core.logging_setup import JsonFormatter
+from app.core.storage import presign_get, put_bytes
 from tests.support.factories import auth
 from tests.support.media import moving_square_mp4
 

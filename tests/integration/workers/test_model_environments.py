@@ -425,6 +425,7 @@ def test_the_runtime_routes_each_version_and_closes_an_evicted_process(env_versi
 def test_the_task_fails_the_job_with_model_environment_and_carries_on(monkeypatch):
     import tasks.generate as task
     import workers.runtime
+    from app.jobs import execution
 
     class Refusing:
         loads = 0
@@ -436,8 +437,8 @@ def test_the_task_fails_the_job_with_model_environment_and_carries_on(monkeypatc
 
     failed = []
     monkeypatch.setattr(workers.runtime, "get_runtime", lambda: Refusing())
-    monkeypatch.setattr(task, "_fail", lambda job, worker_id, code, message: failed.append((code, message)))
-    job = task.ClaimedJob(
+    monkeypatch.setattr(execution, "fail", lambda job, worker_id, code, message: failed.append((code, message)))
+    job = execution.ClaimedJob(
         id=None, user_id=None, tier="free", kind="generate", prompt="x", params={}, model="tiny", version=2,
         digest="sha256:" + "0" * 64, upload_key=None, attempts=1, dispatch_seq=1,
     )

@@ -15,7 +15,7 @@ from app.dream_machine.requests import (
     size_for,
     unsupported_options,
 )
-from app.media import VideoInfo
+from app.core.media import VideoInfo
 
 DEMO = {"model": {"defaults": {"width": 128, "height": 128, "num_frames": 24, "fps": 12},
                   "limits": {"width": {"min": 32, "max": 512, "multiple_of": 2},

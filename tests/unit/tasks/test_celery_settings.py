@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from app.config import ConfigError, get_settings
-from tasks.celery_app import celery_app, check_time_limits, pool_queues
+from app.core.config import ConfigError, get_settings
+from tasks.celery_app import celery_app, check_time_limits
+from app.core.queues import pool_queues
 
 
 def test_json_only_and_late_acks_with_prefetch_one():

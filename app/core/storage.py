@@ -15,7 +15,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.client import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from app.config import get_settings
+from app.core.config import get_settings
 
 _lock = threading.Lock()
 

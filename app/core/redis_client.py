@@ -8,7 +8,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from app.config import get_settings
+from app.core.config import get_settings
 
 
 @functools.lru_cache(maxsize=4)

@@ -88,7 +88,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(component: str, level: str | None = None, json_logs: bool | None = None) -> None:
-    from app.config import get_settings
+    from app.core.config import get_settings
 
     settings = get_settings()
     level = level or settings.log_level

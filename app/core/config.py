@@ -75,6 +75,8 @@ class Settings:
 
     # Celery transport. Redis (appendonly, noeviction) or RabbitMQ both work.
     broker_url: str = _env("CELERY_BROKER_URL", "")
+    # The messaging adapter (app/messaging): module:class, loaded when a process installed none.
+    publisher: str = _env("DREAMQ_PUBLISHER", "tasks.publisher:CeleryPublisher")
     # Redis for rate-limit buckets, dispatch coalescing and worker heartbeats. Defaults to the
     # broker URL when that is Redis.
     redis_url: str = _env("DREAMQ_REDIS_URL", "")

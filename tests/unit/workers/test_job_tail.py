@@ -1,4 +1,4 @@
-"""tasks/job_tail.py: one tail at a time, in job order, off the caller's thread, waited for at exit."""
+"""workers/job_tail.py: one tail at a time, in job order, off the caller's thread, waited for at exit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tasks import job_tail
+from workers import job_tail
 
 
 @pytest.fixture(autouse=True)

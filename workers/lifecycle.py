@@ -5,7 +5,7 @@
 - worker_ready (main process of a GPU worker): register in `workers` and heartbeat every few
   seconds from a thread, so the dispatcher knows the pool has capacity.
 - worker_shutdown: mark the worker stopped, so its pool stops receiving work at once.
-- worker_process_shutdown / worker_shutdown: wait for the job tail in flight (tasks/job_tail.py).
+- worker_process_shutdown / worker_shutdown: wait for the job tail in flight (workers/job_tail.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ import threading
 from celery import signals
 from sqlalchemy import text
 
+from app.core.logging_setup import configure_logging
+from app.core.storage import reset_clients as reset_storage_clients
 from app.db.session import dispose_after_fork, transaction
-from app.logging_setup import configure_logging
+from app.jobs.workers import heartbeat
+from app.jobs.workers import report_loaded as record_loaded
+from app.messaging import get_publisher
+from app.observability.metrics import mark_process_dead, serve_host_metrics
+from workers import job_tail
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,6 @@ def _metrics_exporter(**_kwargs) -> None:
     """On a host without an API process: DREAMQ_METRICS_PORT serves this host's event metrics."""
     port = os.environ.get("DREAMQ_METRICS_PORT")
     if port:
-        from app.observability.metrics import serve_host_metrics
-
         try:
             serve_host_metrics(int(port))
         except OSError:  # another worker of this host serves it already: it reads the same directory
@@ -52,20 +56,14 @@ def _metrics_exporter(**_kwargs) -> None:
 
 @signals.worker_process_shutdown.connect
 def _child_exit(pid=None, **_kwargs) -> None:
-    from app.observability.metrics import mark_process_dead
-    from tasks import job_tail
-
     job_tail.flush()  # a finished job's hand-off must commit before the process goes
     mark_process_dead(pid or os.getpid())
 
 
 @signals.worker_process_init.connect
 def _child_init(**_kwargs) -> None:
-    from app import storage
-    from tasks import job_tail
-
     dispose_after_fork()
-    storage.reset_clients()
+    reset_storage_clients()
     job_tail.reset_after_fork()
     if gpu_worker_pool() is not None and os.environ.get("DREAMQ_PRELOAD", "1") == "1":
         _preload()
@@ -73,6 +71,8 @@ def _child_init(**_kwargs) -> None:
 
 def _preload() -> None:
     """Load the pool's prod version before the first job arrives (warm-up is the slow part)."""
+    # Imported here, not at the top: every process that publishes loads this module through the
+    # Celery app, and only a GPU worker needs the model runtime.
     from workers.runtime import get_runtime
 
     cluster, model = gpu_worker_pool()
@@ -94,36 +94,11 @@ def _preload() -> None:
 
 def report_loaded() -> None:
     """Publish which versions this worker holds in memory (the dispatcher's affinity reads it)."""
-    import json
-    import socket as _socket
+    from workers.runtime import get_runtime  # GPU workers only (see _preload)
 
-    from workers.runtime import get_runtime
-
-    worker_id = os.environ.get("DREAMQ_WORKER_NODENAME") or f"?@{_socket.gethostname()}"
+    worker_id = os.environ.get("DREAMQ_WORKER_NODENAME") or f"?@{socket.gethostname()}"
     with transaction() as session:
-        session.execute(
-            text("UPDATE workers SET info = info || jsonb_build_object('loaded', CAST(:loaded AS jsonb), "
-                 "'loads', CAST(:loads AS int)) WHERE id = :id"),
-            {"loaded": json.dumps(get_runtime().loaded_digests()), "loads": get_runtime().loads, "id": worker_id},
-        )
-
-
-_UPSERT = text(
-    """
-    INSERT INTO workers (id, pool_id, hostname, pid, device, state, info, heartbeat_at)
-    VALUES (:id, (SELECT p.id FROM pools p JOIN clusters c ON c.id = p.cluster_id JOIN models m ON m.id = p.model_id
-                  WHERE c.name = :cluster AND m.name = :model),
-            :host, :pid, :device, :state, CAST(:info AS jsonb), now())
-    ON CONFLICT (id) DO UPDATE SET
-        pool_id = EXCLUDED.pool_id, pid = EXCLUDED.pid, device = EXCLUDED.device, heartbeat_at = now(),
-        -- merge: the child running jobs keeps its own keys (loaded versions) in the same object
-        info = workers.info || EXCLUDED.info,
-        -- busy/idle are set by the child that runs jobs; the heartbeat only revives a stopped row
-        state = CASE WHEN workers.state IN ('stopped', 'starting') OR :state IN ('stopped', 'draining') OR :fresh
-                     THEN :state ELSE workers.state END,
-        started_at = CASE WHEN workers.state = 'stopped' THEN now() ELSE workers.started_at END
-    """
-)
+        record_loaded(session, worker_id, get_runtime().loaded_digests(), get_runtime().loads)
 
 
 class Heartbeat:
@@ -136,20 +111,9 @@ class Heartbeat:
         self._fresh = True
 
     def beat(self, state: str | None = None, *, fresh: bool = False) -> None:
-        import json
-
         fresh = fresh or self._fresh
-        info = {"gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "")}
-        if fresh:
-            # A (re)started worker holds no model yet, whatever its previous run reported.
-            info["loaded"] = []
         with transaction() as session:
-            session.execute(
-                _UPSERT,
-                {"id": self.worker_id, "cluster": self.cluster, "model": self.model, "host": socket.gethostname(),
-                 "pid": os.getpid(), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "cpu"),
-                 "state": state or self.state, "info": json.dumps(info), "fresh": fresh},
-            )
+            heartbeat(session, self.worker_id, self.cluster, self.model, state or self.state, fresh=fresh)
         self._fresh = False
 
     def _run(self) -> None:
@@ -188,9 +152,7 @@ def _worker_ready(sender=None, **_kwargs) -> None:
     _heartbeat = Heartbeat(sender.hostname, *pool)
     _heartbeat.start()
     # Jobs may have queued while no worker served this pool.
-    from tasks.dispatch import request_dispatch
-
-    request_dispatch()
+    get_publisher().request_dispatch()
 
 
 @signals.worker_shutting_down.connect
@@ -208,8 +170,6 @@ def _worker_shutting_down(**_kwargs) -> None:
 
 @signals.worker_shutdown.connect
 def _worker_shutdown(**_kwargs) -> None:
-    from tasks import job_tail
-
     job_tail.flush()  # the solo pool runs tasks in this process
     if _heartbeat is not None:
         _heartbeat.stop()
