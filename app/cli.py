@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,9 +35,15 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--gpu-workers", type=int, default=None, help="GPU workers to start (default: one per visible GPU, else one on CPU)")
-@click.option("--grace", type=float, default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL on stop")
-@click.option("--detach-after-ready", is_flag=True, hidden=True, help="(tests) exit 0 once ready, leaving nothing running")
+@click.option(
+    "--gpu-workers", type=int, default=None, help="GPU workers to start (default: one per visible GPU, else one on CPU)"
+)
+@click.option(
+    "--grace", type=float, default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL on stop"
+)
+@click.option(
+    "--detach-after-ready", is_flag=True, hidden=True, help="(tests) exit 0 once ready, leaving nothing running"
+)
 def up(gpu_workers: int | None, grace: float, detach_after_ready: bool) -> None:
     """Start the whole stack (Postgres, Redis, SeaweedFS, API, workers, beat, Flower) until Ctrl-C."""
     from app.stack.up import run_stack
@@ -69,7 +73,11 @@ def worker(cluster: str | None, model: str | None, gpus: str | None, name: str |
 
 @main.command()
 @click.argument("prompt")
-@click.option("--video", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Input video: makes a modify-video job")
+@click.option(
+    "--video",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Input video: makes a modify-video job",
+)
 @click.option("--wait/--no-wait", default=False, help="Wait for the job, showing progress")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Save the MP4 here (implies --wait)")
 @click.option("--model", default=None)
@@ -88,9 +96,21 @@ def generate(prompt, video, wait, out, model, width, height, num_frames, fps, se
         upload_id = None
         if video is not None:
             upload_id = client.upload(video)["id"]
-        job = client.submit(prompt, type="modify_video" if upload_id else "text_to_video", upload_id=upload_id,
-                            model=model, width=width, height=height, num_frames=num_frames, fps=fps, seed=seed)
-        click.echo(f"job {job['id']} {job['state']} (tier {job['tier']}, model {job['model']['name']}@{job['model']['version']})", err=True)
+        job = client.submit(
+            prompt,
+            type="modify_video" if upload_id else "text_to_video",
+            upload_id=upload_id,
+            model=model,
+            width=width,
+            height=height,
+            num_frames=num_frames,
+            fps=fps,
+            seed=seed,
+        )
+        click.echo(
+            f"job {job['id']} {job['state']} (tier {job['tier']}, model {job['model']['name']}@{job['model']['version']})",
+            err=True,
+        )
         if not (wait or out):
             click.echo(json.dumps(job, indent=2))
             return
@@ -146,8 +166,8 @@ def models() -> None:
 @click.option("--version", "number", type=int, default=None, help="Version number (default: the next one)")
 def models_push(bundle: Path, name: str, created_by: str, number: int | None) -> None:
     """Upload BUNDLE (model.json, code/, weights/*.safetensors, env/) as the next immutable version."""
-    from app.db.session import transaction
     from app.core.storage import ensure_buckets
+    from app.db.session import transaction
     from workers.repository import RepositoryError, push_version
 
     load_stack_env()
@@ -160,8 +180,18 @@ def models_push(bundle: Path, name: str, created_by: str, number: int | None) ->
                 pushed = push_version(session, bundle, name, created_by=created_by, progress=bar.update, number=number)
     except RepositoryError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps({"name": pushed.name, "version": pushed.number, "digest": pushed.digest,
-                           "size_bytes": pushed.size_bytes, "files": pushed.files}, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                "name": pushed.name,
+                "version": pushed.number,
+                "digest": pushed.digest,
+                "size_bytes": pushed.size_bytes,
+                "files": pushed.files,
+            },
+            indent=2,
+        )
+    )
 
 
 @models.command("list")
@@ -177,9 +207,13 @@ def models_list() -> None:
         aliases = {(a.model_id, a.version_id): a.alias for a in session.scalars(select(ModelAlias))}
         for model in session.scalars(select(Model).order_by(Model.name)):
             click.echo(model.name)
-            for v in session.scalars(select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.number)):
+            for v in session.scalars(
+                select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.number)
+            ):
                 tag = aliases.get((model.id, v.id), "")
-                click.echo(f"  v{v.number:<4} {v.digest[:23]}…  {v.size_bytes:>10} B  {v.created_at:%Y-%m-%d %H:%M}  {tag}")
+                click.echo(
+                    f"  v{v.number:<4} {v.digest[:23]}…  {v.size_bytes:>10} B  {v.created_at:%Y-%m-%d %H:%M}  {tag}"
+                )
 
 
 def _version_digest(name: str, version: int) -> str:
@@ -216,8 +250,12 @@ def models_verify(name: str, version: int) -> None:
 @models.command("pull")
 @click.argument("name")
 @click.argument("version", type=int)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Model cache to fill (default: the workers' cache, DREAMQ_MODEL_CACHE)")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Model cache to fill (default: the workers' cache, DREAMQ_MODEL_CACHE)",
+)
 def models_pull(name: str, version: int, cache_dir: Path | None) -> None:
     """Download NAME VERSION into this host's model cache, verified, so workers start warm."""
     from workers.cache import ModelCache
@@ -233,8 +271,19 @@ def models_pull(name: str, version: int, cache_dir: Path | None) -> None:
             path = cache.ensure(name, version, digest, progress=bar.update)
     except RepositoryError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps({"name": name, "version": version, "digest": digest, "path": str(path),
-                           "downloaded_bytes": missing, "cache": cache.stats()}, indent=2))
+    click.echo(
+        json.dumps(
+            {
+                "name": name,
+                "version": version,
+                "digest": digest,
+                "path": str(path),
+                "downloaded_bytes": missing,
+                "cache": cache.stats(),
+            },
+            indent=2,
+        )
+    )
 
 
 def _model_admin(action, *args, **kwargs) -> None:
@@ -311,15 +360,20 @@ def tiers_list() -> None:
 
     load_stack_env()
     with transaction() as session:
-        click.echo(f"{'tier':<11}{'W (s)':>8}{'rate/min':>10}{'burst':>7}{'tier rate':>11}{'cap':>6}{'floor':>7}{'quota':>7}{'keep d':>8}")
+        click.echo(
+            f"{'tier':<11}{'W (s)':>8}{'rate/min':>10}{'burst':>7}{'tier rate':>11}{'cap':>6}{'floor':>7}{'quota':>7}{'keep d':>8}"
+        )
         for t in list_tiers(session):
-            click.echo(f"{t.name:<11}{t.slo_s:>8g}{t.rate_per_min:>10g}{t.burst:>7}{t.tier_rate_per_min or '-':>11}"
-                       f"{t.concurrency_cap:>6}{t.min_share:>7g}{t.monthly_quota or '-':>7}{t.retention_days:>8}")
+            click.echo(
+                f"{t.name:<11}{t.slo_s:>8g}{t.rate_per_min:>10g}{t.burst:>7}{t.tier_rate_per_min or '-':>11}"
+                f"{t.concurrency_cap:>6}{t.min_share:>7g}{t.monthly_quota or '-':>7}{t.retention_days:>8}"
+            )
 
 
 def _none_or(convert):
     def parse(value):
         return None if value in (None, "none", "null", "") else convert(value)
+
     return parse
 
 
@@ -351,7 +405,9 @@ def tiers_set(name: str, **options) -> None:
             tier = update_tier(session, name, patch.changes(), actor=f"cli:{os.environ.get('USER', '?')}")
             click.echo(json.dumps(tier_view(tier), indent=2))
     except ValidationError as exc:
-        raise click.ClickException("; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()))
+        raise click.ClickException(
+            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+        )
     except LookupError:
         raise click.ClickException(f"no tier named {name!r}") from None
     except TierChangeError as exc:
@@ -376,8 +432,9 @@ def _validated(schema_name: str, **data):
     try:
         return getattr(schemas, schema_name).model_validate({k: v for k, v in data.items() if v is not None})
     except ValidationError as exc:
-        raise click.ClickException("; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}"
-                                             for e in exc.errors())) from None
+        raise click.ClickException(
+            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+        ) from None
 
 
 def _admin_call(action, *args, **kwargs):
@@ -441,7 +498,9 @@ def users_create(name: str, tier: str, admin: bool) -> None:
 
     body = _validated("UserCreate", name=name, tier=tier, admin=admin)
     created = _admin_call(create_user, body.name, body.tier, admin=body.admin, actor=_cli_actor())
-    click.echo(f"user {created['name']} created in tier {created['tier']}; its key (shown once, store it now):", err=True)
+    click.echo(
+        f"user {created['name']} created in tier {created['tier']}; its key (shown once, store it now):", err=True
+    )
     click.echo(created["key"])
 
 
@@ -457,7 +516,9 @@ def users_list(tier: str | None, as_json: bool) -> None:
         return
     click.echo(f"{'user':<32}{'tier':<12}{'state':<10}{'keys (prefix, scopes)'}")
     for u in rows:
-        keys = ", ".join(f"{k['prefix']}({'+'.join(k['scopes'])}{', revoked' if k['revoked_at'] else ''})" for k in u["keys"])
+        keys = ", ".join(
+            f"{k['prefix']}({'+'.join(k['scopes'])}{', revoked' if k['revoked_at'] else ''})" for k in u["keys"]
+        )
         click.echo(f"{u['name']:<32}{u['tier']:<12}{'disabled' if u['disabled'] else 'active':<10}{keys or '-'}")
 
 
@@ -487,7 +548,9 @@ def keys_create(user: str, scopes: tuple[str, ...], key_name: str) -> None:
 
     body = _validated("KeyCreate", scopes=list(scopes) or ["user"], name=key_name)
     created = _admin_call(create_key, user, list(body.scopes), key_name=body.name, actor=_cli_actor())
-    click.echo(f"key {created['prefix']} for {user} ({'+'.join(created['scopes'])}); shown once, store it now:", err=True)
+    click.echo(
+        f"key {created['prefix']} for {user} ({'+'.join(created['scopes'])}); shown once, store it now:", err=True
+    )
     click.echo(created["key"])
 
 
@@ -499,8 +562,10 @@ def keys_list(user: str) -> None:
 
     click.echo(f"{'prefix':<14}{'scopes':<13}{'created':<18}{'revoked':<18}name")
     for k in _admin_call(list_keys, user):
-        click.echo(f"{k['prefix']:<14}{'+'.join(k['scopes']):<13}{k['created_at'][:16]:<18}"
-                   f"{(k['revoked_at'] or '-')[:16]:<18}{k['name']}")
+        click.echo(
+            f"{k['prefix']:<14}{'+'.join(k['scopes']):<13}{k['created_at'][:16]:<18}"
+            f"{(k['revoked_at'] or '-')[:16]:<18}{k['name']}"
+        )
 
 
 @keys.command("revoke")
@@ -521,9 +586,11 @@ def clusters() -> None:
 def _print_clusters(rows: list[dict]) -> None:
     click.echo(f"{'cluster':<20}{'kind':<11}{'state':<9}{'max workers':>12}{'pools':>7}{'live':>6}{'draining':>10}")
     for c in rows:
-        click.echo(f"{c['name']:<20}{c['kind']:<11}{'enabled' if c['enabled'] else 'DRAINED':<9}"
-                   f"{c['max_workers'] if c['max_workers'] is not None else '-':>12}{c['pools']:>7}"
-                   f"{c['live_workers']:>6}{c['draining_workers']:>10}")
+        click.echo(
+            f"{c['name']:<20}{c['kind']:<11}{'enabled' if c['enabled'] else 'DRAINED':<9}"
+            f"{c['max_workers'] if c['max_workers'] is not None else '-':>12}{c['pools']:>7}"
+            f"{c['live_workers']:>6}{c['draining_workers']:>10}"
+        )
 
 
 @clusters.command("list")
@@ -604,12 +671,16 @@ def pools_list(as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
-    click.echo(f"{'pool':<32}{'kind':<11}{'state':<9}{'limit':>7}{'effective':>10}{'dispatched':>11}{'running':>9}"
-               f"{'workers':>9}")
+    click.echo(
+        f"{'pool':<32}{'kind':<11}{'state':<9}{'limit':>7}{'effective':>10}{'dispatched':>11}{'running':>9}"
+        f"{'workers':>9}"
+    )
     for p in rows:
         state = "enabled" if p["enabled"] and p["cluster_enabled"] else "DRAINED"
-        click.echo(f"{p['name']:<32}{p['cluster_kind']:<11}{state:<9}{p['dispatch_limit']:>7}{p['effective_limit']:>10}"
-                   f"{p['dispatched']:>11}{p['running']:>9}{p['live_workers']:>9}")
+        click.echo(
+            f"{p['name']:<32}{p['cluster_kind']:<11}{state:<9}{p['dispatch_limit']:>7}{p['effective_limit']:>10}"
+            f"{p['dispatched']:>11}{p['running']:>9}{p['live_workers']:>9}"
+        )
 
 
 @pools.command("add")

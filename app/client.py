@@ -73,7 +73,9 @@ class DreamqClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/generations/{job_id}/cancel")
 
-    def wait(self, job_id: str, *, timeout_s: float = 600, on_update: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self, job_id: str, *, timeout_s: float = 600, on_update: Callable[[dict], None] | None = None
+    ) -> dict[str, Any]:
         """Poll until the job is terminal, calling on_update with each read (progress bar)."""
         deadline = time.monotonic() + timeout_s
         while True:

@@ -1,7 +1,7 @@
 """Fetching a user-supplied URL (a video or image to work on) under the rules uploads obey.
 
 The URL is the user's, the network is ours, so the fetch follows the webhook address rule
-(app/webhooks/addresses.py, with the admin allow-list): http(s), no credentials, every address
+(app/outbound/addresses.py, with the admin allow-list): http(s), no credentials, every address
 public, and the socket connects to an address that passed the check (no DNS rebinding). Redirects
 are not followed (a redirect could lead anywhere the check never saw). The body is capped at the
 upload limit before and while reading, and the whole fetch at a deadline, so a slow or endless
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.webhooks.addresses import AddressRefused
+from app.outbound.addresses import AddressRefused
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
@@ -41,7 +41,7 @@ class Fetched:
 
 
 def fetch(session: Session, url: str, *, max_bytes: int | None = None) -> Fetched:
-    from app.webhooks.allowlist import check_with_allowlist
+    from app.outbound.allowlist import check_with_allowlist
     from app.webhooks.delivery import pinned_connection
 
     limit = get_settings().max_upload_bytes if max_bytes is None else max_bytes
@@ -58,8 +58,9 @@ def fetch(session: Session, url: str, *, max_bytes: int | None = None) -> Fetche
             conn.request("GET", checked.target, headers={"User-Agent": "dreamq-fetch/1", "Accept": "*/*"})
             response = conn.getresponse()
             if 300 <= response.status < 400:
-                raise FetchRefused(f"answered a redirect (HTTP {response.status}); give the final URL, "
-                                   "redirects are not followed")
+                raise FetchRefused(
+                    f"answered a redirect (HTTP {response.status}); give the final URL, redirects are not followed"
+                )
             if response.status != 200:
                 raise FetchRefused(f"answered HTTP {response.status}")
             length = response.getheader("Content-Length")

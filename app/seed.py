@@ -50,12 +50,21 @@ def seed_tiers(session: Session) -> None:
         if name in existing:
             continue
         limits = TIER_LIMITS[name]
-        session.add(Tier(
-            name=name, rank=spec.rank, slo_s=spec.slo_s, min_share=spec.min_share,
-            concurrency_cap=spec.user_concurrency_cap, rate_per_min=limits.rate_per_min, burst=limits.burst,
-            tier_rate_per_min=limits.tier_rate_per_min, tier_burst=limits.tier_burst,
-            monthly_quota=limits.monthly_quota, retention_days=limits.retention_days,
-        ))
+        session.add(
+            Tier(
+                name=name,
+                rank=spec.rank,
+                slo_s=spec.slo_s,
+                min_share=spec.min_share,
+                concurrency_cap=spec.user_concurrency_cap,
+                rate_per_min=limits.rate_per_min,
+                burst=limits.burst,
+                tier_rate_per_min=limits.tier_rate_per_min,
+                tier_burst=limits.tier_burst,
+                monthly_quota=limits.monthly_quota,
+                retention_days=limits.retention_days,
+            )
+        )
     session.flush()
 
 
@@ -106,6 +115,8 @@ def ensure_demo_model(session: Session, model_name: str, bundle: Path = DEMO_BUN
         for version in session.scalars(select(ModelVersion).where(ModelVersion.model_id == model.id)):
             if version.manifest.get("content_digest") == fingerprint:
                 return None
-    pushed = push_version(session, bundle, model_name, created_by="dreamq up", description="demo: coloured shapes in motion")
+    pushed = push_version(
+        session, bundle, model_name, created_by="dreamq up", description="demo: coloured shapes in motion"
+    )
     log.info("demo model pushed", extra={"version": pushed.number, "digest": pushed.digest})
     return session.scalar(select(ModelVersion).where(ModelVersion.digest == pushed.digest))

@@ -55,13 +55,16 @@ def ours_round(stack: Stack, n: int, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while stack.succeeded(user.user_id) < n:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"ours: not all {n} jobs succeeded within {timeout_s:.0f}s: "
-                               f"{stack.not_succeeded(user.user_id)}")
+            raise RuntimeError(
+                f"ours: not all {n} jobs succeeded within {timeout_s:.0f}s: {stack.not_succeeded(user.user_id)}"
+            )
         time.sleep(0.02)
     rows = stack.timings(user.user_id)
     last = max(r[3] for r in rows)
     return {
-        "rate": n / (last - started), "seconds": last - started, "submit_rate": n / (submitted - started),
+        "rate": n / (last - started),
+        "seconds": last - started,
+        "submit_rate": n / (submitted - started),
         # Where a job's time went (ms, medians): waiting for a dispatch, in the pool queue, running+finalizing.
         "to_dispatch_ms": statistics.median((r[1] - r[0]) * 1000 for r in rows),
         "in_queue_ms": statistics.median((r[2] - r[1]) * 1000 for r in rows),
@@ -72,8 +75,8 @@ def ours_round(stack: Stack, n: int, timeout_s: float) -> dict:
 
 
 def baseline_round(stack: Stack, n: int, timeout_s: float) -> dict:
-    from bench.raw_celery import noop
     from app.core.redis_client import get_redis
+    from bench.raw_celery import noop
 
     redis = get_redis()
     counter = f"dreamq:bench:raw:{uuid.uuid4().hex}"
@@ -99,13 +102,19 @@ def render(result: dict) -> str:
     ]
     lines.append("-" * len(lines[0]))
     for i, (o, b) in enumerate(zip(cp["rounds_ours"], cp["rounds_baseline"]), 1):
-        lines.append(f"{i:>5} | {o['rate']:>11.1f} | {b['rate']:>8.1f} | {o['submit_rate']:>13.1f} | "
-                     f"{o['to_dispatch_ms']:>9.1f}ms | {o['in_queue_ms']:>6.1f}ms | {o['run_ms']:>7.1f}ms")
-    lines.append(f"median: ours {cp['ours']:.1f} jobs/s, baseline {cp['baseline']:.1f} tasks/s, "
-                 f"ratio {cp['ratio']:.2f} (goal >= {GOAL}: {'MET' if cp['ratio'] >= GOAL else 'NOT MET'})")
-    lines.append(f"({cp['jobs']} jobs per round, {len(cp['rounds_ours'])} interleaved rounds; ours counted from the "
-                 "first submission to the last job recorded succeeded in Postgres; to dispatch / in queue / "
-                 "run+final are per-job medians: created->dispatched, dispatched->started, started->finished)")
+        lines.append(
+            f"{i:>5} | {o['rate']:>11.1f} | {b['rate']:>8.1f} | {o['submit_rate']:>13.1f} | "
+            f"{o['to_dispatch_ms']:>9.1f}ms | {o['in_queue_ms']:>6.1f}ms | {o['run_ms']:>7.1f}ms"
+        )
+    lines.append(
+        f"median: ours {cp['ours']:.1f} jobs/s, baseline {cp['baseline']:.1f} tasks/s, "
+        f"ratio {cp['ratio']:.2f} (goal >= {GOAL}: {'MET' if cp['ratio'] >= GOAL else 'NOT MET'})"
+    )
+    lines.append(
+        f"({cp['jobs']} jobs per round, {len(cp['rounds_ours'])} interleaved rounds; ours counted from the "
+        "first submission to the last job recorded succeeded in Postgres; to dispatch / in queue / "
+        "run+final are per-job medians: created->dispatched, dispatched->started, started->finished)"
+    )
     lines.append(f"total runtime {result['total_s']:.0f}s")
     return "\n".join(lines)
 
@@ -134,24 +143,36 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
         ours, base = [], []
         for r in range(rounds):
-            for which in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
+            for which in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
                 if which == "ours":
                     ours.append(ours_round(stack, n, args.timeout_s))
                     m = ours[-1]
-                    log(f"round {r + 1} ours    : {m['rate']:7.1f} jobs/s (submit {m['submit_rate']:.0f}/s; per job: "
+                    log(
+                        f"round {r + 1} ours    : {m['rate']:7.1f} jobs/s (submit {m['submit_rate']:.0f}/s; per job: "
                         f"to dispatch {m['to_dispatch_ms']:.1f} ms, in queue {m['in_queue_ms']:.1f} ms, "
-                        f"run+finalize {m['run_ms']:.1f} ms; worker job_s {m['worker_job_ms']:.1f} ms)")
+                        f"run+finalize {m['run_ms']:.1f} ms; worker job_s {m['worker_job_ms']:.1f} ms)"
+                    )
                 else:
                     base.append(baseline_round(stack, n, args.timeout_s))
-                    log(f"round {r + 1} baseline: {base[-1]['rate']:7.1f} tasks/s (publish {base[-1]['submit_rate']:.0f}/s)")
+                    log(
+                        f"round {r + 1} baseline: {base[-1]['rate']:7.1f} tasks/s (publish {base[-1]['submit_rate']:.0f}/s)"
+                    )
     ours_rate = statistics.median(m["rate"] for m in ours)
     base_rate = statistics.median(m["rate"] for m in base)
-    result = {"control_plane": {
-        "baseline": round(base_rate, 1), "ours": round(ours_rate, 1), "ratio": round(ours_rate / base_rate, 3),
-        "unit": "jobs/s", "jobs": n, "rounds": rounds, "goal": GOAL,
-        "rounds_ours": [{k: round(v, 2) for k, v in m.items()} for m in ours],
-        "rounds_baseline": [{k: round(v, 2) for k, v in m.items()} for m in base],
-    }, "total_s": round(time.perf_counter() - started, 1)}
+    result = {
+        "control_plane": {
+            "baseline": round(base_rate, 1),
+            "ours": round(ours_rate, 1),
+            "ratio": round(ours_rate / base_rate, 3),
+            "unit": "jobs/s",
+            "jobs": n,
+            "rounds": rounds,
+            "goal": GOAL,
+            "rounds_ours": [{k: round(v, 2) for k, v in m.items()} for m in ours],
+            "rounds_baseline": [{k: round(v, 2) for k, v in m.items()} for m in base],
+        },
+        "total_s": round(time.perf_counter() - started, 1),
+    }
     if args.json:
         print(json.dumps(result))
         log(render(result))

@@ -167,8 +167,8 @@ def configure_app(services: Services) -> None:
     # The naive baseline at 1M rows must not be cut by the app's 30 s statement timeout.
     os.environ.setdefault("DREAMQ_DB_STATEMENT_TIMEOUT_MS", "600000")
     import app.core.config
-    import app.db.session
     import app.core.redis_client
+    import app.db.session
 
     app.core.config.reload_settings()
     app.db.session.dispose_all()
@@ -300,8 +300,8 @@ _BASELINE_APPLY = text(
 
 class Bench:
     def __init__(self, services: Services, args: argparse.Namespace) -> None:
-        from app.db.session import get_engine
         from app.core.redis_client import get_redis
+        from app.db.session import get_engine
         from app.scheduling import dispatcher as dispatcher_mod
         from tasks.publisher import CeleryPublisher
 
@@ -334,25 +334,35 @@ class Bench:
         upgrade(self.services.db_url)
         with transaction() as session:
             seed_tiers(session)
-            self.cluster_id = session.execute(text(
-                "INSERT INTO clusters (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"),
-                {"n": self.cluster}).scalar_one()
-            self.model_id = session.execute(text(
-                "INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"),
-                {"n": self.model}).scalar_one()
-            self.version_id = session.execute(text(
-                "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
-                "VALUES (gen_random_uuid(), :m, 1, :d, '{}'::jsonb, 0) RETURNING id"),
-                {"m": self.model_id, "d": f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"}).scalar_one()
-            self.pool_id = session.execute(text(
-                "INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) "
-                "VALUES (gen_random_uuid(), :c, :m, :l) RETURNING id"),
-                {"c": self.cluster_id, "m": self.model_id, "l": DISPATCH_LIMIT}).scalar_one()
+            self.cluster_id = session.execute(
+                text("INSERT INTO clusters (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": self.cluster}
+            ).scalar_one()
+            self.model_id = session.execute(
+                text("INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": self.model}
+            ).scalar_one()
+            self.version_id = session.execute(
+                text(
+                    "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
+                    "VALUES (gen_random_uuid(), :m, 1, :d, '{}'::jsonb, 0) RETURNING id"
+                ),
+                {"m": self.model_id, "d": f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"},
+            ).scalar_one()
+            self.pool_id = session.execute(
+                text(
+                    "INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) "
+                    "VALUES (gen_random_uuid(), :c, :m, :l) RETURNING id"
+                ),
+                {"c": self.cluster_id, "m": self.model_id, "l": DISPATCH_LIMIT},
+            ).scalar_one()
             # Heartbeats a day ahead stay fresh for the whole run (live = heartbeat > now() - 30 s).
-            session.execute(text(
-                "INSERT INTO workers (id, pool_id, hostname, pid, device, state, heartbeat_at) "
-                "SELECT :prefix || 'w' || g || '@bench', :p, 'bench', g, 'cpu', 'idle', now() + interval '1 day' "
-                "FROM generate_series(1, :n) g"), {"prefix": self.prefix, "p": self.pool_id, "n": LIVE_WORKERS})
+            session.execute(
+                text(
+                    "INSERT INTO workers (id, pool_id, hostname, pid, device, state, heartbeat_at) "
+                    "SELECT :prefix || 'w' || g || '@bench', :p, 'bench', g, 'cpu', 'idle', now() + interval '1 day' "
+                    "FROM generate_series(1, :n) g"
+                ),
+                {"prefix": self.prefix, "p": self.pool_id, "n": LIVE_WORKERS},
+            )
         self.pool_name = f"{self.cluster}.{self.model}"
         log(f"schema + pool ready in {time.perf_counter() - started:.1f}s")
 
@@ -373,9 +383,19 @@ class Bench:
                 n = min(SEED_CHUNK, target - self.seeded[tier])
                 with transaction() as session:
                     session.execute(text("SET LOCAL synchronous_commit = off"))
-                    session.execute(_NEW_JOBS, {
-                        "prefix": self.prefix, "tier": tier, "heavy_every": HEAVY_EVERY, "heavy": heavy,
-                        "users": users, "model": self.model_id, "version": self.version_id, "n": n})
+                    session.execute(
+                        _NEW_JOBS,
+                        {
+                            "prefix": self.prefix,
+                            "tier": tier,
+                            "heavy_every": HEAVY_EVERY,
+                            "heavy": heavy,
+                            "users": users,
+                            "model": self.model_id,
+                            "version": self.version_id,
+                            "n": n,
+                        },
+                    )
                 self.seeded[tier] += n
         inserted = time.perf_counter() - started
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -384,8 +404,10 @@ class Bench:
             queued = conn.exec_driver_sql("SELECT count(*) FROM jobs WHERE state = 'queued'").scalar_one()
             nusers = conn.exec_driver_sql("SELECT count(DISTINCT user_id) FROM jobs").scalar_one()
         elapsed = time.perf_counter() - started
-        log(f"[{size:>9,}] seeded: {queued:,} queued jobs, {nusers:,} users with jobs "
-            f"(insert {inserted:.1f}s, vacuum+analyze {elapsed - inserted:.1f}s)")
+        log(
+            f"[{size:>9,}] seeded: {queued:,} queued jobs, {nusers:,} users with jobs "
+            f"(insert {inserted:.1f}s, vacuum+analyze {elapsed - inserted:.1f}s)"
+        )
         if queued != size:
             raise RuntimeError(f"backlog is {queued}, expected {size}")
         return elapsed
@@ -426,11 +448,18 @@ class Bench:
         dispatcher.ledger_store.record(result.now, result.per_tier())
         t3 = time.perf_counter()
         self.timer.active = False
-        return {"released": [r.job_id for r in result.releases], "tiers": result.per_tier(),
-                "db": t1 - t0, "pass_ms": float(getattr(result, "ms", (t1 - t0) * 1000)),
-                "publish": t2 - t1, "ledger": t3 - t2, "total": t3 - t0,
-                "planned": getattr(result, "planned", len(result.releases)),
-                "candidates": getattr(result, "candidates", 0), "room": getattr(result, "room", 0)}
+        return {
+            "released": [r.job_id for r in result.releases],
+            "tiers": result.per_tier(),
+            "db": t1 - t0,
+            "pass_ms": float(getattr(result, "ms", (t1 - t0) * 1000)),
+            "publish": t2 - t1,
+            "ledger": t3 - t2,
+            "total": t3 - t0,
+            "planned": getattr(result, "planned", len(result.releases)),
+            "candidates": getattr(result, "candidates", 0),
+            "room": getattr(result, "room", 0),
+        }
 
     def baseline_pass(self) -> dict:
         from app.db.session import transaction
@@ -440,8 +469,11 @@ class Bench:
         t0 = time.perf_counter()
         with transaction() as session:
             ids = list(session.execute(_BASELINE_PICK, {"model": self.model_id, "limit": BASELINE_BATCH}).scalars())
-            rows = session.execute(_BASELINE_APPLY, {
-                "ids": ids, "pool": self.pool_id, "pool_name": self.pool_name}).all() if ids else []
+            rows = (
+                session.execute(_BASELINE_APPLY, {"ids": ids, "pool": self.pool_id, "pool_name": self.pool_name}).all()
+                if ids
+                else []
+            )
         releases = [Release(r.id, f"{self.pool_name}.{r.tier}", r.dispatch_seq, r.tier) for r in rows]
         t1 = time.perf_counter()
         self.publish_releases(releases)
@@ -450,8 +482,16 @@ class Bench:
         tiers: dict[str, int] = {}
         for r in releases:
             tiers[r.tier] = tiers.get(r.tier, 0) + 1
-        return {"released": [r.job_id for r in releases], "tiers": tiers, "db": t1 - t0, "pass_ms": (t1 - t0) * 1000,
-                "publish": t2 - t1, "ledger": 0.0, "total": t2 - t0, "planned": len(releases)}
+        return {
+            "released": [r.job_id for r in releases],
+            "tiers": tiers,
+            "db": t1 - t0,
+            "pass_ms": (t1 - t0) * 1000,
+            "publish": t2 - t1,
+            "ledger": 0.0,
+            "total": t2 - t0,
+            "planned": len(releases),
+        }
 
     def measure(self, one_pass: Callable[[], dict], target: int, cap_s: float, min_passes: int = 1) -> dict:
         passes: list[dict] = []
@@ -475,15 +515,20 @@ class Bench:
             for t, n in p["tiers"].items():
                 tiers[t] += n
         return {
-            "decisions": decisions, "passes": len(passes), "seconds": spent,
+            "decisions": decisions,
+            "passes": len(passes),
+            "seconds": spent,
             "rate": decisions / spent if spent else 0.0,
             "rate_db_only": decisions / db if db else 0.0,
             "per_pass": decisions / len(passes) if passes else 0.0,
             "pass_ms": [p["total"] * 1000 for p in passes],
             "db_ms": [p["db"] * 1000 for p in passes],
-            "publish_s": sum(p["publish"] for p in passes), "ledger_s": sum(p["ledger"] for p in passes),
-            "db_s": db, "inside_run_pass_s": sum(p["pass_ms"] for p in passes) / 1000,
-            "tiers": dict(tiers), "wall_with_requeue_s": time.perf_counter() - started,
+            "publish_s": sum(p["publish"] for p in passes),
+            "ledger_s": sum(p["ledger"] for p in passes),
+            "db_s": db,
+            "inside_run_pass_s": sum(p["pass_ms"] for p in passes) / 1000,
+            "tiers": dict(tiers),
+            "wall_with_requeue_s": time.perf_counter() - started,
             "candidates": sum(p.get("candidates", 0) for p in passes),
         }
 
@@ -505,11 +550,19 @@ class Bench:
 
         summary = {}
         for index in ("ix_jobs_queued_heads", "ix_jobs_queued_oldest"):
-            summary[index] = {"index_scan": count(f"Index Scan using {index}"),
-                              "index_only_scan": count(f"Index Only Scan using {index}")}
+            summary[index] = {
+                "index_scan": count(f"Index Scan using {index}"),
+                "index_only_scan": count(f"Index Only Scan using {index}"),
+            }
         summary["seq_scan_jobs"] = count("Seq Scan on jobs")
-        summary["execution_ms"] = next((float(line.split(":")[1].split()[0]) for line in plan.splitlines()
-                                        if line.strip().startswith("Execution Time")), None)
+        summary["execution_ms"] = next(
+            (
+                float(line.split(":")[1].split()[0])
+                for line in plan.splitlines()
+                if line.strip().startswith("Execution Time")
+            ),
+            None,
+        )
         return summary
 
     # -- per size --
@@ -539,7 +592,8 @@ class Bench:
         out["index_use"] = self.index_summary(plans[heads_label]) if heads_label else {}
         baseline_stmt = str(_BASELINE_PICK.compile(dialect=self.engine.dialect))
         plans["baseline_pick (no ANALYZE)"] = self.explain(
-            "baseline", baseline_stmt, {"model": self.model_id, "limit": BASELINE_BATCH}, analyze=False)
+            "baseline", baseline_stmt, {"model": self.model_id, "limit": BASELINE_BATCH}, analyze=False
+        )
         out["plans"] = plans
         out["explain_ms"] = explain_ms
         self.purge_redis()
@@ -562,9 +616,11 @@ class Bench:
                     m = self.measure(self.baseline_pass, target, self.args.baseline_cap_s, min_passes=2)
                     base_runs.append(m)
                     self.timer.reset()
-                log(f"[{size:>9,}] round {r + 1} {which:<8}: {m['rate']:>8,.0f} decisions/s "
+                log(
+                    f"[{size:>9,}] round {r + 1} {which:<8}: {m['rate']:>8,.0f} decisions/s "
                     f"({m['decisions']:,} in {m['passes']} passes, {m['per_pass']:.0f}/pass, "
-                    f"pass p50 {pct(m['pass_ms'], 50):.1f} ms, db-only {m['rate_db_only']:,.0f}/s)")
+                    f"pass p50 {pct(m['pass_ms'], 50):.1f} ms, db-only {m['rate_db_only']:,.0f}/s)"
+                )
         out["ours"] = ours_runs
         out["baseline"] = base_runs
         out["ours_rate"] = statistics.median(m["rate"] for m in ours_runs)
@@ -615,8 +671,10 @@ class Bench:
 
 def render(results: list[dict], total_s: float) -> str:
     lines = []
-    header = (f"{'size':>10} | {'ours dec/s':>10} | {'db-only':>8} | {'baseline':>8} | {'db-only':>8} | "
-              f"{'ratio':>6} | {'db-only':>7} | {'ours p50':>8} | {'ours p99':>8} | {'dec/pass':>8} | {'base pass':>9}")
+    header = (
+        f"{'size':>10} | {'ours dec/s':>10} | {'db-only':>8} | {'baseline':>8} | {'db-only':>8} | "
+        f"{'ratio':>6} | {'db-only':>7} | {'ours p50':>8} | {'ours p99':>8} | {'dec/pass':>8} | {'base pass':>9}"
+    )
     lines.append(header)
     lines.append("-" * len(header))
     for r in results:
@@ -625,30 +683,37 @@ def render(results: list[dict], total_s: float) -> str:
             f"{r['size']:>10,} | {r['ours_rate']:>10,.0f} | {r['ours_rate_db_only']:>8,.0f} | "
             f"{r['baseline_rate']:>8,.0f} | {r['baseline_rate_db_only']:>8,.0f} | {r['ratio']:>5.1f}x | "
             f"{ratio_db:>6.1f}x | {r['ours_p50_ms']:>6.0f}ms | {r['ours_p99_ms']:>6.0f}ms | "
-            f"{r['breakdown_ms'].get('decisions per pass', 0):>8.0f} | {r['baseline_p50_ms']:>7.0f}ms")
-    lines.append("(decisions/s: medians over rounds, dispatching time only (pass + commit + publish + ledger); "
-                 "db-only: pass + commit, without publish/ledger;\n ours p50/p99: one whole pass; "
-                 "base pass: p50 of one naive pass incl. publish)")
+            f"{r['breakdown_ms'].get('decisions per pass', 0):>8.0f} | {r['baseline_p50_ms']:>7.0f}ms"
+        )
+    lines.append(
+        "(decisions/s: medians over rounds, dispatching time only (pass + commit + publish + ledger); "
+        "db-only: pass + commit, without publish/ledger;\n ours p50/p99: one whole pass; "
+        "base pass: p50 of one naive pass incl. publish)"
+    )
     rates = [r["ours_rate"] for r in results]
     if rates:
         flat = min(rates) / max(rates) if max(rates) else 0.0
         goal = all(rate >= GOAL for rate in rates)
-        lines.append(f"goal >= {GOAL:,.0f}/s at every size: {'MET' if goal else 'NOT MET'}; "
-                     f"flatness min/max = {flat:.2f} ({'flat' if flat >= 0.8 else 'NOT flat'}, threshold 0.80)")
+        lines.append(
+            f"goal >= {GOAL:,.0f}/s at every size: {'MET' if goal else 'NOT MET'}; "
+            f"flatness min/max = {flat:.2f} ({'flat' if flat >= 0.8 else 'NOT flat'}, threshold 0.80)"
+        )
     lines.append("")
     lines.append("index use of the heads query (EXPLAIN ANALYZE, BUFFERS):")
     for r in results:
         iu = r.get("index_use", {})
         heads = iu.get("ix_jobs_queued_heads", {})
         oldest = iu.get("ix_jobs_queued_oldest", {})
-        used = (heads.get("index_scan", 0) + heads.get("index_only_scan", 0)) and \
-               (oldest.get("index_scan", 0) + oldest.get("index_only_scan", 0))
+        used = (heads.get("index_scan", 0) + heads.get("index_only_scan", 0)) and (
+            oldest.get("index_scan", 0) + oldest.get("index_only_scan", 0)
+        )
         lines.append(
             f"  {r['size']:>10,}: {'partial indexes used' if used and not iu.get('seq_scan_jobs') else 'CHECK PLAN'}"
             f" - ix_jobs_queued_heads: {heads.get('index_scan', 0)} Index Scan / {heads.get('index_only_scan', 0)} "
             f"Index Only Scan nodes; ix_jobs_queued_oldest: {oldest.get('index_scan', 0)} / "
             f"{oldest.get('index_only_scan', 0)}; Seq Scan on jobs: {iu.get('seq_scan_jobs', 0)}; "
-            f"execution {iu.get('execution_ms')} ms")
+            f"execution {iu.get('execution_ms')} ms"
+        )
     lines.append("")
     lines.append("ours, mean ms per pass by component (EXPLAIN ANALYZE execution ms of one pass in brackets):")
     keys: list[str] = []
@@ -669,8 +734,11 @@ def render(results: list[dict], total_s: float) -> str:
             cells.append(f" | {cell:>12}")
         lines.append(f"  {k:<30}" + "".join(cells))
     lines.append("")
-    lines.append(f"total runtime {total_s:.0f}s (seeding " +
-                 ", ".join(f"{r['size']:,}: {r['seed_s']:.0f}s" for r in results) + ")")
+    lines.append(
+        f"total runtime {total_s:.0f}s (seeding "
+        + ", ".join(f"{r['size']:,}: {r['seed_s']:.0f}s" for r in results)
+        + ")"
+    )
     return "\n".join(lines)
 
 
@@ -682,12 +750,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decisions", type=int, help="decisions per measurement (default 20000, quick 5000)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per size (default 3)")
     parser.add_argument("--ours-cap-s", type=float, default=20.0, help="time cap of one ours measurement")
-    parser.add_argument("--baseline-cap-s", type=float, help="time cap of one baseline measurement (default 15, quick 5)")
+    parser.add_argument(
+        "--baseline-cap-s", type=float, help="time cap of one baseline measurement (default 15, quick 5)"
+    )
     parser.add_argument("--details", help="write every result (breakdown, plans) as JSON to this path")
     parser.add_argument("--plans", action="store_true", help="print the EXPLAIN plans on stderr")
     args = parser.parse_args(argv)
-    sizes = [int(s.replace("_", "")) for s in args.sizes.split(",")] if args.sizes else \
-        list(QUICK_SIZES if args.quick else FULL_SIZES)
+    sizes = (
+        [int(s.replace("_", "")) for s in args.sizes.split(",")]
+        if args.sizes
+        else list(QUICK_SIZES if args.quick else FULL_SIZES)
+    )
     if sizes != sorted(sizes):
         parser.error("--sizes must be ascending (the backlog grows between sizes)")
     args.decisions = args.decisions or (5000 if args.quick else 20000)
@@ -709,8 +782,9 @@ def main(argv: list[str] | None = None) -> int:
                 for label, plan in result["plans"].items():
                     log(f"--- [{size:,}] {label}\n{plan}")
         with contextlib.suppress(Exception):
-            keys = list(bench.redis.scan_iter(match=f"{bench.ledger_prefix}*")) + \
-                list(bench.redis.scan_iter(match=f"_kombu.binding*.{bench.cluster}.*"))
+            keys = list(bench.redis.scan_iter(match=f"{bench.ledger_prefix}*")) + list(
+                bench.redis.scan_iter(match=f"_kombu.binding*.{bench.cluster}.*")
+            )
             if keys:
                 bench.redis.delete(*keys)
     finally:
@@ -720,12 +794,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.details:
         Path(args.details).write_text(json.dumps({"results": results, "total_s": total}, indent=2, default=str))
     if args.json:
-        print(json.dumps({
-            "sizes": {str(r["size"]): round(r["ours_rate"], 1) for r in results},
-            "baseline": {str(r["size"]): round(r["baseline_rate"], 1) for r in results},
-            "ratio": {str(r["size"]): round(r["ratio"], 2) for r in results},
-            "unit": "decisions/s",
-        }))
+        print(
+            json.dumps(
+                {
+                    "sizes": {str(r["size"]): round(r["ours_rate"], 1) for r in results},
+                    "baseline": {str(r["size"]): round(r["baseline_rate"], 1) for r in results},
+                    "ratio": {str(r["size"]): round(r["ratio"], 2) for r in results},
+                    "unit": "decisions/s",
+                }
+            )
+        )
     else:
         print(render(results, total))
     if args.json:

@@ -80,6 +80,7 @@ staging = _load_module("dreamq_staging", ROOT / "workers" / "staging.py")
 
 # -- a video DiT of production shape -----------------------------------------------------------------
 
+
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -125,7 +126,11 @@ class VideoDiT(nn.Module):
     def denoise(self, z: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         b, c, f, h, w = z.shape
         p = self.patch
-        tokens = z.reshape(b, c, f, h // p, p, w // p, p).permute(0, 2, 3, 5, 1, 4, 6).reshape(b, f * (h // p) * (w // p), c * p * p)
+        tokens = (
+            z.reshape(b, c, f, h // p, p, w // p, p)
+            .permute(0, 2, 3, 5, 1, 4, 6)
+            .reshape(b, f * (h // p) * (w // p), c * p * p)
+        )
         x = self.embed(tokens)
         cond = self.time(self._timestep(t).to(x.dtype)) + self.text(text)
         for block in self.blocks:
@@ -185,8 +190,10 @@ def build_dit(device: torch.device, args, workdir: Path) -> DiTBundle:
     net.load_state_dict(tensors, assign=True)
     net.eval().requires_grad_(False)
     params = sum(p.numel() for p in net.parameters())
-    print(f"dit: {params / 1e6:.0f}M parameters, {path.stat().st_size / 1e9:.2f} GB, loaded in {load_s:.2f} s",
-          file=sys.stderr)
+    print(
+        f"dit: {params / 1e6:.0f}M parameters, {path.stat().st_size / 1e9:.2f} GB, loaded in {load_s:.2f} s",
+        file=sys.stderr,
+    )
     return DiTBundle(net, device, dtype, args.steps)
 
 
@@ -200,6 +207,7 @@ def build_demo(device: torch.device):
 
 # -- the worker's job loop -------------------------------------------------------------------------
 
+
 def run_loop(model, device: torch.device, jobs: int, size: dict, args, *, overlap: bool = False) -> dict:
     """jobs + 1 jobs back to back (the first is warm-up); host-timed steps of the counted ones.
 
@@ -209,7 +217,14 @@ def run_loop(model, device: torch.device, jobs: int, size: dict, args, *, overla
     thread while the next job is claimed and generated, at most one tail in flight; the steps
     then count only the time the loop itself waited for it.
     """
-    steps = {"claim": 0.0, "generate": 0.0, "progress writes": 0.0, "frames (or waiting for the last tail)": 0.0, "upload": 0.0, "record": 0.0}
+    steps = {
+        "claim": 0.0,
+        "generate": 0.0,
+        "progress writes": 0.0,
+        "frames (or waiting for the last tail)": 0.0,
+        "upload": 0.0,
+        "record": 0.0,
+    }
     cuda = device.type == "cuda"
     tail_pool = ThreadPoolExecutor(max_workers=1) if overlap else None
     pending = [None]
@@ -259,8 +274,14 @@ def run_loop(model, device: torch.device, jobs: int, size: dict, args, *, overla
             frames_s, upload_s, record_s, nbytes = 0.0, 0.0, 0.0, 0
         waited = time.perf_counter() - t2 - frames_s - upload_s - record_s
         if timed:
-            marks = {"claim": t1 - t0, "generate": t2 - t1 - writes[0], "progress writes": writes[0],
-                     "frames (or waiting for the last tail)": frames_s + waited, "upload": upload_s, "record": record_s}
+            marks = {
+                "claim": t1 - t0,
+                "generate": t2 - t1 - writes[0],
+                "progress writes": writes[0],
+                "frames (or waiting for the last tail)": frames_s + waited,
+                "upload": upload_s,
+                "record": record_s,
+            }
             for k, v in marks.items():
                 steps[k] += v
             steps["_bytes"] = max(nbytes, steps.get("_bytes", 0))
@@ -279,8 +300,13 @@ def run_loop(model, device: torch.device, jobs: int, size: dict, args, *, overla
             torch.cuda.synchronize()
         wall = time.perf_counter() - started
     nbytes = steps.pop("_bytes", 0)
-    result = {"wall_s": wall, "jobs": jobs, "per_job_s": wall / jobs, "frame_bytes": nbytes,
-              "steps_s": {k: v / jobs for k, v in steps.items()}}
+    result = {
+        "wall_s": wall,
+        "jobs": jobs,
+        "per_job_s": wall / jobs,
+        "frame_bytes": nbytes,
+        "steps_s": {k: v / jobs for k, v in steps.items()},
+    }
     if cuda:
         busy = _kernel_union_s(prof)
         result["busy_fraction"] = busy / wall
@@ -331,8 +357,16 @@ def main() -> None:
     device = torch.device(args.device)
     if args.quick:
         args.dim, args.layers, args.heads, args.steps, args.jobs, args.rounds = 128, 2, 4, 4, min(args.jobs, 3), 1
-    dit_size = {"width": 128, "height": 128, "num_frames": 9} if args.quick else {"width": 512, "height": 512, "num_frames": 49}
-    demo_size = {"width": 128, "height": 128, "num_frames": 24} if args.quick else {"width": 512, "height": 512, "num_frames": 120}
+    dit_size = (
+        {"width": 128, "height": 128, "num_frames": 9}
+        if args.quick
+        else {"width": 512, "height": 512, "num_frames": 49}
+    )
+    demo_size = (
+        {"width": 128, "height": 128, "num_frames": 24}
+        if args.quick
+        else {"width": 512, "height": 512, "num_frames": 120}
+    )
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,26 +382,52 @@ def main() -> None:
                 runs["before"].append(run_loop(model, device, args.jobs, size, args, overlap=False))
                 runs["now"].append(run_loop(model, device, args.jobs, size, args, overlap=True))
             median = {k: statistics.median(r["busy_fraction"] for r in v) for k, v in runs.items()}
-            results[name] = {"size": size, "baseline": median["before"], "ours": median["now"],
-                             "ratio": median["now"] / median["before"] if median["before"] else None,
-                             "before": runs["before"][-1], "now": runs["now"][-1]}
+            results[name] = {
+                "size": size,
+                "baseline": median["before"],
+                "ours": median["now"],
+                "ratio": median["now"] / median["before"] if median["before"] else None,
+                "before": runs["before"][-1],
+                "now": runs["now"][-1],
+            }
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    sleeps = {"claim_ms": args.claim_ms, "progress_ms": args.progress_ms, "record_ms": args.record_ms,
-              "upload_mbps": args.upload_mbps, "upload_ms": args.upload_ms}
+    sleeps = {
+        "claim_ms": args.claim_ms,
+        "progress_ms": args.progress_ms,
+        "record_ms": args.record_ms,
+        "upload_mbps": args.upload_mbps,
+        "upload_ms": args.upload_ms,
+    }
     if args.json:
-        print(json.dumps({f"gpu_busy_{k}": {"unit": "fraction of wall", "goal": 0.95, "device": device_name,
-                                            "baseline_name": "the same loop with the tail in line (the worker before)",
-                                            "sleeps": sleeps, **v} for k, v in results.items()}))
+        print(
+            json.dumps(
+                {
+                    f"gpu_busy_{k}": {
+                        "unit": "fraction of wall",
+                        "goal": 0.95,
+                        "device": device_name,
+                        "baseline_name": "the same loop with the tail in line (the worker before)",
+                        "sleeps": sleeps,
+                        **v,
+                    }
+                    for k, v in results.items()
+                }
+            )
+        )
         return
-    print(f"device: {device_name}; sleeps: claim {args.claim_ms} ms, progress write {args.progress_ms} ms, "
-          f"upload {args.upload_mbps} MB/s + {args.upload_ms} ms, record {args.record_ms} ms")
+    print(
+        f"device: {device_name}; sleeps: claim {args.claim_ms} ms, progress write {args.progress_ms} ms, "
+        f"upload {args.upload_mbps} MB/s + {args.upload_ms} ms, record {args.record_ms} ms"
+    )
     for name, res in results.items():
-        print(f"\n{name} {res['size']}: busy {100 * res['baseline']:.1f}% before -> {100 * res['ours']:.1f}% now "
-              f"(median of {args.rounds}; {res['now']['measure']})")
+        print(
+            f"\n{name} {res['size']}: busy {100 * res['baseline']:.1f}% before -> {100 * res['ours']:.1f}% now "
+            f"(median of {args.rounds}; {res['now']['measure']})"
+        )
         for label in ("before", "now"):
             r = res[label]
             print(f"  {label}: {r['jobs']} jobs, {r['per_job_s'] * 1000:.0f} ms a job")

@@ -72,7 +72,6 @@ BODY = json.dumps({"prompt": PROMPT, "model": MODEL}, separators=(",", ":"))
 API_SERVER_ARGS = ["-c", "python:app.gunicorn_conf", "-w", "2", "--threads", "4", "--access-logfile", "-"]
 
 
-
 # -- the baseline app (imported by gunicorn in its own process) ---------------------------------
 
 _BASELINE_INSERT = """
@@ -89,8 +88,9 @@ def baseline_app():
     from psycopg.types.json import Jsonb
 
     dsn = os.environ["BENCH_BASELINE_DSN"]
-    user_id, model_id, version_id = (uuid.UUID(os.environ[k]) for k in
-                                     ("BENCH_BASELINE_USER", "BENCH_BASELINE_MODEL", "BENCH_BASELINE_VERSION"))
+    user_id, model_id, version_id = (
+        uuid.UUID(os.environ[k]) for k in ("BENCH_BASELINE_USER", "BENCH_BASELINE_MODEL", "BENCH_BASELINE_VERSION")
+    )
     local = threading.local()
     app = Flask("baseline")
 
@@ -104,8 +104,11 @@ def baseline_app():
     def create():
         body = request.get_json()
         params = {"width": 128, "height": 128, "num_frames": 24, "fps": 12, "seed": 1}
-        row = connection().execute(_BASELINE_INSERT, (uuid.uuid4(), user_id, body["prompt"], Jsonb(params),
-                                                      model_id, version_id)).fetchone()
+        row = (
+            connection()
+            .execute(_BASELINE_INSERT, (uuid.uuid4(), user_id, body["prompt"], Jsonb(params), model_id, version_id))
+            .fetchone()
+        )
         return jsonify({"id": str(row[0]), "state": "queued", "created_at": row[1].isoformat()}), 202
 
     @app.get("/healthz")
@@ -132,9 +135,24 @@ class Server:
         self.port = _free_port()
         self.log_path = tmp / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        argv = [sys.executable, "-m", "gunicorn", *API_SERVER_ARGS, *extra_args, "-b", f"127.0.0.1:{self.port}", factory]
-        self.proc = subprocess.Popen(argv, cwd=str(ROOT), env={**os.environ, **env}, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            *API_SERVER_ARGS,
+            *extra_args,
+            "-b",
+            f"127.0.0.1:{self.port}",
+            factory,
+        ]
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=str(ROOT),
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def url(self) -> str:
@@ -229,17 +247,33 @@ class Wrk:
         self.threads = threads
 
     def run(self, url: str, seconds: float) -> dict:
-        argv = ["wrk", "-t", str(self.threads), "-c", str(self.connections), "-d", f"{seconds:g}s",
-                "--timeout", "10s", "-s", str(self.script), url]
+        argv = [
+            "wrk",
+            "-t",
+            str(self.threads),
+            "-c",
+            str(self.connections),
+            "-d",
+            f"{seconds:g}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(self.script),
+            url,
+        ]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
         if line is None:
             raise RuntimeError(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
-        raw = json.loads(line[len("WRKJSON "):])
-        return {"requests": raw["requests"], "seconds": raw["duration_us"] / 1e6,
-                "p50_ms": raw["p50_us"] / 1000, "p99_ms": raw["p99_us"] / 1000,
-                "statuses": {int(k): v for k, v in raw["statuses"].items()},
-                "socket_errors": sum(raw["errors"].values())}
+        raw = json.loads(line[len("WRKJSON ") :])
+        return {
+            "requests": raw["requests"],
+            "seconds": raw["duration_us"] / 1e6,
+            "p50_ms": raw["p50_us"] / 1000,
+            "p99_ms": raw["p99_us"] / 1000,
+            "statuses": {int(k): v for k, v in raw["statuses"].items()},
+            "socket_errors": sum(raw["errors"].values()),
+        }
 
 
 class PythonLoad:
@@ -267,7 +301,10 @@ class PythonLoad:
                 if t0 >= stop_at:
                     break
                 n += self.connections
-                headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.keys[n % len(self.keys)]}"}
+                headers = {
+                    "Content-Type": "application/json",
+                    "Authorization": f"Bearer {self.keys[n % len(self.keys)]}",
+                }
                 try:
                     conn.request("POST", "/v1/generations", body, headers)
                     resp = conn.getresponse()
@@ -293,8 +330,14 @@ class PythonLoad:
         for s in statuses:
             for k, v in s.items():
                 merged[k] = merged.get(k, 0) + v
-        return {"requests": len(flat), "seconds": elapsed, "p50_ms": pct(flat, 50), "p99_ms": pct(flat, 99),
-                "statuses": merged, "socket_errors": sum(errors)}
+        return {
+            "requests": len(flat),
+            "seconds": elapsed,
+            "p50_ms": pct(flat, 50),
+            "p99_ms": pct(flat, 99),
+            "statuses": merged,
+            "socket_errors": sum(errors),
+        }
 
 
 # -- the bench ----------------------------------------------------------------------------------
@@ -326,21 +369,31 @@ class Bench:
             # The api tier has no tier-wide bucket and no monthly quota; its per-user bucket is
             # raised so that the limiter is asked on every request but never refuses one.
             session.execute(text("UPDATE tiers SET rate_per_min = 1e9, burst = 1000000000 WHERE name = 'api'"))
-            model_id = session.execute(text(
-                "INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": MODEL}).scalar_one()
+            model_id = session.execute(
+                text("INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": MODEL}
+            ).scalar_one()
             manifest = {"model": {"defaults": {"width": 128, "height": 128, "num_frames": 24, "fps": 12}}}
-            version_id = session.execute(text(
-                "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
-                "VALUES (gen_random_uuid(), :m, 1, :d, CAST(:manifest AS jsonb), 0) RETURNING id"),
-                {"m": model_id, "d": f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}",
-                 "manifest": json.dumps(manifest)}).scalar_one()
-            session.execute(text("INSERT INTO model_aliases (model_id, alias, version_id) VALUES (:m, 'prod', :v)"),
-                            {"m": model_id, "v": version_id})
-            cluster_id = session.execute(text(
-                "INSERT INTO clusters (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"),
-                {"n": f"bench-{self.run_id}"}).scalar_one()
-            session.execute(text("INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) "
-                                 "VALUES (gen_random_uuid(), :c, :m, 8)"), {"c": cluster_id, "m": model_id})
+            version_id = session.execute(
+                text(
+                    "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
+                    "VALUES (gen_random_uuid(), :m, 1, :d, CAST(:manifest AS jsonb), 0) RETURNING id"
+                ),
+                {"m": model_id, "d": f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}", "manifest": json.dumps(manifest)},
+            ).scalar_one()
+            session.execute(
+                text("INSERT INTO model_aliases (model_id, alias, version_id) VALUES (:m, 'prod', :v)"),
+                {"m": model_id, "v": version_id},
+            )
+            cluster_id = session.execute(
+                text("INSERT INTO clusters (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"),
+                {"n": f"bench-{self.run_id}"},
+            ).scalar_one()
+            session.execute(
+                text(
+                    "INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) VALUES (gen_random_uuid(), :c, :m, 8)"
+                ),
+                {"c": cluster_id, "m": model_id},
+            )
             for i in range(USERS):
                 user = User(name=f"bench-{self.run_id}-{i}", tier="api")
                 session.add(user)
@@ -358,11 +411,20 @@ class Bench:
     def start_servers(self) -> None:
         from sqlalchemy.engine import make_url
 
-        env = {"DATABASE_URL": self.services.db_url, "CELERY_BROKER_URL": self.services.redis_url,
-               "DREAMQ_REDIS_URL": self.services.redis_url, "DREAMQ_DEFAULT_MODEL": MODEL}
+        env = {
+            "DATABASE_URL": self.services.db_url,
+            "CELERY_BROKER_URL": self.services.redis_url,
+            "DREAMQ_REDIS_URL": self.services.redis_url,
+            "DREAMQ_DEFAULT_MODEL": MODEL,
+        }
         dsn = make_url(self.services.db_url).set(drivername="postgresql").render_as_string(hide_password=False)
-        base_env = {**env, "BENCH_BASELINE_DSN": dsn, "BENCH_BASELINE_USER": str(self.baseline_user),
-                    "BENCH_BASELINE_MODEL": str(self.model_id), "BENCH_BASELINE_VERSION": str(self.version_id)}
+        base_env = {
+            **env,
+            "BENCH_BASELINE_DSN": dsn,
+            "BENCH_BASELINE_USER": str(self.baseline_user),
+            "BENCH_BASELINE_MODEL": str(self.model_id),
+            "BENCH_BASELINE_VERSION": str(self.version_id),
+        }
         extra = self.args.server_args.split() if self.args.server_args else []
         self.servers["ours"] = Server("ours", "app.api:create_app()", env, self.tmp, extra)
         self.servers["baseline"] = Server("baseline", "bench.intake:baseline_app()", base_env, self.tmp, extra)
@@ -376,8 +438,10 @@ class Bench:
             if not shutil.which("wrk"):
                 raise SystemExit("--generator wrk: wrk is not installed (make system-packages)")
             self.load = Wrk(self.keys, self.tmp, self.args.connections, self.args.wrk_threads)
-        log(f"servers up: ours {self.servers['ours'].url}, baseline {self.servers['baseline'].url}; "
-            f"load generator: {self.load.name}, {self.args.connections} connections")
+        log(
+            f"servers up: ours {self.servers['ours'].url}, baseline {self.servers['baseline'].url}; "
+            f"load generator: {self.load.name}, {self.args.connections} connections"
+        )
 
     def rows(self, which: str) -> int:
         from sqlalchemy import text
@@ -397,8 +461,17 @@ class Bench:
 
         app_name = "bench-baseline" if which == "baseline" else "dreamq"
         with transaction() as session:
-            pids = session.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                                        "AND application_name = :a AND pid <> pg_backend_pid()"), {"a": app_name}).scalars().all()
+            pids = (
+                session.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND application_name = :a AND pid <> pg_backend_pid()"
+                    ),
+                    {"a": app_name},
+                )
+                .scalars()
+                .all()
+            )
         out = {}
         for pid in pids:
             with contextlib.suppress(psutil.Error):
@@ -425,17 +498,23 @@ class Bench:
         busy = (sum(machine1) - machine1.idle - machine1.iowait) - (sum(machine0) - machine0.idle - machine0.iowait)
         wall = sum(machine1) - sum(machine0)
         ok = sum(v for k, v in result["statuses"].items() if 200 <= k < 300)
-        result.update({
-            "which": which, "rate": ok / result["seconds"] if result["seconds"] else 0.0,
-            "ok": ok, "non_2xx": result["requests"] - ok, "rows": inserted,
-            "server_cpu_ms_per_req": cpu * 1000 / ok if ok else float("nan"),
-            "postgres_cpu_ms_per_req": pg_cpu * 1000 / ok if ok else float("nan"),
-            "machine_busy": busy / wall if wall else float("nan"),
-        })
+        result.update(
+            {
+                "which": which,
+                "rate": ok / result["seconds"] if result["seconds"] else 0.0,
+                "ok": ok,
+                "non_2xx": result["requests"] - ok,
+                "rows": inserted,
+                "server_cpu_ms_per_req": cpu * 1000 / ok if ok else float("nan"),
+                "postgres_cpu_ms_per_req": pg_cpu * 1000 / ok if ok else float("nan"),
+                "machine_busy": busy / wall if wall else float("nan"),
+            }
+        )
         # wrk stops mid-request at the deadline: a request answered after it is a row without a
         # counted 2xx, so rows may exceed ok by up to the number of connections, never fall short.
-        result["valid"] = (result["non_2xx"] == 0 and result["socket_errors"] == 0
-                           and ok <= inserted <= ok + self.args.connections)
+        result["valid"] = (
+            result["non_2xx"] == 0 and result["socket_errors"] == 0 and ok <= inserted <= ok + self.args.connections
+        )
         return result
 
     def run(self) -> dict:
@@ -451,13 +530,20 @@ class Bench:
             for which in order:
                 m = self.measure(which, self.args.seconds)
                 runs[which].append(m)
-                log(f"round {r + 1} {which:<8}: {m['rate']:>7,.0f} req/s  p50 {m['p50_ms']:6.1f} ms  "
+                log(
+                    f"round {r + 1} {which:<8}: {m['rate']:>7,.0f} req/s  p50 {m['p50_ms']:6.1f} ms  "
                     f"p99 {m['p99_ms']:6.1f} ms  server CPU {m['server_cpu_ms_per_req']:5.2f} ms/req  "
                     f"postgres CPU {m['postgres_cpu_ms_per_req']:5.2f} ms/req  "
                     f"machine {m['machine_busy'] * 100:3.0f}% busy  statuses {m['statuses']}  rows {m['rows']}"
-                    + ("" if m["valid"] else "  INVALID"))
-        out: dict[str, Any] = {"generator": self.load.name, "connections": self.args.connections,
-                               "rounds": self.args.rounds, "seconds": self.args.seconds, "runs": runs}
+                    + ("" if m["valid"] else "  INVALID")
+                )
+        out: dict[str, Any] = {
+            "generator": self.load.name,
+            "connections": self.args.connections,
+            "rounds": self.args.rounds,
+            "seconds": self.args.seconds,
+            "runs": runs,
+        }
         for which in ("ours", "baseline"):
             ms = runs[which]
             out[which] = {
@@ -474,9 +560,12 @@ class Bench:
         out["ratio"] = out["ours"]["rate"] / out["baseline"]["rate"] if out["baseline"]["rate"] else float("inf")
         # Each round's two measurements ran back to back, under the same outside load: the median
         # of their ratios is the steadier figure on a shared machine.
-        out["ratio_paired"] = statistics.median(o["rate"] / b["rate"] for o, b in zip(runs["ours"], runs["baseline"])
-                                                if b["rate"])
-        out["server_args"] = " ".join(API_SERVER_ARGS + (self.args.server_args.split() if self.args.server_args else []))
+        out["ratio_paired"] = statistics.median(
+            o["rate"] / b["rate"] for o, b in zip(runs["ours"], runs["baseline"]) if b["rate"]
+        )
+        out["server_args"] = " ".join(
+            API_SERVER_ARGS + (self.args.server_args.split() if self.args.server_args else [])
+        )
         return out
 
     def cleanup(self) -> None:
@@ -502,22 +591,30 @@ class Bench:
 
 def render(result: dict, total_s: float) -> str:
     ours, base = result["ours"], result["baseline"]
-    lines = [f"{'':<10} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'server CPU ms/req':>17} | "
-             f"{'postgres CPU ms/req':>19} | {'machine busy':>12} | {'non-2xx':>7} | valid"]
+    lines = [
+        f"{'':<10} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | {'server CPU ms/req':>17} | "
+        f"{'postgres CPU ms/req':>19} | {'machine busy':>12} | {'non-2xx':>7} | valid"
+    ]
     lines.append("-" * len(lines[0]))
     for name, r in (("ours", ours), ("baseline", base)):
-        lines.append(f"{name:<10} | {r['rate']:>8,.0f} | {r['p50_ms']:>7.1f} | {r['p99_ms']:>7.1f} | "
-                     f"{r['server_cpu_ms_per_req']:>17.2f} | {r['postgres_cpu_ms_per_req']:>19.2f} | "
-                     f"{r['machine_busy'] * 100:>11.0f}% | "
-                     f"{r['non_2xx'] + r['socket_errors']:>7} | {'yes' if r['valid'] else 'NO'}")
-    lines.append(f"ratio ours/baseline = {result['ratio']:.2f}x (goal >= {GOAL}x: "
-                 f"{'MET' if result['ratio'] >= GOAL else 'NOT MET'}); median of the per-round ratios "
-                 f"{result['ratio_paired']:.2f}x")
-    lines.append(f"(medians of {result['rounds']} interleaved rounds of {result['seconds']:g}s; load generator: "
-                 f"{result['generator']}, {result['connections']} keep-alive connections; gunicorn "
-                 f"{result['server_args']} for both; server CPU = gunicorn master + workers, postgres CPU = "
-                 f"the backends serving it (when Postgres runs on this host); "
-                 f"total runtime {total_s:.0f}s)")
+        lines.append(
+            f"{name:<10} | {r['rate']:>8,.0f} | {r['p50_ms']:>7.1f} | {r['p99_ms']:>7.1f} | "
+            f"{r['server_cpu_ms_per_req']:>17.2f} | {r['postgres_cpu_ms_per_req']:>19.2f} | "
+            f"{r['machine_busy'] * 100:>11.0f}% | "
+            f"{r['non_2xx'] + r['socket_errors']:>7} | {'yes' if r['valid'] else 'NO'}"
+        )
+    lines.append(
+        f"ratio ours/baseline = {result['ratio']:.2f}x (goal >= {GOAL}x: "
+        f"{'MET' if result['ratio'] >= GOAL else 'NOT MET'}); median of the per-round ratios "
+        f"{result['ratio_paired']:.2f}x"
+    )
+    lines.append(
+        f"(medians of {result['rounds']} interleaved rounds of {result['seconds']:g}s; load generator: "
+        f"{result['generator']}, {result['connections']} keep-alive connections; gunicorn "
+        f"{result['server_args']} for both; server CPU = gunicorn master + workers, postgres CPU = "
+        f"the backends serving it (when Postgres runs on this host); "
+        f"total runtime {total_s:.0f}s)"
+    )
     if not (ours["valid"] and base["valid"]):
         lines.append("INVALID RUN: some requests were refused or failed (see the rounds on stderr)")
     return "\n".join(lines)
@@ -555,10 +652,17 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     if args.details:
         Path(args.details).write_text(json.dumps(result, indent=2, default=str))
-    summary = {"baseline": round(result["baseline"]["rate"], 1), "ours": round(result["ours"]["rate"], 1),
-               "ratio": round(result["ratio"], 3), "unit": "req/s", "ratio_paired": round(result["ratio_paired"], 3),
-               "generator": result["generator"], "server_args": result["server_args"],
-               "connections": result["connections"], "rounds": result["rounds"]}
+    summary = {
+        "baseline": round(result["baseline"]["rate"], 1),
+        "ours": round(result["ours"]["rate"], 1),
+        "ratio": round(result["ratio"], 3),
+        "unit": "req/s",
+        "ratio_paired": round(result["ratio_paired"], 3),
+        "generator": result["generator"],
+        "server_args": result["server_args"],
+        "connections": result["connections"],
+        "rounds": result["rounds"],
+    }
     for which in ("ours", "baseline"):
         r = result[which]
         summary[f"{which}_p50_ms"] = round(r["p50_ms"], 2)

@@ -69,10 +69,13 @@ def ours_round(stack: Stack, n: int, timeout_s: float) -> tuple[list[float], lis
                 raise RuntimeError(f"job {job_id} ended {state}")
             time.sleep(POLL_S)
     with transaction() as session:
-        rows = session.execute(text(
-            "SELECT id, extract(epoch FROM started_at), extract(epoch FROM finished_at), "
-            "extract(epoch FROM dispatched_at) FROM jobs WHERE user_id = :u"),
-            {"u": user.user_id}).all()
+        rows = session.execute(
+            text(
+                "SELECT id, extract(epoch FROM started_at), extract(epoch FROM finished_at), "
+                "extract(epoch FROM dispatched_at) FROM jobs WHERE user_id = :u"
+            ),
+            {"u": user.user_id},
+        ).all()
     BREAKDOWN["to_dispatched"] += [(float(r[3]) - accepted[r[0]]) * 1000 for r in rows]
     BREAKDOWN["to_running"] += [(float(r[1]) - float(r[3])) * 1000 for r in rows]
     running = [(float(r[1]) - accepted[r[0]]) * 1000 for r in rows]
@@ -107,14 +110,20 @@ def render(result: dict, extra: dict) -> str:
         goal = GOALS.get(key)
         verdict = "" if goal is None else f"<= {goal:.0f} ms: {'MET' if r['ours'] <= goal else 'NOT MET'}"
         lines.append(f"{key:<24} | {r['ours']:>8.1f} | {r['baseline']:>11.2f} | {r['ratio']:>5.1f}x | {verdict}")
-    lines.append(f"({extra['jobs']} sequential jobs per side over {extra['rounds']} interleaved rounds, pool idle "
-                 f"for {IDLE_GAP_S * 1000:.0f} ms before each; ours: accept = commit of the job row, running/succeeded "
-                 "= started_at/finished_at in Postgres; baseline: accept = before apply_async, running/succeeded = "
-                 "first/last line of the no-op task)")
-    lines.append(f"ours accept->running = accept->dispatched p50 {extra['to_dispatched_p50']:.1f} ms (trigger + "
-                 f"dispatch pass) + dispatched->running p50 {extra['to_running_p50']:.1f} ms (broker hop + claim)")
-    lines.append(f"ours accept->running p90 {extra['ours_running_p90']:.1f} ms, max {extra['ours_running_max']:.1f} ms; "
-                 f"total runtime {extra['total_s']:.0f}s")
+    lines.append(
+        f"({extra['jobs']} sequential jobs per side over {extra['rounds']} interleaved rounds, pool idle "
+        f"for {IDLE_GAP_S * 1000:.0f} ms before each; ours: accept = commit of the job row, running/succeeded "
+        "= started_at/finished_at in Postgres; baseline: accept = before apply_async, running/succeeded = "
+        "first/last line of the no-op task)"
+    )
+    lines.append(
+        f"ours accept->running = accept->dispatched p50 {extra['to_dispatched_p50']:.1f} ms (trigger + "
+        f"dispatch pass) + dispatched->running p50 {extra['to_running_p50']:.1f} ms (broker hop + claim)"
+    )
+    lines.append(
+        f"ours accept->running p90 {extra['ours_running_p90']:.1f} ms, max {extra['ours_running_max']:.1f} ms; "
+        f"total runtime {extra['total_s']:.0f}s"
+    )
     return "\n".join(lines)
 
 
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         for values in BREAKDOWN.values():
             values.clear()
         for r in range(rounds):
-            for which in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
+            for which in ("ours", "baseline") if r % 2 == 0 else ("baseline", "ours"):
                 if which == "ours":
                     run, done = ours_round(stack, per_round, args.timeout_s)
                     ours_run += run
@@ -147,17 +156,29 @@ def main(argv: list[str] | None = None) -> int:
                     run, done = baseline_round(stack, per_round, args.timeout_s)
                     base_run += run
                     base_done += done
-                log(f"round {r + 1} {which:<8}: accept->running p50 {pct(run, 50):6.1f} ms p99 {pct(run, 99):6.1f} ms, "
-                    f"accept->succeeded p50 {pct(done, 50):6.1f} ms p99 {pct(done, 99):6.1f} ms")
+                log(
+                    f"round {r + 1} {which:<8}: accept->running p50 {pct(run, 50):6.1f} ms p99 {pct(run, 99):6.1f} ms, "
+                    f"accept->succeeded p50 {pct(done, 50):6.1f} ms p99 {pct(done, 99):6.1f} ms"
+                )
     result = {}
     for key, ours, base in (("running", ours_run, base_run), ("succeeded", ours_done, base_done)):
         for q in (50, 99):
             o, b = pct(ours, q), pct(base, q)
-            result[f"latency_{key}_p{q}"] = {"baseline": round(b, 2), "ours": round(o, 2),
-                                             "ratio": round(o / b, 2) if b else None, "unit": "ms"}
-    extra = {"jobs": len(ours_run), "rounds": rounds, "ours_running_p90": pct(ours_run, 90),
-             "ours_running_max": max(ours_run), "total_s": time.perf_counter() - started,
-             "to_dispatched_p50": pct(BREAKDOWN["to_dispatched"], 50), "to_running_p50": pct(BREAKDOWN["to_running"], 50)}
+            result[f"latency_{key}_p{q}"] = {
+                "baseline": round(b, 2),
+                "ours": round(o, 2),
+                "ratio": round(o / b, 2) if b else None,
+                "unit": "ms",
+            }
+    extra = {
+        "jobs": len(ours_run),
+        "rounds": rounds,
+        "ours_running_p90": pct(ours_run, 90),
+        "ours_running_max": max(ours_run),
+        "total_s": time.perf_counter() - started,
+        "to_dispatched_p50": pct(BREAKDOWN["to_dispatched"], 50),
+        "to_running_p50": pct(BREAKDOWN["to_running"], 50),
+    }
     if args.json:
         print(json.dumps(result))
         log(render(result, extra))

@@ -42,7 +42,8 @@ CLUSTER = "bench"
 MODEL = "noop"
 RAW_QUEUE = "bench-raw"
 
-from bench.dispatch_scale import Services as DbServices, log, pct  # noqa: E402
+from bench.dispatch_scale import Services as DbServices  # noqa: E402
+from bench.dispatch_scale import log  # noqa: E402
 
 
 class Services(DbServices):
@@ -101,13 +102,14 @@ class Stack:
         self.procs: dict = {}
 
     def setup(self) -> None:
+        from sqlalchemy import text
+
         from app.core import redis_client, storage
         from app.core.config import reload_settings
         from app.db import session as db_session
         from app.db.migrate import upgrade
         from app.db.session import transaction
         from app.seed import ensure_demo_model, ensure_pool, seed_tiers
-        from sqlalchemy import text
 
         os.environ.update(self.env)
         reload_settings()
@@ -116,8 +118,11 @@ class Stack:
         redis_client.reset()
         # Queues and coalescing keys an interrupted earlier run may have left behind.
         redis = redis_client.get_redis()
-        stale = [k for pattern in ("control", "cpu", f"{CLUSTER}.*", RAW_QUEUE, "dreamq:dispatch:*")
-                 for k in redis.scan_iter(match=pattern)]
+        stale = [
+            k
+            for pattern in ("control", "cpu", f"{CLUSTER}.*", RAW_QUEUE, "dreamq:dispatch:*")
+            for k in redis.scan_iter(match=pattern)
+        ]
         if stale:
             redis.delete(*stale)
         upgrade(self.services.db_url)
@@ -143,25 +148,84 @@ class Stack:
     # -- workers --
 
     def start_workers(self, *, raw: bool = True) -> None:
-        from workers.launch import worker_command
         from app.stack.process import ManagedProcess
+        from workers.launch import worker_command
 
         base = {**os.environ, **self.env}
-        control = [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker", "-Q", "control,cpu",
-                   "-c", "2", "-n", f"control-{self.run_id}@%h", "--without-gossip", "--without-mingle",
-                   "--loglevel", "INFO"]
-        self._start(ManagedProcess("control", control, env={**base, "DREAMQ_LOG_COMPONENT": "control"}, cwd=str(ROOT),
-                                   log_path=self.logs / "control.log", signal_group=False))
+        control = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks.celery_app:celery_app",
+            "worker",
+            "-Q",
+            "control,cpu",
+            "-c",
+            "2",
+            "-n",
+            f"control-{self.run_id}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "INFO",
+        ]
+        self._start(
+            ManagedProcess(
+                "control",
+                control,
+                env={**base, "DREAMQ_LOG_COMPONENT": "control"},
+                cwd=str(ROOT),
+                log_path=self.logs / "control.log",
+                signal_group=False,
+            )
+        )
         self.gpu_name = f"gpu-{self.run_id}"
         argv, env = worker_command(CLUSTER, MODEL, "", self.gpu_name)
-        self._start(ManagedProcess("gpu", argv, env={**env, **base, "CUDA_VISIBLE_DEVICES": ""}, cwd=str(ROOT),
-                                   log_path=self.logs / "gpu.log", signal_group=False))
+        self._start(
+            ManagedProcess(
+                "gpu",
+                argv,
+                env={**env, **base, "CUDA_VISIBLE_DEVICES": ""},
+                cwd=str(ROOT),
+                log_path=self.logs / "gpu.log",
+                signal_group=False,
+            )
+        )
         if raw:
-            argv = [sys.executable, "-m", "celery", "-A", "bench.raw_celery:app", "worker", "-Q", RAW_QUEUE,
-                    "-c", "1", "--prefetch-multiplier", "1", "-P", "prefork", "-n", f"raw-{self.run_id}@%h",
-                    "--without-gossip", "--without-mingle", "-E", "--loglevel", "INFO"]
-            self._start(ManagedProcess("raw", argv, env={**base, "DREAMQ_BENCH_RAW_QUEUE": RAW_QUEUE}, cwd=str(ROOT),
-                                       log_path=self.logs / "raw.log", signal_group=False))
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.raw_celery:app",
+                "worker",
+                "-Q",
+                RAW_QUEUE,
+                "-c",
+                "1",
+                "--prefetch-multiplier",
+                "1",
+                "-P",
+                "prefork",
+                "-n",
+                f"raw-{self.run_id}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "-E",
+                "--loglevel",
+                "INFO",
+            ]
+            self._start(
+                ManagedProcess(
+                    "raw",
+                    argv,
+                    env={**base, "DREAMQ_BENCH_RAW_QUEUE": RAW_QUEUE},
+                    cwd=str(ROOT),
+                    log_path=self.logs / "raw.log",
+                    signal_group=False,
+                )
+            )
         self._wait_ready(raw)
 
     def _start(self, proc) -> None:
@@ -184,10 +248,15 @@ class Stack:
             if not gpu_ready:
                 with transaction() as session:
                     # Ready = registered and its child has loaded the model (it reports `loaded`).
-                    gpu_ready = bool(session.execute(text(
-                        "SELECT 1 FROM workers WHERE id LIKE :n AND state = 'idle' "
-                        "AND jsonb_array_length(COALESCE(info->'loaded', '[]'::jsonb)) > 0"),
-                        {"n": f"{self.gpu_name}@%"}).first())
+                    gpu_ready = bool(
+                        session.execute(
+                            text(
+                                "SELECT 1 FROM workers WHERE id LIKE :n AND state = 'idle' "
+                                "AND jsonb_array_length(COALESCE(info->'loaded', '[]'::jsonb)) > 0"
+                            ),
+                            {"n": f"{self.gpu_name}@%"},
+                        ).first()
+                    )
             if want:
                 replies = celery_app.control.ping(timeout=0.5) or []
                 seen = {name for reply in replies for name in reply}
@@ -212,7 +281,7 @@ class Stack:
         """What POST /v1/generations does once the request is authenticated: insert, commit,
         then ask for a dispatch. Returns when the job is accepted (the commit is done)."""
         from app.api.schemas import GenerationCreate
-        from app.db.session import after_commit, transaction
+        from app.db.session import transaction
         from app.jobs.submit import create_job
         from app.messaging import get_publisher
 
@@ -228,8 +297,9 @@ class Stack:
         from app.db.session import transaction
 
         with transaction() as session:
-            return session.execute(text("SELECT count(*) FROM jobs WHERE user_id = :u AND state = 'succeeded'"),
-                                   {"u": user_id}).scalar_one()
+            return session.execute(
+                text("SELECT count(*) FROM jobs WHERE user_id = :u AND state = 'succeeded'"), {"u": user_id}
+            ).scalar_one()
 
     def not_succeeded(self, user_id) -> dict[str, int]:
         from sqlalchemy import text
@@ -237,8 +307,12 @@ class Stack:
         from app.db.session import transaction
 
         with transaction() as session:
-            return dict(session.execute(text("SELECT state, count(*) FROM jobs WHERE user_id = :u "
-                                             "AND state <> 'succeeded' GROUP BY state"), {"u": user_id}).all())
+            return dict(
+                session.execute(
+                    text("SELECT state, count(*) FROM jobs WHERE user_id = :u AND state <> 'succeeded' GROUP BY state"),
+                    {"u": user_id},
+                ).all()
+            )
 
     def worker_job_s(self) -> float | None:
         """What the GPU worker last reported as its job time (workers.info.job_s)."""
@@ -247,8 +321,9 @@ class Stack:
         from app.db.session import transaction
 
         with transaction() as session:
-            value = session.execute(text("SELECT info ->> 'job_s' FROM workers WHERE id LIKE :n"),
-                                    {"n": f"{self.gpu_name}@%"}).scalar()
+            value = session.execute(
+                text("SELECT info ->> 'job_s' FROM workers WHERE id LIKE :n"), {"n": f"{self.gpu_name}@%"}
+            ).scalar()
         return None if value is None else float(value)
 
     def timings(self, user_id) -> list[tuple[float, float | None, float | None, float | None]]:
@@ -258,10 +333,17 @@ class Stack:
         from app.db.session import transaction
 
         with transaction() as session:
-            return [tuple(None if v is None else float(v) for v in row) for row in session.execute(text(
-                "SELECT extract(epoch FROM created_at), extract(epoch FROM dispatched_at), "
-                "extract(epoch FROM started_at), extract(epoch FROM finished_at) "
-                "FROM jobs WHERE user_id = :u ORDER BY created_at"), {"u": user_id}).all()]
+            return [
+                tuple(None if v is None else float(v) for v in row)
+                for row in session.execute(
+                    text(
+                        "SELECT extract(epoch FROM created_at), extract(epoch FROM dispatched_at), "
+                        "extract(epoch FROM started_at), extract(epoch FROM finished_at) "
+                        "FROM jobs WHERE user_id = :u ORDER BY created_at"
+                    ),
+                    {"u": user_id},
+                ).all()
+            ]
 
 
 @contextlib.contextmanager

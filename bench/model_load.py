@@ -210,7 +210,7 @@ def touch_pages(tensors: dict[str, torch.Tensor]) -> None:
     """Read one byte per page of every tensor: forces mmap-backed tensors to fault their pages in."""
     for t in tensors.values():
         if t.numel():
-            t.reshape(-1).view(torch.uint8)[:: 4096].sum()
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
 def pinned_h2d_rate(device: torch.device, nbytes: int, rounds: int) -> list[float]:
@@ -285,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "int64", "uint8", "bool"])
     ap.add_argument("--tensors", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dir", type=Path, default=None, help="where to write the checkpoint (default: temp dir, not tmpfs)")
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="where to write the checkpoint (default: temp dir, not tmpfs)"
+    )
     ap.add_argument("--keep", action="store_true", help="leave the checkpoint files behind")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     ap.add_argument("--chunk-mb", type=float, default=None, help="default: the loader's for the device")
@@ -433,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio["ours_warm_vs_safetensors_warm"] = med["ours_warm"] / med["safetensors_warm"]
     else:
         # safetensors on CPU reads nothing up front: compare loads that end with every page touched.
-        ratio["ours_warm_touched_vs_safetensors_warm_touched"] = med["ours_warm_touched"] / med["safetensors_warm_touched"]
+        ratio["ours_warm_touched_vs_safetensors_warm_touched"] = (
+            med["ours_warm_touched"] / med["safetensors_warm_touched"]
+        )
         ratio["ours_mmap_warm_touched_vs_safetensors_warm_touched"] = (
             med["ours_mmap_warm_touched"] / med["safetensors_warm_touched"]
         )
@@ -457,9 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         "gbps_samples": samples,
         "baseline": {"disk_cold": disk_cold, "disk_warm": disk_warm, "warm": warm_base, "warm_name": warm_base_name},
         "ratio": ratio,
-        "goal": (
-            {"ours_warm_vs_pinned_h2d": 0.5, "ours_cold_vs_disk_cold": 0.9} if device.type == "cuda" else None
-        ),
+        "goal": ({"ours_warm_vs_pinned_h2d": 0.5, "ours_cold_vs_disk_cold": 0.9} if device.type == "cuda" else None),
         "bit_exact": exact,
         "unit": "GB/s (1e9 bytes of tensor data per second), median of rounds",
         "seconds_total": time.perf_counter() - started,
@@ -473,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         return f"{label:<44} {med[name]:8.2f}  {r}".rstrip()
 
     cold_note = "" if truly_cold else "  (page cache NOT dropped: cold figures are warm)"
-    print(f"model_load: {nbytes / 1e9:.3f} GB {args.dtype} in {count} tensors, device {device} ({device_name}), torch {torch.__version__}")
-    print(f"checkpoint in {workdir} ({fs}); chunk {args.chunk_mb} MiB, {args.streams} streams, {readers} readers; median of {rounds}")
+    print(
+        f"model_load: {nbytes / 1e9:.3f} GB {args.dtype} in {count} tensors, device {device} ({device_name}), torch {torch.__version__}"
+    )
+    print(
+        f"checkpoint in {workdir} ({fs}); chunk {args.chunk_mb} MiB, {args.streams} streams, {readers} readers; median of {rounds}"
+    )
     d = drops[-1] if drops else {}
     print(
         f"page cache drop: fadvise={d.get('fadvise')} drop_caches={d.get('drop_caches')} "
@@ -507,14 +513,18 @@ def main(argv: list[str] | None = None) -> int:
             f"touched, ours vs safetensors: {ratio['ours_warm_touched_vs_safetensors_warm_touched']:.2f}x "
             f"(mmap=True: {ratio['ours_mmap_warm_touched_vs_safetensors_warm_touched']:.2f}x)"
         )
-    print(f"{vs_st}; ours warm vs torch.load warm: {ratio['ours_warm_vs_torch_load_warm']:.2f}x; bit-exact vs safetensors: {exact}")
+    print(
+        f"{vs_st}; ours warm vs torch.load warm: {ratio['ours_warm_vs_torch_load_warm']:.2f}x; bit-exact vs safetensors: {exact}"
+    )
     for r in sweep:
         print(row(f"sweep_r{r}_cold", f"load_safetensors cold, {r} readers", disk_cold, "disk read cold"))
         print(row(f"sweep_r{r}_warm", f"load_safetensors warm, {r} readers", warm_base, warm_base_name))
     if device.type == "cuda":
         ok_w = ratio["ours_warm_vs_pinned_h2d"] >= 0.5
         ok_c = ratio["ours_cold_vs_disk_cold"] >= 0.9
-        print(f"goal: warm >= 50% of pinned H2D: {'met' if ok_w else 'MISSED'}; cold >= 90% of disk read: {'met' if ok_c else 'MISSED'}")
+        print(
+            f"goal: warm >= 50% of pinned H2D: {'met' if ok_w else 'MISSED'}; cold >= 90% of disk read: {'met' if ok_c else 'MISSED'}"
+        )
     print(f"total {result['seconds_total']:.0f}s")
     return 0 if exact else 1
 

@@ -25,12 +25,29 @@ from celery import Celery  # noqa: E402
 QUEUE = os.environ.get("DREAMQ_BENCH_RAW_QUEUE", "bench-raw")
 # Settings copied from dreamq's app; anything about dreamq's own topology is left out.
 _COPIED = (
-    "task_serializer", "result_serializer", "accept_content", "event_serializer", "task_ignore_result",
-    "result_backend", "task_acks_late", "task_reject_on_worker_lost", "task_acks_on_failure_or_timeout",
-    "worker_prefetch_multiplier", "broker_transport_options", "broker_connection_retry_on_startup",
-    "broker_pool_limit", "worker_hijack_root_logger", "worker_redirect_stdouts", "worker_send_task_events",
-    "task_send_sent_event", "task_soft_time_limit", "task_time_limit", "timezone", "enable_utc",
-    "worker_cancel_long_running_tasks_on_connection_loss", "worker_proc_alive_timeout",
+    "task_serializer",
+    "result_serializer",
+    "accept_content",
+    "event_serializer",
+    "task_ignore_result",
+    "result_backend",
+    "task_acks_late",
+    "task_reject_on_worker_lost",
+    "task_acks_on_failure_or_timeout",
+    "worker_prefetch_multiplier",
+    "broker_transport_options",
+    "broker_connection_retry_on_startup",
+    "broker_pool_limit",
+    "worker_hijack_root_logger",
+    "worker_redirect_stdouts",
+    "worker_send_task_events",
+    "task_send_sent_event",
+    "task_soft_time_limit",
+    "task_time_limit",
+    "timezone",
+    "enable_utc",
+    "worker_cancel_long_running_tasks_on_connection_loss",
+    "worker_proc_alive_timeout",
 )
 
 

@@ -46,8 +46,11 @@ BENCHES: dict[str, tuple[list[str], int, list[str]]] = {
     "control_plane": (["bench/control_plane.py", "--json"], 140, ["--quick"]),
     "latency": (["bench/latency.py", "--json"], 110, ["--quick"]),
     "dispatch_scale": (["bench/dispatch_scale.py", "--json", "--decisions", "10240"], 380, ["--quick"]),
-    "model_load": (["bench/model_load.py", "--json", "--size-mb", "1024", "--rounds", "3"], 80,
-                   ["--size-mb", "256", "--rounds", "2"]),
+    "model_load": (
+        ["bench/model_load.py", "--json", "--size-mb", "1024", "--rounds", "3"],
+        80,
+        ["--size-mb", "256", "--rounds", "2"],
+    ),
 }
 
 # What each entry must reach, as (comparison, value, on which field).
@@ -81,22 +84,39 @@ def normalise(name: str, data: dict) -> dict[str, dict]:
     """Each bench's JSON as entries of {baseline, ours, ratio, unit}."""
     if name == "dispatch_scale":
         return {
-            f"dispatch_{size}": {"baseline": data["baseline"][size], "ours": ours, "ratio": data["ratio"][size],
-                                 "unit": data.get("unit", "decisions/s"),
-                                 "baseline_name": "naive ORDER BY + per-user count(*) + SKIP LOCKED dispatcher"}
+            f"dispatch_{size}": {
+                "baseline": data["baseline"][size],
+                "ours": ours,
+                "ratio": data["ratio"][size],
+                "unit": data.get("unit", "decisions/s"),
+                "baseline_name": "naive ORDER BY + per-user count(*) + SKIP LOCKED dispatcher",
+            }
             for size, ours in data["sizes"].items()
         }
     if name == "model_load":
         gbps, base = data["gbps"], data["baseline"]
-        common = {"unit": "GB/s", "device": data.get("device_name", data.get("device")),
-                  "size_bytes": data.get("size_bytes"), "cold_is_cold": data.get("cold_is_cold")}
+        common = {
+            "unit": "GB/s",
+            "device": data.get("device_name", data.get("device")),
+            "size_bytes": data.get("size_bytes"),
+            "cold_is_cold": data.get("cold_is_cold"),
+        }
         return {
-            "model_load_cold": {"baseline": base["disk_cold"], "ours": gbps["ours_cold"],
-                                "ratio": gbps["ours_cold"] / base["disk_cold"], "baseline_name": "cold disk read",
-                                **common},
-            "model_load_warm": {"baseline": base["warm"], "ours": gbps["ours_warm"],
-                                "ratio": gbps["ours_warm"] / base["warm"], "baseline_name": base.get("warm_name"),
-                                "torch_load_warm": gbps.get("torch_load_warm"), **common},
+            "model_load_cold": {
+                "baseline": base["disk_cold"],
+                "ours": gbps["ours_cold"],
+                "ratio": gbps["ours_cold"] / base["disk_cold"],
+                "baseline_name": "cold disk read",
+                **common,
+            },
+            "model_load_warm": {
+                "baseline": base["warm"],
+                "ours": gbps["ours_warm"],
+                "ratio": gbps["ours_warm"] / base["warm"],
+                "baseline_name": base.get("warm_name"),
+                "torch_load_warm": gbps.get("torch_load_warm"),
+                **common,
+            },
         }
     # Entries are the dict values; a bench's scalar extras (e.g. its total_s) are not rows.
     return {k: v for k, v in data.items() if isinstance(v, dict)}
@@ -127,23 +147,28 @@ def fmt(value) -> str:
 
 
 def table(entries: dict[str, dict]) -> list[str]:
-    lines = ["| bench | baseline | ours | ratio (ours/baseline) | unit | goal | |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| bench | baseline | ours | ratio (ours/baseline) | unit | goal | |", "|---|---|---|---|---|---|---|"]
     for name, entry in entries.items():
         if "error" in entry:
             lines.append(f"| {name} | | | | | | **failed**: {entry['error']} |")
             continue
         goal, met = goal_text(name, entry)
         ratio = entry.get("ratio")
-        lines.append(f"| {name} | {fmt(entry.get('baseline'))} | {fmt(entry.get('ours'))} | "
-                     f"{fmt(ratio) + '×' if ratio is not None else ''} | {entry.get('unit', '')} | {goal} | {met} |")
+        lines.append(
+            f"| {name} | {fmt(entry.get('baseline'))} | {fmt(entry.get('ours'))} | "
+            f"{fmt(ratio) + '×' if ratio is not None else ''} | {entry.get('unit', '')} | {goal} | {met} |"
+        )
     return lines
 
 
 def machine() -> str:
     cores = os.cpu_count()
     try:
-        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        mem_kb = int(
+            next(
+                line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+            ).split()[1]
+        )
         mem = f", {mem_kb / 2**20:.0f} GiB"
     except (OSError, StopIteration, ValueError):
         mem = ""
@@ -157,8 +182,14 @@ def recorded_gpu() -> tuple[list[str], dict]:
     busy = GPU_RESULTS / "gpu_busy.json"
     if not load.is_file() and not busy.is_file():
         return [], {}
-    device = (GPU_RESULTS / "gpu.txt").read_text().strip().replace("\n", ", ") if (GPU_RESULTS / "gpu.txt").is_file() else "GPU"
-    when = dt.datetime.fromtimestamp(max(p.stat().st_mtime for p in (load, busy) if p.is_file()), dt.timezone.utc).date()
+    device = (
+        (GPU_RESULTS / "gpu.txt").read_text().strip().replace("\n", ", ")
+        if (GPU_RESULTS / "gpu.txt").is_file()
+        else "GPU"
+    )
+    when = dt.datetime.fromtimestamp(
+        max(p.stat().st_mtime for p in (load, busy) if p.is_file()), dt.timezone.utc
+    ).date()
     if load.is_file():
         data = json.loads(load.read_text())
         entries.update({f"gpu_{k}": v for k, v in normalise("model_load", data).items()})
@@ -167,8 +198,13 @@ def recorded_gpu() -> tuple[list[str], dict]:
         if tuned:
             warm = data["baseline"]["warm"]
             entries["gpu_model_load_warm_cuda_defaults"] = {
-                "baseline": warm, "ours": tuned, "ratio": tuned / warm, "unit": "GB/s",
-                "baseline_name": data["baseline"].get("warm_name"), "options": "16 readers, 32 MiB, 4 streams"}
+                "baseline": warm,
+                "ours": tuned,
+                "ratio": tuned / warm,
+                "unit": "GB/s",
+                "baseline_name": data["baseline"].get("warm_name"),
+                "options": "16 readers, 32 MiB, 4 streams",
+            }
     if busy.is_file():
         for name, entry in json.loads(busy.read_text()).items():
             entries[name] = {k: entry.get(k) for k in ("baseline", "ours", "ratio", "unit", "baseline_name")}
@@ -201,8 +237,15 @@ def main() -> int:
         print(f"[bench] {name}: {' '.join(cmd[1:])} (limit {limit} s)", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, text=True, timeout=limit,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+            proc = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=None,
+                text=True,
+                timeout=limit,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
+            )
             if proc.returncode != 0:
                 raise RuntimeError(f"exit status {proc.returncode}")
             entries.update(normalise(name, _last_json_line(proc.stdout)))
@@ -216,12 +259,21 @@ def main() -> int:
         print(f"[bench] {name}: {timings[name]} s", file=sys.stderr, flush=True)
 
     total = round(sum(timings.values()), 1)
-    meta = {"date": started_at.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "quick": args.quick,
-            "seconds": timings, "seconds_total": total}
-    lines = [f"# dreamq benchmarks: {meta['date']}, {meta['machine']}", "",
-             f"`make bench`{' (--quick)' if args.quick else ''}, {total:.0f} s in all. Ratios are ours/baseline "
-             "measured in the same run, interleaved; medians over rounds. What each row measures: the "
-             "docstring of `bench/<name>.py`; README, Benchmarks.", ""]
+    meta = {
+        "date": started_at.strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "quick": args.quick,
+        "seconds": timings,
+        "seconds_total": total,
+    }
+    lines = [
+        f"# dreamq benchmarks: {meta['date']}, {meta['machine']}",
+        "",
+        f"`make bench`{' (--quick)' if args.quick else ''}, {total:.0f} s in all. Ratios are ours/baseline "
+        "measured in the same run, interleaved; medians over rounds. What each row measures: the "
+        "docstring of `bench/<name>.py`; README, Benchmarks.",
+        "",
+    ]
     lines += table(entries)
     gpu_lines, gpu_entries = recorded_gpu()
     if gpu_lines:

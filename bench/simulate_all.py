@@ -34,8 +34,12 @@ def _run(args: tuple[str, str, int, float, bool]) -> dict:
     res = simulate(trace, policy, seed=seed, scale=scale)
     if plots:
         OUT.mkdir(parents=True, exist_ok=True)
-        report.plot_timeline(res.timeline, DEFAULT_TIERS, str(OUT / f"{trace}-{policy}.png"),
-                             title=f"{trace} / {policy}: oldest dispatchable wait / W")
+        report.plot_timeline(
+            res.timeline,
+            DEFAULT_TIERS,
+            str(OUT / f"{trace}-{policy}.png"),
+            title=f"{trace} / {policy}: oldest dispatchable wait / W",
+        )
     return res.summary
 
 
@@ -53,7 +57,9 @@ def check_criteria(results: list[dict]) -> list[str]:
                 a = slo["tiers"][tier]["within_slo"]
                 b = strict["tiers"][tier]["within_slo"]
                 ok = a >= b - 0.02
-                lines.append(f"{'PASS' if ok else 'FAIL'} {trace}: {tier} within W {a:.4f} vs strict {b:.4f} (>= strict - 0.02)")
+                lines.append(
+                    f"{'PASS' if ok else 'FAIL'} {trace}: {tier} within W {a:.4f} vs strict {b:.4f} (>= strict - 0.02)"
+                )
         starved = {t: m["starved_windows"] for t, m in slo["tiers"].items() if m["starved_windows"]}
         lines.append(f"{'PASS' if not starved else 'FAIL'} {trace}: slo starved windows {starved or 0}")
         if trace == "steady":

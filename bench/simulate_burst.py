@@ -41,16 +41,26 @@ def _pct(x: float) -> str:
 
 def table(results: list[dict]) -> list[str]:
     lines = [
-        "| policy | burst | " + " | ".join(TIER_ORDER) + " | ups / downs | reversals | peak burst GPUs | GPU-h borrowed | wall s |",
+        "| policy | burst | "
+        + " | ".join(TIER_ORDER)
+        + " | ups / downs | reversals | peak burst GPUs | GPU-h borrowed | wall s |",
         "|---|---|" + "---:|" * len(TIER_ORDER) + "---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        cells = [f"{_pct(m['within_slo'])} / {_pct(m['within_slo_uncapped'])} / {m['starved_windows']}"
-                 for m in (r["tiers"][n] for n in TIER_ORDER)]
+        cells = [
+            f"{_pct(m['within_slo'])} / {_pct(m['within_slo_uncapped'])} / {m['starved_windows']}"
+            for m in (r["tiers"][n] for n in TIER_ORDER)
+        ]
         b = r.get("burst")
-        tail = (f"{b['scale_ups']} / {b['scale_downs'] + b['releases']} | {b['reversals']} | {b['peak_gpus']} | "
-                f"{b['gpu_hours']:,.0f}" if b else "- | - | - | -")
-        lines.append(f"| {r['policy']} | {'yes' if b else 'no'} | " + " | ".join(cells) + f" | {tail} | {r['wall_s']:.1f} |")
+        tail = (
+            f"{b['scale_ups']} / {b['scale_downs'] + b['releases']} | {b['reversals']} | {b['peak_gpus']} | "
+            f"{b['gpu_hours']:,.0f}"
+            if b
+            else "- | - | - | -"
+        )
+        lines.append(
+            f"| {r['policy']} | {'yes' if b else 'no'} | " + " | ".join(cells) + f" | {tail} | {r['wall_s']:.1f} |"
+        )
     return lines
 
 
@@ -63,11 +73,15 @@ def criteria(results: list[dict]) -> list[str]:
         for tier in ("api", "enterprise"):
             m = r["tiers"][tier]
             ok = m["within_slo"] >= 0.99
-            out.append(f"{'PASS' if ok else 'FAIL'} slo + burst: {tier} within W {m['within_slo']:.4f} >= 0.99 "
-                       f"(counting from under its user's cap: {m['within_slo_uncapped']:.4f}; "
-                       f"{m['capped_jobs']} jobs waited on their own user's cap)")
-        out.append(f"{'PASS' if b['reversals'] == 0 else 'FAIL'} slo + burst: {b['reversals']} reversals within "
-                   f"{REVERSAL_WINDOW_S / 60:g} min ({b['scale_ups']} scale-ups, {b['scale_downs']} drains)")
+            out.append(
+                f"{'PASS' if ok else 'FAIL'} slo + burst: {tier} within W {m['within_slo']:.4f} >= 0.99 "
+                f"(counting from under its user's cap: {m['within_slo_uncapped']:.4f}; "
+                f"{m['capped_jobs']} jobs waited on their own user's cap)"
+            )
+        out.append(
+            f"{'PASS' if b['reversals'] == 0 else 'FAIL'} slo + burst: {b['reversals']} reversals within "
+            f"{REVERSAL_WINDOW_S / 60:g} min ({b['scale_ups']} scale-ups, {b['scale_downs']} drains)"
+        )
     return out
 
 

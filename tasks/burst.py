@@ -29,11 +29,11 @@ from typing import Any
 from sqlalchemy import text
 
 from app.core.config import get_settings
+from app.core.redis_client import get_redis
 from app.db.session import transaction
 from app.observability.metrics import BURST_DECISIONS
 from app.provisioning import ProvisionedWorker, get_provisioner
 from app.provisioning.base import worker_rows_by_name
-from app.core.redis_client import get_redis
 from app.scheduling.burst import (
     DRAINING,
     SERVING,
@@ -148,17 +148,27 @@ class BurstPool:
             backlog = session.execute(_BACKLOG, {"model": self.pool.model_id, "window": ARRIVAL_WINDOW_S}).all()
             standing = session.execute(_STANDING, {"model": self.pool.model_id, "stale": WORKER_STALE_S}).one()
             mean = session.execute(_MEAN_JOB, {"model": self.pool.model_id}).scalar()
-        tiers = [TierPressure(name=r.name, slo_s=float(r.slo_s), queued=int(r.queued),
-                              oldest_wait_s=float(r.oldest_wait_s),
-                              arrivals_per_s=max(0, r.left_backlog + r.queued - r.queued_then) / ARRIVAL_WINDOW_S)
-                 for r in backlog]
+        tiers = [
+            TierPressure(
+                name=r.name,
+                slo_s=float(r.slo_s),
+                queued=int(r.queued),
+                oldest_wait_s=float(r.oldest_wait_s),
+                arrivals_per_s=max(0, r.left_backlog + r.queued - r.queued_then) / ARRIVAL_WINDOW_S,
+            )
+            for r in backlog
+        ]
         burst = []
         for worker in workers:
             phase, busy = _phase(rows[worker.name])
             burst.append(BurstWorker(id=worker.name, phase=phase, started_at=worker.started_at, busy=busy))
         return BurstObservation(
-            now=time.time(), tiers=tiers, standing_busy=int(standing.busy), standing_total=int(standing.total),
-            workers=burst, mean_job_s=float(mean) if mean else settings.burst_default_job_s,
+            now=time.time(),
+            tiers=tiers,
+            standing_busy=int(standing.busy),
+            standing_total=int(standing.total),
+            workers=burst,
+            mean_job_s=float(mean) if mean else settings.burst_default_job_s,
             warmup_s=settings.burst_warmup_s,
             max_workers=self.pool.max_workers if self.pool.max_workers is not None else settings.burst_max_workers,
             reclaimed=not self.pool.cluster_enabled,
@@ -186,13 +196,25 @@ class BurstPool:
             for name in decision.worker_ids:
                 if name in by_name:
                     self._stop(by_name[name])
-        record = {"at": obs.now, "pool": self.name, "action": decision.action.value, "count": decision.count,
-                  "workers": list(decision.worker_ids), "reason": decision.reason,
-                  "numbers": dict(decision.numbers)}
+        record = {
+            "at": obs.now,
+            "pool": self.name,
+            "action": decision.action.value,
+            "count": decision.count,
+            "workers": list(decision.worker_ids),
+            "reason": decision.reason,
+            "numbers": dict(decision.numbers),
+        }
         if decision.action is not Action.HOLD:
-            log.info("burst decision", extra={"pool": self.name, "action": decision.action.value,
-                                              "count": decision.count or len(decision.worker_ids),
-                                              "reason": decision.reason})
+            log.info(
+                "burst decision",
+                extra={
+                    "pool": self.name,
+                    "action": decision.action.value,
+                    "count": decision.count or len(decision.worker_ids),
+                    "reason": decision.reason,
+                },
+            )
             if self.redis is not None:
                 key = f"dreamq:burst:{self.name}:decisions"
                 self.redis.lpush(key, json.dumps(record, default=str))
@@ -208,8 +230,10 @@ class BurstPool:
     def _housekeeping(self, workers: list[ProvisionedWorker], rows: dict[str, list[dict]]) -> None:
         """Stop retiring workers once idle; kill stopped ones that outlived the grace period."""
         grace = get_settings().burst_stop_grace_s
-        stopping = {k.decode() if isinstance(k, bytes) else k: float(v)
-                    for k, v in (self.redis.hgetall(f"dreamq:burst:{self.name}:stopping") if self.redis else {}).items()}
+        stopping = {
+            k.decode() if isinstance(k, bytes) else k: float(v)
+            for k, v in (self.redis.hgetall(f"dreamq:burst:{self.name}:stopping") if self.redis else {}).items()
+        }
         alive = {w.name for w in workers}
         for worker in workers:
             if worker.name in stopping:

@@ -22,13 +22,13 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+# The worker's lifecycle hooks (logging, fork safety, heartbeat, preload) must be connected
+# before a worker boots: every worker process starts from this module.
+import workers.lifecycle  # noqa: F401
 from app.core.config import ConfigError, get_settings
 from app.core.queues import CONTROL_QUEUE, CPU_QUEUE
 from app.wiring import connect_listeners
 
-# The worker's lifecycle hooks (logging, fork safety, heartbeat, preload) must be connected
-# before a worker boots: every worker process starts from this module.
-import workers.lifecycle  # noqa: F401
 
 def _broker_transport_options(settings) -> dict:
     return {
@@ -39,8 +39,11 @@ def _broker_transport_options(settings) -> dict:
 
 def check_time_limits(settings) -> None:
     """soft < hard < visibility timeout, or a long job could be redelivered while it still runs."""
-    soft, hard, visibility = (settings.job_soft_time_limit_s, settings.job_hard_time_limit_s,
-                              settings.broker_visibility_timeout_s)
+    soft, hard, visibility = (
+        settings.job_soft_time_limit_s,
+        settings.job_hard_time_limit_s,
+        settings.broker_visibility_timeout_s,
+    )
     if not soft < hard < visibility:
         raise ConfigError(
             "need DREAMQ_JOB_SOFT_TIME_LIMIT_S < DREAMQ_JOB_HARD_TIME_LIMIT_S < DREAMQ_VISIBILITY_TIMEOUT_S, "
@@ -55,9 +58,19 @@ def make_celery() -> Celery:
     # Task modules are imported by the worker and by beat (include=, at their init; the periodic
     # tasks declare their beat entries there); publishers send by task name and never import them,
     # which keeps the API process free of worker code.
-    app = Celery("dreamq", broker=broker, set_as_current=True,
-                 include=["tasks.dispatch", "tasks.generate", "tasks.finalize", "tasks.webhooks",
-                          "tasks.maintenance", "tasks.burst"])
+    app = Celery(
+        "dreamq",
+        broker=broker,
+        set_as_current=True,
+        include=[
+            "tasks.dispatch",
+            "tasks.generate",
+            "tasks.finalize",
+            "tasks.webhooks",
+            "tasks.maintenance",
+            "tasks.burst",
+        ],
+    )
     direct = Exchange("", type="direct")
     app.conf.update(
         task_serializer="json",
@@ -79,7 +92,10 @@ def make_celery() -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_default_queue=CPU_QUEUE,
-        task_queues=[Queue(CONTROL_QUEUE, direct, routing_key=CONTROL_QUEUE), Queue(CPU_QUEUE, direct, routing_key=CPU_QUEUE)],
+        task_queues=[
+            Queue(CONTROL_QUEUE, direct, routing_key=CONTROL_QUEUE),
+            Queue(CPU_QUEUE, direct, routing_key=CPU_QUEUE),
+        ],
         # Pool queues are not declared up front: there is one per pool and tier, created by the
         # dispatcher's publish and by the workers that consume them.
         task_create_missing_queues=True,
@@ -98,8 +114,11 @@ def make_celery() -> Celery:
         # are idempotent, so a late or doubled tick is harmless.
         beat_schedule={
             # Safety net under event-driven dispatch: a lost request costs at most one interval.
-            "dispatch-safety-tick": {"task": "dreamq.dispatch", "schedule": 5.0,
-                                     "options": {"queue": CONTROL_QUEUE, "expires": 5}},
+            "dispatch-safety-tick": {
+                "task": "dreamq.dispatch",
+                "schedule": 5.0,
+                "options": {"queue": CONTROL_QUEUE, "expires": 5},
+            },
         },
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # A GPU worker's child loads the pool's model before it reports up (tasks/signals.py
@@ -113,4 +132,3 @@ def make_celery() -> Celery:
 celery_app = make_celery()
 # Webhooks and metrics hear of every transition a worker, beat or a publishing process makes.
 connect_listeners()
-

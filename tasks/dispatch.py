@@ -31,8 +31,11 @@ _dispatcher: Dispatcher | None = None
 def get_dispatcher() -> Dispatcher:
     global _dispatcher
     if _dispatcher is None:
-        _dispatcher = Dispatcher(policy=os.environ.get("DREAMQ_POLICY", "slo"), ledger_store=LedgerStore(get_redis()),
-                                 affinity=os.environ.get("DREAMQ_DISPATCH_AFFINITY", "1") != "0")
+        _dispatcher = Dispatcher(
+            policy=os.environ.get("DREAMQ_POLICY", "slo"),
+            ledger_store=LedgerStore(get_redis()),
+            affinity=os.environ.get("DREAMQ_DISPATCH_AFFINITY", "1") != "0",
+        )
     return _dispatcher
 
 
@@ -40,16 +43,27 @@ def return_to_queue(releases: list[Release]) -> int:
     returned = 0
     with transaction() as session:
         for release in releases:
-            if transition(session, release.job_id, JobState.dispatched, JobState.queued,
-                          guard={"dispatch_seq": release.dispatch_seq}, detail={"reason": "publish_failed"}):
+            if transition(
+                session,
+                release.job_id,
+                JobState.dispatched,
+                JobState.queued,
+                guard={"dispatch_seq": release.dispatch_seq},
+                detail={"reason": "publish_failed"},
+            ):
                 returned += 1
                 log.warning("publish failed: job returned to the queue", extra=_job_fields(release))
     return returned
 
 
 def _job_fields(release: Release) -> dict:
-    return {"job_id": str(release.job_id), "user_id": str(release.user_id) if release.user_id else None,
-            "tier": release.tier, "queue": release.queue, "dispatch_seq": release.dispatch_seq}
+    return {
+        "job_id": str(release.job_id),
+        "user_id": str(release.user_id) if release.user_id else None,
+        "tier": release.tier,
+        "queue": release.queue,
+        "dispatch_seq": release.dispatch_seq,
+    }
 
 
 def dispatch_once(dispatcher: Dispatcher | None = None) -> PassResult:
@@ -88,13 +102,18 @@ def dispatch() -> int:
         result = dispatch_once(dispatcher)
         total += len(result.releases)
         if result.releases:
-            log.info("dispatched", extra={"released": len(result.releases), "per_tier": result.per_tier(),
-                                          "room": result.room,
-                                          "candidates": result.candidates, "reasons": result.reasons,
-                                          "ms": round(result.ms, 1)})
+            log.info(
+                "dispatched",
+                extra={
+                    "released": len(result.releases),
+                    "per_tier": result.per_tier(),
+                    "room": result.room,
+                    "candidates": result.candidates,
+                    "reasons": result.reasons,
+                    "ms": round(result.ms, 1),
+                },
+            )
         # Room left and a full batch: there is more to do right now.
         if result.planned < dispatcher.max_batch:
             break
     return total
-
-

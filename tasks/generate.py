@@ -57,14 +57,20 @@ def run_claimed(job: execution.ClaimedJob, worker_id: str) -> None:
             input_video = None
             if job.kind == "modify_video":
                 data = get_bytes(settings.media_bucket, job.upload_key)
-                input_video = decode_video(data, width=params["width"], height=params["height"],
-                                           num_frames=params["num_frames"])
+                input_video = decode_video(
+                    data, width=params["width"], height=params["height"], num_frames=params["num_frames"]
+                )
             reporter = execution.ProgressReporter(job.id, job.dispatch_seq, worker_id)
             started = time.perf_counter()
             try:
                 frames = loaded.model.generate(
-                    job.prompt, width=params["width"], height=params["height"], num_frames=params["num_frames"],
-                    seed=params["seed"], input_video=input_video, on_step=reporter,
+                    job.prompt,
+                    width=params["width"],
+                    height=params["height"],
+                    num_frames=params["num_frames"],
+                    seed=params["seed"],
+                    input_video=input_video,
+                    on_step=reporter,
                 )
             except loaded.cancelled_exc:
                 if reporter.draining:
@@ -88,8 +94,9 @@ def run_claimed(job: execution.ClaimedJob, worker_id: str) -> None:
     job_tail.run(functools.partial(_tail, job, worker_id, frames, gen_s, loaded.load_s, execution.claimed_at()))
 
 
-def _tail(job: execution.ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float,
-          claimed_at: float | None) -> None:
+def _tail(
+    job: execution.ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float, claimed_at: float | None
+) -> None:
     """Everything after the model, on the tail thread (workers/job_tail.py), under the job's own
     lease: if this process dies here, the lease runs out and the reaper requeues the job.
 
@@ -106,30 +113,53 @@ def _tail(job: execution.ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: 
                 execution.hand_off(job, worker_id, key, int(frames.shape[0]), gen_s, load_s, claimed_at)
         except Exception as exc:  # as when it ran inside the task: the job fails with the reason
             log.exception("job failed after its model ran")
-            execution.fail(job, worker_id, "model_error", f"{type(exc).__name__}: {exc}",
-                           execution.since_claim(claimed_at))
+            execution.fail(
+                job, worker_id, "model_error", f"{type(exc).__name__}: {exc}", execution.since_claim(claimed_at)
+            )
 
 
-def _finish_inline(job: execution.ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float,
-                   claimed_at: float | None) -> None:
+def _finish_inline(
+    job: execution.ClaimedJob, worker_id: str, frames: np.ndarray, gen_s: float, load_s: float, claimed_at: float | None
+) -> None:
     """A small output: encode, upload and complete here, in one transaction with going idle,
     under the job's lease (held by the caller), through the finalize task's completion."""
     started = time.perf_counter()
     video_key, thumb_key, video_bytes = encode_outputs(str(job.id), job.dispatch_seq, frames, int(job.params["fps"]))
     encode_s = time.perf_counter() - started
     succeeded = execution.complete(
-        job.id, job.dispatch_seq, video_key, thumb_key,
-        {"generate_s": round(gen_s, 3), "model_load_s": round(load_s, 3), "encode_s": round(encode_s, 3),
-         "video_bytes": video_bytes, "finalized": "inline"},
-        worker_id=worker_id, job_s=execution.since_claim(claimed_at),
+        job.id,
+        job.dispatch_seq,
+        video_key,
+        thumb_key,
+        {
+            "generate_s": round(gen_s, 3),
+            "model_load_s": round(load_s, 3),
+            "encode_s": round(encode_s, 3),
+            "video_bytes": video_bytes,
+            "finalized": "inline",
+        },
+        worker_id=worker_id,
+        job_s=execution.since_claim(claimed_at),
     )
-    log.info("generated and finalized", extra={"job_id": str(job.id), "generate_s": round(gen_s, 3),
-                                               "encode_s": round(encode_s, 3), "succeeded": succeeded})
+    log.info(
+        "generated and finalized",
+        extra={
+            "job_id": str(job.id),
+            "generate_s": round(gen_s, 3),
+            "encode_s": round(encode_s, 3),
+            "succeeded": succeeded,
+        },
+    )
 
 
 @celery_app.task(
-    name="dreamq.generate", bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True,
-    soft_time_limit=_settings.job_soft_time_limit_s, time_limit=_settings.job_hard_time_limit_s,
+    name="dreamq.generate",
+    bind=True,
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=_settings.job_soft_time_limit_s,
+    time_limit=_settings.job_hard_time_limit_s,
 )
 def generate(self, job_id: str, dispatch_seq: int) -> None:
     worker_id = self.request.hostname or "unknown"
@@ -143,7 +173,9 @@ def generate(self, job_id: str, dispatch_seq: int) -> None:
             try:
                 run_claimed(job, worker_id)
             except SoftTimeLimitExceeded:
-                execution.fail(job, worker_id, "timeout", f"the job exceeded its time limit of {_settings.job_soft_time_limit_s} s")
+                execution.fail(
+                    job, worker_id, "timeout", f"the job exceeded its time limit of {_settings.job_soft_time_limit_s} s"
+                )
             except Exception as exc:  # a crash in model code fails this job; the worker keeps serving
                 if _gpu_out_of_memory(exc):
                     # Free what the failed job held so the next one starts from a clean device;

@@ -39,16 +39,16 @@ from typing import Any, Callable, Iterator
 from sqlalchemy import text
 
 from app.core.config import get_settings
+from app.core.queues import CONTROL_QUEUE, CPU_QUEUE
+from app.core.storage import s3_client
 from app.db.models import JobState
 from app.db.session import get_engine, transaction
 from app.jobs.lease import lease_expired_where
-from app.jobs.transitions import NOW, transition
-from app.scheduling.dispatcher import WORKER_STALE_S
 from app.jobs.outputs import staging_key
-from app.core.storage import s3_client
+from app.jobs.transitions import NOW, transition
 from app.messaging import get_publisher
+from app.scheduling.dispatcher import WORKER_STALE_S
 from tasks.celery_app import celery_app
-from app.core.queues import CONTROL_QUEUE, CPU_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +86,23 @@ def periodic(name: str, every_s: Callable[[], float]):
                 started = time.perf_counter()
                 counts = fn()
             if any(counts.values()):
-                log.info("maintenance", extra={"task": name, **counts,
-                                               "ms": round((time.perf_counter() - started) * 1000, 1)})
+                log.info(
+                    "maintenance",
+                    extra={"task": name, **counts, "ms": round((time.perf_counter() - started) * 1000, 1)},
+                )
             return counts
 
         run.__name__ = run.__qualname__ = fn.__name__
         run.__doc__ = fn.__doc__
-        task = celery_app.task(name=f"dreamq.maintenance.{name}", ignore_result=True, acks_late=False,
-                               soft_time_limit=120, time_limit=150)(run)
+        task = celery_app.task(
+            name=f"dreamq.maintenance.{name}", ignore_result=True, acks_late=False, soft_time_limit=120, time_limit=150
+        )(run)
         interval = every_s()
         # expires: a tick that waited longer than one interval is dropped, the next one follows.
         celery_app.conf.beat_schedule[f"maintenance-{name}"] = {
-            "task": task.name, "schedule": interval, "options": {"queue": CONTROL_QUEUE, "expires": interval},
+            "task": task.name,
+            "schedule": interval,
+            "options": {"queue": CONTROL_QUEUE, "expires": interval},
         }
         return task
 
@@ -151,14 +156,28 @@ def requeue_or_fail(session, job, reason: str, expected: JobState, where=None) -
     """Put a lost job back in the queue, or fail it when it has used up its attempts."""
     if job.attempts >= job.max_attempts:
         left = transition(
-            session, job.id, expected, JobState.failed, guard={"dispatch_seq": job.dispatch_seq}, where=where,
-            failure_code="worker_lost", finished_at=NOW,
+            session,
+            job.id,
+            expected,
+            JobState.failed,
+            guard={"dispatch_seq": job.dispatch_seq},
+            where=where,
+            failure_code="worker_lost",
+            finished_at=NOW,
             failure_message=f"the job was started {job.attempts} times and lost its worker each time ({reason})",
             detail={"reason": reason, "by": "reaper"},
         )
         return "failed" if left else None
-    left = transition(session, job.id, expected, JobState.queued, guard={"dispatch_seq": job.dispatch_seq},
-                      where=where, progress=0.0, detail={"reason": reason, "by": "reaper", "worker": job.worker_id})
+    left = transition(
+        session,
+        job.id,
+        expected,
+        JobState.queued,
+        guard={"dispatch_seq": job.dispatch_seq},
+        where=where,
+        progress=0.0,
+        detail={"reason": reason, "by": "reaper", "worker": job.worker_id},
+    )
     return "requeued" if left else None
 
 
@@ -169,8 +188,9 @@ def reap_expired_leases() -> dict[str, int]:
     counts = {"requeued": 0, "failed": 0, "unrouted": 0}
     lease_sql, lease_params = lease_expired_where()
     with transaction() as session:
-        rows = session.execute(_EXPIRED_RUNNING, {"lease_s": settings.job_lease_s, "finalize_leases": FINALIZE_LEASES,
-                                                  "limit": BATCH}).all()
+        rows = session.execute(
+            _EXPIRED_RUNNING, {"lease_s": settings.job_lease_s, "finalize_leases": FINALIZE_LEASES, "limit": BATCH}
+        ).all()
         for job in rows:
             # The same condition again inside the compare-and-set: a renewal that lands between
             # the SELECT and here keeps the job where it is.
@@ -178,17 +198,31 @@ def reap_expired_leases() -> dict[str, int]:
             outcome = requeue_or_fail(session, job, "lease_expired", JobState.running, where=where)
             if outcome:
                 counts[outcome] += 1
-                session.execute(text("UPDATE workers SET current_job_id = NULL WHERE current_job_id = :j"),
-                                {"j": str(job.id)})
-        stranded = [(job, "routed_worker_lost") for job in
-                    session.execute(_ROUTED_TO_LOST_WORKER, {"stale": WORKER_STALE_S, "limit": BATCH}).all()]
-        stranded += [(job, "pool_has_no_live_worker") for job in session.execute(
-            _DISPATCHED_TO_EMPTY_POOL, {"after": settings.reconcile_after_s, "stale": WORKER_STALE_S, "limit": BATCH}).all()]
+                session.execute(
+                    text("UPDATE workers SET current_job_id = NULL WHERE current_job_id = :j"), {"j": str(job.id)}
+                )
+        stranded = [
+            (job, "routed_worker_lost")
+            for job in session.execute(_ROUTED_TO_LOST_WORKER, {"stale": WORKER_STALE_S, "limit": BATCH}).all()
+        ]
+        stranded += [
+            (job, "pool_has_no_live_worker")
+            for job in session.execute(
+                _DISPATCHED_TO_EMPTY_POOL,
+                {"after": settings.reconcile_after_s, "stale": WORKER_STALE_S, "limit": BATCH},
+            ).all()
+        ]
         for job, reason in stranded:
             # Not started, so no attempt was used: straight back to the queue. A stale message
             # that a returning worker finds later carries the old dispatch_seq and claims nothing.
-            if transition(session, job.id, JobState.dispatched, JobState.queued, guard={"dispatch_seq": job.dispatch_seq},
-                          detail={"reason": reason, "by": "reaper", "worker": job.worker_id}):
+            if transition(
+                session,
+                job.id,
+                JobState.dispatched,
+                JobState.queued,
+                guard={"dispatch_seq": job.dispatch_seq},
+                detail={"reason": reason, "by": "reaper", "worker": job.worker_id},
+            ):
                 counts["unrouted"] += 1
     if any(counts.values()):
         _request_dispatch()
@@ -272,9 +306,15 @@ def reconcile_broker() -> dict[str, int]:
     with transaction() as session:
         dispatched = session.execute(_STALE_DISPATCHED, params).all()
         handoffs = session.execute(_STALE_HANDOFF, params).all()
-        pools = [r[0] for r in session.execute(text(
-            "SELECT c.name || '.' || m.name FROM pools p JOIN clusters c ON c.id = p.cluster_id "
-            "JOIN models m ON m.id = p.model_id"))]
+        pools = [
+            r[0]
+            for r in session.execute(
+                text(
+                    "SELECT c.name || '.' || m.name FROM pools p JOIN clusters c ON c.id = p.cluster_id "
+                    "JOIN models m ON m.id = p.model_id"
+                )
+            )
+        ]
     if not dispatched and not handoffs:
         return counts
     held = broker_task_ids([*pools, CPU_QUEUE], unacked_within_s=settings.reconcile_after_s)
@@ -291,22 +331,35 @@ def reconcile_broker() -> dict[str, int]:
         for job in missing:
             if f"{job.id}-{job.dispatch_seq}" in held:
                 continue
-            if transition(session, job.id, JobState.dispatched, JobState.queued, guard={"dispatch_seq": job.dispatch_seq},
-                          detail={"reason": "broker_lost_message", "by": "reconciler"}):
+            if transition(
+                session,
+                job.id,
+                JobState.dispatched,
+                JobState.queued,
+                guard={"dispatch_seq": job.dispatch_seq},
+                detail={"reason": "broker_lost_message", "by": "reconciler"},
+            ):
                 counts["requeued"] += 1
     for job in missing_handoffs:
         task_id = f"{job.id}-{job.dispatch_seq}-finalize"
         if task_id in held:
             continue
         with transaction() as session:
-            touched = session.execute(text(
-                "UPDATE jobs SET updated_at = now() WHERE id = :id AND state = 'running' AND dispatch_seq = :seq "
-                "RETURNING id"), {"id": str(job.id), "seq": job.dispatch_seq}).first()
+            touched = session.execute(
+                text(
+                    "UPDATE jobs SET updated_at = now() WHERE id = :id AND state = 'running' AND dispatch_seq = :seq "
+                    "RETURNING id"
+                ),
+                {"id": str(job.id), "seq": job.dispatch_seq},
+            ).first()
         if touched:
             # finalize is idempotent per (job, dispatch_seq): a duplicate finds the job done.
-            celery_app.send_task("dreamq.finalize", args=[str(job.id), job.dispatch_seq,
-                                                          staging_key(job.id, job.dispatch_seq)],
-                                 queue=CPU_QUEUE, task_id=task_id)
+            celery_app.send_task(
+                "dreamq.finalize",
+                args=[str(job.id), job.dispatch_seq, staging_key(job.id, job.dispatch_seq)],
+                queue=CPU_QUEUE,
+                task_id=task_id,
+            )
             counts["finalize_resent"] += 1
     if counts["requeued"]:
         _request_dispatch()
@@ -332,10 +385,17 @@ def time_out_overdue() -> dict[str, int]:
     counts = {"timed_out": 0}
     with transaction() as session:
         for job in session.execute(_OVERDUE, {"limit_s": limit_s, "limit": BATCH}).all():
-            if transition(session, job.id, JobState.running, JobState.failed, guard={"dispatch_seq": job.dispatch_seq},
-                          failure_code="timeout", finished_at=NOW,
-                          failure_message=f"the job ran longer than its hard limit of {settings.job_hard_time_limit_s} s",
-                          detail={"by": "maintenance"}):
+            if transition(
+                session,
+                job.id,
+                JobState.running,
+                JobState.failed,
+                guard={"dispatch_seq": job.dispatch_seq},
+                failure_code="timeout",
+                finished_at=NOW,
+                failure_message=f"the job ran longer than its hard limit of {settings.job_hard_time_limit_s} s",
+                detail={"by": "maintenance"},
+            ):
                 counts["timed_out"] += 1
     if counts["timed_out"]:
         _request_dispatch()
@@ -382,20 +442,27 @@ def expire_retention() -> dict[str, int]:
     # finishes; the other order could leave objects no row knows about.
     s3 = s3_client()
     for start in range(0, len(keys), 1000):
-        s3.delete_objects(Bucket=settings.media_bucket,
-                          Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+        s3.delete_objects(
+            Bucket=settings.media_bucket,
+            Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]], "Quiet": True},
+        )
     with transaction() as session:
         if outputs:
-            counts["outputs"] = session.execute(text(
-                "UPDATE jobs SET video_key = NULL, thumbnail_key = NULL, updated_at = now() WHERE id = ANY(:ids)"),
-                {"ids": [r.id for r in outputs]}).rowcount
-            session.execute(text(
-                "INSERT INTO job_events (job_id, from_state, to_state, detail) "
-                "SELECT id, state, state, '{\"step\": \"outputs_expired\"}'::jsonb FROM jobs WHERE id = ANY(:ids)"),
-                {"ids": [r.id for r in outputs]})
+            counts["outputs"] = session.execute(
+                text("UPDATE jobs SET video_key = NULL, thumbnail_key = NULL, updated_at = now() WHERE id = ANY(:ids)"),
+                {"ids": [r.id for r in outputs]},
+            ).rowcount
+            session.execute(
+                text(
+                    "INSERT INTO job_events (job_id, from_state, to_state, detail) "
+                    'SELECT id, state, state, \'{"step": "outputs_expired"}\'::jsonb FROM jobs WHERE id = ANY(:ids)'
+                ),
+                {"ids": [r.id for r in outputs]},
+            )
         if uploads:
-            counts["uploads"] = session.execute(text("DELETE FROM uploads WHERE id = ANY(:ids)"),
-                                                {"ids": [u.id for u in uploads]}).rowcount
+            counts["uploads"] = session.execute(
+                text("DELETE FROM uploads WHERE id = ANY(:ids)"), {"ids": [u.id for u in uploads]}
+            ).rowcount
     return counts
 
 

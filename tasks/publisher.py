@@ -37,14 +37,32 @@ class CeleryPublisher:
     def release(self, releases: Sequence[Release], session: Session | None = None) -> None:
         """One `dreamq.generate` message per release: one producer, one kombu batch."""
         if releases:
-            batch = [("dreamq.generate", [str(r.job_id), r.dispatch_seq], r.queue, f"{r.job_id}-{r.dispatch_seq}")
-                     for r in releases]
+            batch = [
+                ("dreamq.generate", [str(r.job_id), r.dispatch_seq], r.queue, f"{r.job_id}-{r.dispatch_seq}")
+                for r in releases
+            ]
             deferred(session, lambda: _publish_batch(batch))
 
-    def send(self, task: str, args: Sequence[Any] = (), *, queue: str, countdown: float | None = None,
-             task_id: str | None = None, session: Session | None = None) -> None:
-        deferred(session, lambda: celery_app.send_task(task, args=list(args), queue=queue, task_id=task_id,
-                                                       countdown=countdown if countdown and countdown > 0 else None))
+    def send(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        *,
+        queue: str,
+        countdown: float | None = None,
+        task_id: str | None = None,
+        session: Session | None = None,
+    ) -> None:
+        deferred(
+            session,
+            lambda: celery_app.send_task(
+                task,
+                args=list(args),
+                queue=queue,
+                task_id=task_id,
+                countdown=countdown if countdown and countdown > 0 else None,
+            ),
+        )
 
     def stop_consuming(self, queues: Sequence[str], worker: str) -> None:
         for queue in queues:
@@ -87,13 +105,26 @@ def _publish_batch(messages: list[tuple[str, list, str, str]]) -> None:
     with celery_app.producer_or_acquire() as producer, producer.batch(max_size=len(messages) + 1):
         for name, args, queue, task_id in messages:
             headers, properties, body, _ = amqp.create_task_message(
-                task_id, name, args, {}, argsrepr=repr(args), kwargsrepr="{}",
+                task_id,
+                name,
+                args,
+                {},
+                argsrepr=repr(args),
+                kwargsrepr="{}",
             )
             declare = []
             if queue not in declared:
                 declared[queue] = Queue(queue, routing_key=queue)
                 declare = [declared[queue]]
             producer.publish(
-                body, exchange="", routing_key=queue, serializer="json", headers=headers,
-                delivery_mode=2, declare=declare, retry=True, retry_policy=_RETRY_POLICY, **properties,
+                body,
+                exchange="",
+                routing_key=queue,
+                serializer="json",
+                headers=headers,
+                delivery_mode=2,
+                declare=declare,
+                retry=True,
+                retry_policy=_RETRY_POLICY,
+                **properties,
             )

@@ -13,12 +13,12 @@ import logging
 
 from sqlalchemy import text
 
-from app.db.session import transaction
 from app.core.logging_setup import job_context
+from app.core.queues import CPU_QUEUE
+from app.db.session import transaction
 from app.webhooks.delivery import attempt
 from app.webhooks.events import enqueue
 from tasks.celery_app import celery_app
-from app.core.queues import CPU_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ SWEEP_INTERVAL_S = 30.0
 SWEEP_BATCH = 500
 
 
-@celery_app.task(name="dreamq.webhooks.deliver", bind=True, ignore_result=True, acks_late=True,
-                 soft_time_limit=60, time_limit=90)
+@celery_app.task(
+    name="dreamq.webhooks.deliver", bind=True, ignore_result=True, acks_late=True, soft_time_limit=60, time_limit=90
+)
 def deliver(self, delivery_id: str) -> None:
     with job_context(delivery_id=delivery_id):
         wait = attempt(delivery_id)
@@ -40,13 +41,17 @@ def deliver(self, delivery_id: str) -> None:
 @celery_app.task(name="dreamq.webhooks.sweep", ignore_result=True, soft_time_limit=60, time_limit=90)
 def sweep() -> int:
     with transaction() as session:
-        ids = session.execute(
-            text(
-                "SELECT id FROM webhook_deliveries WHERE status = 'pending' "
-                "AND next_attempt_at < now() - make_interval(secs => :grace) ORDER BY next_attempt_at LIMIT :n"
-            ),
-            {"grace": SWEEP_GRACE_S, "n": SWEEP_BATCH},
-        ).scalars().all()
+        ids = (
+            session.execute(
+                text(
+                    "SELECT id FROM webhook_deliveries WHERE status = 'pending' "
+                    "AND next_attempt_at < now() - make_interval(secs => :grace) ORDER BY next_attempt_at LIMIT :n"
+                ),
+                {"grace": SWEEP_GRACE_S, "n": SWEEP_BATCH},
+            )
+            .scalars()
+            .all()
+        )
     for delivery_id in ids:
         enqueue(delivery_id)
     if ids:
@@ -57,6 +62,9 @@ def sweep() -> int:
 # Declared next to its code; beat imports this module (celery_app include=) before it schedules.
 celery_app.conf.beat_schedule = {
     **(celery_app.conf.beat_schedule or {}),
-    "webhooks-sweep": {"task": "dreamq.webhooks.sweep", "schedule": SWEEP_INTERVAL_S,
-                       "options": {"queue": CPU_QUEUE, "expires": SWEEP_INTERVAL_S}},
+    "webhooks-sweep": {
+        "task": "dreamq.webhooks.sweep",
+        "schedule": SWEEP_INTERVAL_S,
+        "options": {"queue": CPU_QUEUE, "expires": SWEEP_INTERVAL_S},
+    },
 }

@@ -92,8 +92,12 @@ def workers(stack_env, tiny_model, demo_model, tmp_path_factory):
     from tests.support.webhooks import WEBHOOK_TEST_ENV
 
     # Each tiny-model step sleeps 50 ms so a test can watch progress and cancel mid-run.
-    with running_workers(stack_env, tmp_path_factory.mktemp("worker-logs"), models=["tiny", "demo"],
-                         extra_env={"DREAMQ_TINY_STEP_S": "0.05", **WEBHOOK_TEST_ENV}) as handles:
+    with running_workers(
+        stack_env,
+        tmp_path_factory.mktemp("worker-logs"),
+        models=["tiny", "demo"],
+        extra_env={"DREAMQ_TINY_STEP_S": "0.05", **WEBHOOK_TEST_ENV},
+    ) as handles:
         yield handles
 
 

@@ -115,8 +115,13 @@ def _entries(name: str, number: int, manifest: dict[str, Any]) -> list[dict[str,
         rel, sha, size = entry.get("path"), entry.get("sha256"), entry.get("size")
         pure = PurePosixPath(rel) if isinstance(rel, str) else None
         if (
-            pure is None or pure.is_absolute() or ".." in pure.parts or "\\" in rel or rel in seen
-            or rel == MANIFEST or not pure.parts
+            pure is None
+            or pure.is_absolute()
+            or ".." in pure.parts
+            or "\\" in rel
+            or rel in seen
+            or rel == MANIFEST
+            or not pure.parts
         ):
             raise IntegrityError(f"{name} v{number}: manifest path {rel!r} is not a safe relative path")
         if not isinstance(sha, str) or not _HEX.match(sha) or not isinstance(size, int) or size < 0:
@@ -164,8 +169,15 @@ class ModelCache:
         self.inuse = self.root / "inuse"
         self.locks = self.root / "locks"
         self.tmp = self.root / "tmp"
-        for path in (self.blobs, self.versions, self.manifests, self.inuse, self.tmp,
-                     self.locks / "versions", self.locks / "blobs"):
+        for path in (
+            self.blobs,
+            self.versions,
+            self.manifests,
+            self.inuse,
+            self.tmp,
+            self.locks / "versions",
+            self.locks / "blobs",
+        ):
             path.mkdir(parents=True, exist_ok=True)
         self._pins: dict[str, list[Pin]] = {}
         self._pins_lock = threading.Lock()
@@ -438,8 +450,11 @@ class ModelCache:
         for entry in self.tmp.iterdir():
             name = entry.name
             owner = name.split("-", 1)[1].rsplit("-", 1)[0] if "-" in name else ""
-            if name.startswith("evict-") or (name.startswith("blob-") and owner.split(".")[0] not in referenced) \
-                    or (name.startswith("view-") and owner not in known):
+            if (
+                name.startswith("evict-")
+                or (name.startswith("blob-") and owner.split(".")[0] not in referenced)
+                or (name.startswith("view-") and owner not in known)
+            ):
                 # Unregistered: no live builder (they register first), so these are leftovers.
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
@@ -460,8 +475,9 @@ class ModelCache:
 
     # -- downloads -----------------------------------------------------------------------------
 
-    def _download_blobs(self, name: str, number: int, entries: list[dict[str, Any]],
-                        progress: Callable[[int], None] | None) -> None:
+    def _download_blobs(
+        self, name: str, number: int, entries: list[dict[str, Any]], progress: Callable[[int], None] | None
+    ) -> None:
         first_entry: dict[str, dict[str, Any]] = {}
         for entry in entries:
             first_entry.setdefault(entry["sha256"], entry)
@@ -492,7 +508,9 @@ class ModelCache:
             integrity = [e for e in failures if isinstance(e, IntegrityError)]
             raise (integrity or failures)[0]
 
-    def _download_blob(self, name: str, number: int, entry: dict[str, Any], callback: Callable[[int], None] | None) -> None:
+    def _download_blob(
+        self, name: str, number: int, entry: dict[str, Any], callback: Callable[[int], None] | None
+    ) -> None:
         sha = entry["sha256"]
         final = self.blob_path(sha)
         if final.exists():
@@ -519,18 +537,25 @@ class ModelCache:
             except BaseException:
                 _unlink(partial)
                 raise
-        log.info("downloaded model file", extra={"model": name, "version": number, "path": entry["path"], "bytes": size})
+        log.info(
+            "downloaded model file", extra={"model": name, "version": number, "path": entry["path"], "bytes": size}
+        )
 
-    def _fetch(self, name: str, number: int, entry: dict[str, Any], target: Path,
-               callback: Callable[[int], None] | None) -> None:
+    def _fetch(
+        self, name: str, number: int, entry: dict[str, Any], target: Path, callback: Callable[[int], None] | None
+    ) -> None:
         key = version_prefix(name, number) + entry["path"]
         self._count(downloads=1, download_bytes=entry["size"])
         try:
             # The transfer manager splits large files into ranged GETs run concurrently (TRANSFER).
-            s3_client().download_file(get_settings().models_bucket, key, str(target), Config=TRANSFER, Callback=callback)
+            s3_client().download_file(
+                get_settings().models_bucket, key, str(target), Config=TRANSFER, Callback=callback
+            )
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                raise IntegrityError(f"{name} v{number}: {entry['path']} is listed in the manifest but missing from storage") from None
+                raise IntegrityError(
+                    f"{name} v{number}: {entry['path']} is listed in the manifest but missing from storage"
+                ) from None
             raise
 
     @staticmethod

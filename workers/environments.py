@@ -189,7 +189,9 @@ def parse_lock(lines: list[str]) -> list[Requirement]:
             try:
                 req = _PACKAGING[0].Requirement(text)
             except Exception as exc:
-                raise ModelEnvironmentError(f"requirements lock line {text!r} is not a valid requirement: {exc}") from None
+                raise ModelEnvironmentError(
+                    f"requirements lock line {text!r} is not a valid requirement: {exc}"
+                ) from None
             if req.marker is not None and not req.marker.evaluate():
                 continue
             requirements.append(Requirement(text, canonical_name(req.name), req.specifier))
@@ -248,7 +250,12 @@ def _wheel(path: Path) -> Wheel | None:
     parts = path.name[: -len(".whl")].split("-")
     if len(parts) not in (5, 6):
         return None
-    tags = {f"{py}-{abi}-{plat}" for py in parts[-3].split(".") for abi in parts[-2].split(".") for plat in parts[-1].split(".")}
+    tags = {
+        f"{py}-{abi}-{plat}"
+        for py in parts[-3].split(".")
+        for abi in parts[-2].split(".")
+        for plat in parts[-1].split(".")
+    }
     return Wheel(path, canonical_name(parts[0]), parts[1], bool(tags & set(supported)))
 
 
@@ -311,8 +318,10 @@ def _describe_missing(label: str, missing: Missing) -> str:
     carried = ""
     if missing.rejected:
         _, tag = _interpreter_tags()
-        carried = "; the bundle's " + ", ".join(w.path.name for w in missing.rejected) + (
-            f" do not fit (pin or wheel tags; this interpreter is {tag})"
+        carried = (
+            "; the bundle's "
+            + ", ".join(w.path.name for w in missing.rejected)
+            + (f" do not fit (pin or wheel tags; this interpreter is {tag})")
         )
         return f"{label} needs {missing.requirement.line}, the worker has {have}{carried}"
     return f"{label} needs {missing.requirement.line}, the worker has {have} and the bundle carries no wheel for it"
@@ -344,7 +353,11 @@ def plan_for(manifest: dict[str, Any], version_dir: Path, *, root: Path | None =
     requirements = parse_lock(lock_lines)
     installed = installed_distributions()
     wheels_dir = version_dir / "env" / "wheels"
-    wheels = [w for w in (_wheel(p) for p in sorted(wheels_dir.glob("*.whl"))) if w is not None] if wheels_dir.is_dir() else []
+    wheels = (
+        [w for w in (_wheel(p) for p in sorted(wheels_dir.glob("*.whl"))) if w is not None]
+        if wheels_dir.is_dir()
+        else []
+    )
 
     missing: list[Missing] = []
     for req in requirements:
@@ -361,7 +374,9 @@ def plan_for(manifest: dict[str, Any], version_dir: Path, *, root: Path | None =
         first = unprovided[0]
         message = _describe_missing(label, first)
         if len(unprovided) > 1:
-            message += f" (and {len(unprovided) - 1} more: " + ", ".join(m.requirement.line for m in unprovided[1:]) + ")"
+            message += (
+                f" (and {len(unprovided) - 1} more: " + ", ".join(m.requirement.line for m in unprovided[1:]) + ")"
+            )
         if python_note:
             message += f" ({python_note})"
         raise ModelEnvironmentError(message)
@@ -376,7 +391,10 @@ def plan_for(manifest: dict[str, Any], version_dir: Path, *, root: Path | None =
             "python": [os.path.realpath(getattr(sys, "_base_executable", sys.executable)), here],
             "site": _worker_site_dirs(),
             "wheels": sorted(
-                (m.requirement.name, _file_sha256(version_dir, m.wheel.path.relative_to(version_dir).as_posix(), manifest))
+                (
+                    m.requirement.name,
+                    _file_sha256(version_dir, m.wheel.path.relative_to(version_dir).as_posix(), manifest),
+                )
                 for m in missing
                 if m.wheel is not None
             ),
@@ -389,7 +407,13 @@ def plan_for(manifest: dict[str, Any], version_dir: Path, *, root: Path | None =
     if python_note:
         reason += f" ({python_note})"
     return Plan(
-        SUBPROCESS, name, number, reason, lock_digest, pushed_python, tuple(missing),
+        SUBPROCESS,
+        name,
+        number,
+        reason,
+        lock_digest,
+        pushed_python,
+        tuple(missing),
         (root if root is not None else default_root()) / key,
     )
 
@@ -431,10 +455,14 @@ def _run(command: list[str], what: str, label: str) -> str:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, env=_clean_env())
     except subprocess.TimeoutExpired:
-        raise ModelEnvironmentError(f"building the environment of {label}: {what} took over {_PIP_TIMEOUT_S:.0f} s") from None
+        raise ModelEnvironmentError(
+            f"building the environment of {label}: {what} took over {_PIP_TIMEOUT_S:.0f} s"
+        ) from None
     if done.returncode != 0:
         tail = (done.stdout + done.stderr).strip()[-2000:]
-        raise ModelEnvironmentError(f"building the environment of {label}: {what} failed (exit {done.returncode}): {tail}")
+        raise ModelEnvironmentError(
+            f"building the environment of {label}: {what} failed (exit {done.returncode}): {tail}"
+        )
     return done.stdout
 
 
@@ -459,8 +487,16 @@ def ensure_environment(plan: Plan) -> BuiltEnvironment:
             shutil.rmtree(env_dir, ignore_errors=True)
             raise
     seconds = time.perf_counter() - started
-    log.info("built model environment", extra={"model": plan.model, "version": plan.version, "env": str(env_dir),
-                                                "build_s": round(seconds, 3), "reason": plan.reason})
+    log.info(
+        "built model environment",
+        extra={
+            "model": plan.model,
+            "version": plan.version,
+            "env": str(env_dir),
+            "build_s": round(seconds, 3),
+            "reason": plan.reason,
+        },
+    )
     return BuiltEnvironment(env_dir, python, True, seconds)
 
 
@@ -475,9 +511,14 @@ def _build(plan: Plan, env_dir: Path, python: Path) -> None:
     # and then the base interpreter's site-packages, which the worker does not see, stay out too.
     # --without-pip: ensurepip costs seconds per venv; the worker's pip is visible through the .pth.
     worker_is_system = sys.prefix == sys.base_prefix
-    venv.EnvBuilder(system_site_packages=worker_is_system, with_pip=False, symlinks=os.name != "nt", clear=True).create(env_dir)
-    purelib = _run([str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                   "locating site-packages", label).strip()
+    venv.EnvBuilder(system_site_packages=worker_is_system, with_pip=False, symlinks=os.name != "nt", clear=True).create(
+        env_dir
+    )
+    purelib = _run(
+        [str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        "locating site-packages",
+        label,
+    ).strip()
     site_dirs = _worker_site_dirs()
     Path(purelib, _PTH).write_text("".join(f"{d}\n" for d in site_dirs))
     wheels = [str(m.wheel.path) for m in plan.install if m.wheel is not None]
@@ -490,17 +531,45 @@ def _build(plan: Plan, env_dir: Path, python: Path) -> None:
         # --ignore-installed: the worker's copy of a package is visible through the .pth and must be
         # shadowed, not uninstalled (pip would refuse to touch it anyway: outside this venv).
         _run(
-            [str(python), "-I", "-m", "pip", "install", "--no-index", "--no-deps", "--ignore-installed",
-             "--no-cache-dir", "--disable-pip-version-check", "--no-warn-script-location", "--quiet",
-             "--only-binary", ":all:", "--find-links", str(Path(wheels[0]).parent), *wheels],
-            "pip install " + " ".join(Path(w).name for w in wheels), label,
+            [
+                str(python),
+                "-I",
+                "-m",
+                "pip",
+                "install",
+                "--no-index",
+                "--no-deps",
+                "--ignore-installed",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--no-warn-script-location",
+                "--quiet",
+                "--only-binary",
+                ":all:",
+                "--find-links",
+                str(Path(wheels[0]).parent),
+                *wheels,
+            ],
+            "pip install " + " ".join(Path(w).name for w in wheels),
+            label,
         )
-    (env_dir / "dreamq-env.json").write_text(json.dumps({
-        "model": plan.model, "version": plan.version, "lock_digest": plan.lock_digest, "reason": plan.reason,
-        "installed": [{"requirement": m.requirement.line, "wheel": m.wheel.path.name} for m in plan.install if m.wheel],
-        "worker_site": site_dirs, "python": sys.version.split()[0],
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }, indent=2))
+    (env_dir / "dreamq-env.json").write_text(
+        json.dumps(
+            {
+                "model": plan.model,
+                "version": plan.version,
+                "lock_digest": plan.lock_digest,
+                "reason": plan.reason,
+                "installed": [
+                    {"requirement": m.requirement.line, "wheel": m.wheel.path.name} for m in plan.install if m.wheel
+                ],
+                "worker_site": site_dirs,
+                "python": sys.version.split()[0],
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+            indent=2,
+        )
+    )
     marker = env_dir / f"{_COMPLETE}.tmp"
     marker.write_text(plan.lock_digest + "\n")
     os.replace(marker, env_dir / _COMPLETE)
@@ -512,8 +581,11 @@ def start_model_process(plan: Plan, version_dir: Path, manifest: dict[str, Any],
 
     env = ensure_environment(plan)
     proxy = ModelProcess(
-        python=env.python, version_dir=version_dir, entrypoint=manifest["model"]["entrypoint"],
-        device=str(device), label=f"{plan.model} v{plan.version}",
+        python=env.python,
+        version_dir=version_dir,
+        entrypoint=manifest["model"]["entrypoint"],
+        device=str(device),
+        label=f"{plan.model} v{plan.version}",
     )
     proxy.start()
     return proxy

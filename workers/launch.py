@@ -21,8 +21,13 @@ def visible_gpus() -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return []
     return [line.split(",")[0].strip() for line in out.splitlines() if line.strip()]
@@ -32,14 +37,21 @@ def gpu_label(gpus: str) -> str:
     if not gpus:
         return "cpu"
     try:
-        out = subprocess.run(["nvidia-smi", f"--id={gpus}", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", f"--id={gpus}", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
         return f"cuda:{gpus} ({', '.join(sorted(set(out.split(chr(10))) - {''}))})"
     except (subprocess.SubprocessError, OSError):
         return f"cuda:{gpus}"
 
 
-def worker_command(cluster: str, model: str, gpus: str, name: str, *, concurrency: int = 1) -> tuple[list[str], dict[str, str]]:
+def worker_command(
+    cluster: str, model: str, gpus: str, name: str, *, concurrency: int = 1
+) -> tuple[list[str], dict[str, str]]:
     """The Celery command line and environment of one GPU worker (also used by `dreamq up`)."""
     env = dict(os.environ)
     # Pin the GPU set before anything can initialise CUDA: device 0 in the worker is "my GPU".
@@ -53,11 +65,28 @@ def worker_command(cluster: str, model: str, gpus: str, name: str, *, concurrenc
     # under it, and the dispatcher routes to its own queue.
     env["DREAMQ_WORKER_NODENAME"] = f"{name}@{socket.gethostname()}"
     argv = [
-        sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.celery_app:celery_app",
+        "worker",
         # Per tier, its own queue (jobs routed to it because it holds their version) and then
         # the pool's; tiers in order. Celery expands %h to socket.gethostname() too.
-        "-Q", ",".join(pool_queues(cluster, model, env["DREAMQ_WORKER_NODENAME"])),
-        "-c", str(concurrency), "--prefetch-multiplier", "1", "-P", "prefork",
-        "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-E", "--loglevel", "INFO",
+        "-Q",
+        ",".join(pool_queues(cluster, model, env["DREAMQ_WORKER_NODENAME"])),
+        "-c",
+        str(concurrency),
+        "--prefetch-multiplier",
+        "1",
+        "-P",
+        "prefork",
+        "-n",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "-E",
+        "--loglevel",
+        "INFO",
     ]
     return argv, env

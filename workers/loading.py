@@ -174,9 +174,13 @@ def _read_header_fd(fd: int, path: Path) -> SafetensorsHeader:
         raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)")
     (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
     if n > MAX_HEADER_BYTES:
-        raise ValueError(f"{path}: corrupt safetensors header: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        raise ValueError(
+            f"{path}: corrupt safetensors header: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
+        )
     if 8 + n > size:
-        raise ValueError(f"{path}: corrupt safetensors header: header length {n} runs past the end of the {size}-byte file")
+        raise ValueError(
+            f"{path}: corrupt safetensors header: header length {n} runs past the end of the {size}-byte file"
+        )
     raw = _pread_bytes(fd, n, 8, path)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -323,7 +327,9 @@ def load_safetensors(
 
 def _plan(headers: Sequence[SafetensorsHeader], chunk: int) -> list[tuple[int, int, int]]:
     """(file index, offset in its data region, length) for every chunk, in file order."""
-    return [(fi, off, min(chunk, h.data_len - off)) for fi, h in enumerate(headers) for off in range(0, h.data_len, chunk)]
+    return [
+        (fi, off, min(chunk, h.data_len - off)) for fi, h in enumerate(headers) for off in range(0, h.data_len, chunk)
+    ]
 
 
 def _map_file(h: SafetensorsHeader, fd: int) -> torch.Tensor:
@@ -360,7 +366,9 @@ def _pread_bytes(fd: int, n: int, offset: int, path: Path) -> bytes:
     return bytes(buf)
 
 
-def _read_direct(headers: Sequence[SafetensorsHeader], fds: Sequence[int], chunk: int, readers: int) -> list[torch.Tensor]:
+def _read_direct(
+    headers: Sequence[SafetensorsHeader], fds: Sequence[int], chunk: int, readers: int
+) -> list[torch.Tensor]:
     flats = [torch.empty(h.data_len, dtype=torch.uint8) for h in headers]
     views = [_byte_view(f) for f in flats]
     jobs = _plan(headers, chunk)

@@ -223,8 +223,15 @@ def _child_main(argv: list[str]) -> int:
     except BaseException as exc:
         send({"event": "load_failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
         return 1
-    send({"event": "ready", "pid": os.getpid(), "load_s": time.perf_counter() - started,
-          "python": sys.executable, "prefix": sys.prefix})
+    send(
+        {
+            "event": "ready",
+            "pid": os.getpid(),
+            "load_s": time.perf_counter() - started,
+            "python": sys.executable,
+            "prefix": sys.prefix,
+        }
+    )
 
     while True:
         line = channel_in.readline()
@@ -238,8 +245,9 @@ def _child_main(argv: list[str]) -> int:
                 return 0
 
 
-def _serve_generate(model: Any, cancelled: type | None, request: dict[str, Any], channel_in: Any,
-                    send: Callable[[dict[str, Any]], None]) -> bool:
+def _serve_generate(
+    model: Any, cancelled: type | None, request: dict[str, Any], channel_in: Any, send: Callable[[dict[str, Any]], None]
+) -> bool:
     """Run one request; False when the parent is gone and the child should exit."""
     parent_alive = True
     input_map = None
@@ -265,8 +273,12 @@ def _serve_generate(model: Any, cancelled: type | None, request: dict[str, Any],
     try:
         try:
             frames = model.generate(
-                request["prompt"], width=request["width"], height=request["height"],
-                num_frames=request["num_frames"], seed=request["seed"], input_video=input_video,
+                request["prompt"],
+                width=request["width"],
+                height=request["height"],
+                num_frames=request["num_frames"],
+                seed=request["seed"],
+                input_video=input_video,
                 on_step=on_step if request.get("progress") else None,
             )
         except BaseException as exc:
@@ -274,10 +286,19 @@ def _serve_generate(model: Any, cancelled: type | None, request: dict[str, Any],
                 return False
             # Whatever the model raises once told to stop is its way of stopping (a package without
             # a GenerationCancelled class raises something else).
-            if (cancelled is not None and isinstance(exc, cancelled)) or (cancel_requested and isinstance(exc, Exception)):
+            if (cancelled is not None and isinstance(exc, cancelled)) or (
+                cancel_requested and isinstance(exc, Exception)
+            ):
                 send({"event": "cancelled"})
             elif isinstance(exc, Exception):
-                send({"event": "error", "type": type(exc).__name__, "error": str(exc), "traceback": traceback.format_exc()})
+                send(
+                    {
+                        "event": "error",
+                        "type": type(exc).__name__,
+                        "error": str(exc),
+                        "traceback": traceback.format_exc(),
+                    }
+                )
             else:
                 raise
             return True
@@ -288,8 +309,14 @@ def _serve_generate(model: Any, cancelled: type | None, request: dict[str, Any],
             return False
         array = np.ascontiguousarray(frames)
         if array.dtype.hasobject:
-            send({"event": "error", "type": "TypeError", "error": f"generate returned an array of {array.dtype}",
-                  "traceback": ""})
+            send(
+                {
+                    "event": "error",
+                    "type": "TypeError",
+                    "error": f"generate returned an array of {array.dtype}",
+                    "traceback": "",
+                }
+            )
             return True
         if array.nbytes == 0:
             send({"event": "result", "shm": None, "shape": list(array.shape), "dtype": array.dtype.str})
@@ -386,8 +413,17 @@ class ModelProcess:
 
     cancelled_exc = SubprocessGenerationCancelled
 
-    def __init__(self, *, python: Path | str, version_dir: Path | str, entrypoint: str, device: str = "cpu",
-                 label: str = "model", start_timeout_s: float = 1800.0, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        python: Path | str,
+        version_dir: Path | str,
+        entrypoint: str,
+        device: str = "cpu",
+        label: str = "model",
+        start_timeout_s: float = 1800.0,
+        env: dict[str, str] | None = None,
+    ):
         self.python = str(python)
         self.version_dir = Path(version_dir).resolve()  # the child runs with it as its cwd
         self.entrypoint = entrypoint
@@ -429,19 +465,38 @@ class ModelProcess:
             self._discard()
         self._close_requested = False
         began = time.perf_counter()
-        command = [self.python, "-I", "-X", "faulthandler", str(Path(__file__).resolve()),
-                   "--version-dir", str(self.version_dir), "--entrypoint", self.entrypoint, "--device", self.device]
+        command = [
+            self.python,
+            "-I",
+            "-X",
+            "faulthandler",
+            str(Path(__file__).resolve()),
+            "--version-dir",
+            str(self.version_dir),
+            "--entrypoint",
+            self.entrypoint,
+            "--device",
+            self.device,
+        ]
         env = dict(os.environ if self._env is None else self._env)
         proc = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=str(self.version_dir), env=env, start_new_session=True, bufsize=0,
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=str(self.version_dir),
+            env=env,
+            start_new_session=True,
+            bufsize=0,
         )
         self._proc = proc
         self._buffer = bytearray()
         self._stderr = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._stderr_thread = threading.Thread(
-            target=_pump_stderr, args=(proc.stderr, self._stderr, self.label, proc.pid),
-            name=f"model-stderr-{proc.pid}", daemon=True,
+            target=_pump_stderr,
+            args=(proc.stderr, self._stderr, self.label, proc.pid),
+            name=f"model-stderr-{proc.pid}",
+            daemon=True,
         )
         self._stderr_thread.start()
         # Children die with the proxy, or at interpreter exit at the latest.
@@ -453,23 +508,34 @@ class ModelProcess:
             raise self._crashed("while loading") from None
         except TimeoutError:
             self._kill()
-            raise ModelProcessError(f"{self.label}: the model process did not load within {self.start_timeout_s:.0f} s") from None
+            raise ModelProcessError(
+                f"{self.label}: the model process did not load within {self.start_timeout_s:.0f} s"
+            ) from None
         except BaseException:
             # Interrupted while it loads (a time limit): a half-started child must not count as ready.
             self._kill()
             raise
         if message.get("event") == "load_failed":
             self._discard()
-            raise ModelProcessError(f"{self.label} failed to load in its process: {message.get('error')}",
-                                    message.get("traceback", ""))
+            raise ModelProcessError(
+                f"{self.label} failed to load in its process: {message.get('error')}", message.get("traceback", "")
+            )
         if message.get("event") != "ready":
             self._discard()
             raise ModelProcessError(f"{self.label}: unexpected first message from the model process: {message!r}")
         self.child_info = message
         self.load_s = float(message.get("load_s", 0.0))
         self.start_s = time.perf_counter() - began
-        log.info("model process ready", extra={"model": self.label, "pid": proc.pid, "start_s": round(self.start_s, 3),
-                                               "load_s": round(self.load_s, 3), "python": message.get("python")})
+        log.info(
+            "model process ready",
+            extra={
+                "model": self.label,
+                "pid": proc.pid,
+                "start_s": round(self.start_s, 3),
+                "load_s": round(self.load_s, 3),
+                "python": message.get("python"),
+            },
+        )
 
     def close(self) -> None:
         """Stop the child. During a generate (another thread), it stops when that call returns."""
@@ -519,7 +585,7 @@ class ModelProcess:
         try:
             while data:  # unbuffered pipe: a write interrupted by a signal may be partial
                 written = self._proc.stdin.write(data)
-                data = data[written or 0:]
+                data = data[written or 0 :]
         except (BrokenPipeError, ValueError, OSError):
             raise _ChannelClosed() from None
 
@@ -545,8 +611,17 @@ class ModelProcess:
 
     # -- the model's interface
 
-    def generate(self, prompt: str, *, width: int, height: int, num_frames: int, seed: int,
-                 input_video: np.ndarray | None = None, on_step: Callable[[int, int], bool] | None = None) -> np.ndarray:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        width: int,
+        height: int,
+        num_frames: int,
+        seed: int,
+        input_video: np.ndarray | None = None,
+        on_step: Callable[[int, int], bool] | None = None,
+    ) -> np.ndarray:
         with self._lock:
             try:
                 self._start_locked()  # a crashed or closed child is restarted here
@@ -557,8 +632,14 @@ class ModelProcess:
 
     def _generate_locked(self, prompt, width, height, num_frames, seed, input_video, on_step) -> np.ndarray:
         request: dict[str, Any] = {
-            "op": "generate", "prompt": prompt, "width": int(width), "height": int(height),
-            "num_frames": int(num_frames), "seed": int(seed), "progress": on_step is not None, "input": None,
+            "op": "generate",
+            "prompt": prompt,
+            "width": int(width),
+            "height": int(height),
+            "num_frames": int(num_frames),
+            "seed": int(seed),
+            "progress": on_step is not None,
+            "input": None,
         }
         input_name = None
         try:
@@ -605,8 +686,13 @@ class ModelProcess:
                 elif event == "error":
                     if callback_error is not None:
                         raise callback_error
-                    log.warning("model raised in its process", extra={"model": self.label, "traceback": message.get("traceback")})
-                    raise ModelProcessError(f"{message.get('type')}: {message.get('error')}", message.get("traceback", ""))
+                    log.warning(
+                        "model raised in its process",
+                        extra={"model": self.label, "traceback": message.get("traceback")},
+                    )
+                    raise ModelProcessError(
+                        f"{message.get('type')}: {message.get('error')}", message.get("traceback", "")
+                    )
                 else:
                     raise _ChannelClosed()
         except _ChannelClosed:

@@ -30,8 +30,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.db.models import Model, ModelAlias, ModelVersion
 from app.core.storage import TRANSFER, s3_client
+from app.db.models import Model, ModelAlias, ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +177,15 @@ def push_version(
     if number is None:
         number = latest + 1
     elif number <= latest:
-        raise VersionExists(f"{name} version {number} exists or is older than the latest (v{latest}); "
-                            "versions are immutable and numbers only grow")
+        raise VersionExists(
+            f"{name} version {number} exists or is older than the latest (v{latest}); "
+            "versions are immutable and numbers only grow"
+        )
     prefix = version_prefix(name, number)
     if _object_exists(client, bucket, prefix + MANIFEST):
-        raise VersionExists(f"{name} version {number} already exists in s3://{bucket}/{prefix} (versions are immutable)")
+        raise VersionExists(
+            f"{name} version {number} already exists in s3://{bucket}/{prefix} (versions are immutable)"
+        )
 
     manifest_bytes, uploads = build_manifest(bundle, name, number, created_by)
     digest = manifest_digest(manifest_bytes)
@@ -192,16 +196,22 @@ def push_version(
     # The manifest goes last: until it exists, readers see no version. If-None-Match makes the
     # store itself refuse a second manifest for this number (a writer outside our lock).
     try:
-        client.put_object(Bucket=bucket, Key=prefix + MANIFEST, Body=manifest_bytes, ContentType="application/json",
-                          IfNoneMatch="*")
+        client.put_object(
+            Bucket=bucket, Key=prefix + MANIFEST, Body=manifest_bytes, ContentType="application/json", IfNoneMatch="*"
+        )
     except client.exceptions.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in {"PreconditionFailed", "412"}:
             raise VersionExists(f"{name} version {number} was written by another push meanwhile") from None
         raise
     manifest = json.loads(manifest_bytes)
     version = ModelVersion(
-        id=uuid.uuid4(), model_id=model.id, number=number, digest=digest, manifest=manifest,
-        size_bytes=total, created_by=created_by,
+        id=uuid.uuid4(),
+        model_id=model.id,
+        number=number,
+        digest=digest,
+        manifest=manifest,
+        size_bytes=total,
+        created_by=created_by,
     )
     session.add(version)
     session.flush()
@@ -230,7 +240,11 @@ def fetch_manifest_bytes(name: str, number: int, digest: str) -> bytes:
     The exact bytes (not a re-serialisation) let a local copy be checked against `digest` later.
     """
     settings = get_settings()
-    body = s3_client().get_object(Bucket=settings.models_bucket, Key=version_prefix(name, number) + MANIFEST)["Body"].read()
+    body = (
+        s3_client()
+        .get_object(Bucket=settings.models_bucket, Key=version_prefix(name, number) + MANIFEST)["Body"]
+        .read()
+    )
     actual = manifest_digest(body)
     if actual != digest:
         raise IntegrityError(f"{name} v{number}: manifest digest is {actual}, registry says {digest}")
@@ -271,18 +285,5 @@ def verify_remote(name: str, number: int, digest: str) -> list[str]:
     return problems
 
 
-def __getattr__(attr: str) -> Any:
-    # The per-digest download cache that lived here became workers.cache.ModelCache (shared
-    # blobs, LRU bound, pins); the old name keeps imports elsewhere working. Lazy, because
-    # workers.cache imports this module.
-    if attr == "LocalVersionCache":
-        from workers.cache import ModelCache
-
-        return ModelCache
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
-
-
 def iter_versions(session: Session, name: str) -> Iterable[ModelVersion]:
-    return session.scalars(
-        select(ModelVersion).join(Model).where(Model.name == name).order_by(ModelVersion.number)
-    )
+    return session.scalars(select(ModelVersion).join(Model).where(Model.name == name).order_by(ModelVersion.number))

@@ -49,7 +49,11 @@ def device_memory(device) -> dict[str, int]:
 
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return {"free_bytes": int(free), "total_bytes": int(total), "allocated_bytes": int(torch.cuda.memory_allocated(device))}
+        return {
+            "free_bytes": int(free),
+            "total_bytes": int(total),
+            "allocated_bytes": int(torch.cuda.memory_allocated(device)),
+        }
     return {}
 
 
@@ -125,8 +129,7 @@ class ModelRuntime:
     # Activations and the CUDA context need room beyond the weights themselves.
     LOAD_HEADROOM = 1.5
 
-    def __init__(self, cache: ModelCache | None = None, max_loaded: int | None = None,
-                 max_bytes: int | None = None):
+    def __init__(self, cache: ModelCache | None = None, max_loaded: int | None = None, max_bytes: int | None = None):
         self.cache = cache or ModelCache()
         self.max_loaded = max_loaded or int(os.environ.get("DREAMQ_MAX_LOADED_MODELS", "2"))
         self.max_bytes = max_bytes or int(os.environ.get("DREAMQ_LOADED_MODELS_MAX_BYTES", str(8 * 1024**3)))
@@ -182,15 +185,30 @@ class ModelRuntime:
             except BaseException:
                 pin.release()
                 raise
-            loaded = LoadedModel(name, number, digest, model, time.perf_counter() - started, cancelled,
-                                 weight_bytes=weight_bytes, pin=pin)
+            loaded = LoadedModel(
+                name,
+                number,
+                digest,
+                model,
+                time.perf_counter() - started,
+                cancelled,
+                weight_bytes=weight_bytes,
+                pin=pin,
+            )
             self._loaded[digest] = loaded
             self.loads += 1
             observe_model_load(name, loaded.load_s)
             log.info(
                 "loaded model version",
-                extra={"model": name, "version": number, "digest": digest, "load_s": round(loaded.load_s, 3),
-                       "device": str(self.device), "weight_bytes": weight_bytes, "resident": self.loaded_versions()},
+                extra={
+                    "model": name,
+                    "version": number,
+                    "digest": digest,
+                    "load_s": round(loaded.load_s, 3),
+                    "device": str(self.device),
+                    "weight_bytes": weight_bytes,
+                    "resident": self.loaded_versions(),
+                },
             )
             return loaded
 

@@ -66,8 +66,9 @@ _UNDRAIN_WORKERS = text(
 def drain_workers(session: Session, pool_ids: list, *, actor: str) -> int:
     if not pool_ids:
         return 0
-    return session.execute(_DRAIN_WORKERS, {"pools": [str(p) for p in pool_ids], "actor": actor,
-                                            "stale": WORKER_STALE_S}).rowcount
+    return session.execute(
+        _DRAIN_WORKERS, {"pools": [str(p) for p in pool_ids], "actor": actor, "stale": WORKER_STALE_S}
+    ).rowcount
 
 
 def undrain_workers(session: Session, pool_ids: list) -> int:
@@ -87,14 +88,29 @@ def get_cluster(session: Session, name: str, *, lock: bool = False) -> Cluster:
 
 
 def _views(session: Session, clusters: list[Cluster]) -> list[dict[str, Any]]:
-    counts = {r.id: r for r in session.execute(_CLUSTER_COUNTS, {"ids": [str(c.id) for c in clusters],
-                                                                 "stale": WORKER_STALE_S})} if clusters else {}
+    counts = (
+        {
+            r.id: r
+            for r in session.execute(_CLUSTER_COUNTS, {"ids": [str(c.id) for c in clusters], "stale": WORKER_STALE_S})
+        }
+        if clusters
+        else {}
+    )
     views = []
     for c in clusters:
         row = counts[c.id]
-        views.append({"name": c.name, "kind": c.kind, "enabled": c.enabled, "max_workers": c.max_workers,
-                      "pools": row.pools, "live_workers": row.live_workers, "draining_workers": row.draining_workers,
-                      "created_at": c.created_at.isoformat()})
+        views.append(
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "enabled": c.enabled,
+                "max_workers": c.max_workers,
+                "pools": row.pools,
+                "live_workers": row.live_workers,
+                "draining_workers": row.draining_workers,
+                "created_at": c.created_at.isoformat(),
+            }
+        )
     return views
 
 
@@ -106,8 +122,9 @@ def list_clusters(session: Session) -> list[dict[str, Any]]:
     return _views(session, list(session.scalars(select(Cluster).order_by(Cluster.name))))
 
 
-def add_cluster(session: Session, name: str, kind: str, *, max_workers: int | None = None, enabled: bool = True,
-                actor: str) -> dict[str, Any]:
+def add_cluster(
+    session: Session, name: str, kind: str, *, max_workers: int | None = None, enabled: bool = True, actor: str
+) -> dict[str, Any]:
     if kind not in KINDS:
         raise AdminError("kind", f"must be one of {', '.join(KINDS)}")
     if session.scalar(select(Cluster.id).where(Cluster.name == name)) is not None:

@@ -21,13 +21,20 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 
 
 def mapping_view(row: DreamMachineModel, model_name: str) -> dict:
-    return {"name": row.name, "model": model_name, "note": row.note, "updated_by": row.updated_by,
-            "updated_at": row.updated_at.isoformat()}
+    return {
+        "name": row.name,
+        "model": model_name,
+        "note": row.note,
+        "updated_by": row.updated_by,
+        "updated_at": row.updated_at.isoformat(),
+    }
 
 
 def list_mappings(session: Session) -> list[dict]:
     rows = session.execute(
-        select(DreamMachineModel, Model.name).join(Model, Model.id == DreamMachineModel.model_id).order_by(DreamMachineModel.name)
+        select(DreamMachineModel, Model.name)
+        .join(Model, Model.id == DreamMachineModel.model_id)
+        .order_by(DreamMachineModel.name)
     ).all()
     return [mapping_view(row, model) for row, model in rows]
 
@@ -40,16 +47,21 @@ def set_mapping(session: Session, name: str, model: str, *, note: str = "", acto
     if model_id is None:
         raise AdminError("model", f"no dreamq model named '{model}' (dreamq models list)")
     before = session.execute(
-        select(Model.name).join(DreamMachineModel, DreamMachineModel.model_id == Model.id).where(DreamMachineModel.name == name)
+        select(Model.name)
+        .join(DreamMachineModel, DreamMachineModel.model_id == Model.id)
+        .where(DreamMachineModel.name == name)
     ).scalar()
     statement = insert(DreamMachineModel).values(name=name, model_id=model_id, note=note, updated_by=actor)
-    session.execute(statement.on_conflict_do_update(
-        index_elements=[DreamMachineModel.name],
-        set_={"model_id": model_id, "note": note, "updated_by": actor, "updated_at": func.now()},
-    ))
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[DreamMachineModel.name],
+            set_={"model_id": model_id, "note": note, "updated_by": actor, "updated_at": func.now()},
+        )
+    )
     audit("dream_machine.set_model", actor=actor, target=name, before=before, after=model)
-    row = session.scalars(select(DreamMachineModel).where(DreamMachineModel.name == name)
-                          .execution_options(populate_existing=True)).one()
+    row = session.scalars(
+        select(DreamMachineModel).where(DreamMachineModel.name == name).execution_options(populate_existing=True)
+    ).one()
     return mapping_view(row, model)
 
 

@@ -21,5 +21,10 @@ class AdminError(ValueError):
 
 def audit(action: str, *, actor: str, target: str, **detail: Any) -> None:
     """One structured line per admin mutation: who did what to which object."""
-    audit_log.info("admin %s %s by %s", action, target, actor,
-                   extra={"audit": True, "action": action, "actor": actor, "target": target, "detail": detail})
+    audit_log.info(
+        "admin %s %s by %s",
+        action,
+        target,
+        actor,
+        extra={"audit": True, "action": action, "actor": actor, "target": target, "detail": detail},
+    )

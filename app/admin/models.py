@@ -41,14 +41,24 @@ def get_model(session: Session, name: str, *, lock: bool = False) -> Model:
 
 
 def get_version(session: Session, model: Model, number: int) -> ModelVersion:
-    version = session.scalar(select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number))
+    version = session.scalar(
+        select(ModelVersion).where(ModelVersion.model_id == model.id, ModelVersion.number == number)
+    )
     if version is None:
         raise ModelAdminError("version", f"model '{model.name}' has no version {number}", status=404)
     return version
 
 
-def set_alias(session: Session, model: Model, alias: str, version: ModelVersion | None, *, action: str, actor: str,
-               percent: float | None = None) -> None:
+def set_alias(
+    session: Session,
+    model: Model,
+    alias: str,
+    version: ModelVersion | None,
+    *,
+    action: str,
+    actor: str,
+    percent: float | None = None,
+) -> None:
     current = session.get(ModelAlias, (model.id, alias))
     previous = current.version_id if current else None
     now = dt.datetime.now(dt.timezone.utc)
@@ -56,15 +66,47 @@ def set_alias(session: Session, model: Model, alias: str, version: ModelVersion 
         if current is not None:
             session.delete(current)
     elif current is None:
-        session.add(ModelAlias(model_id=model.id, alias=alias, version_id=version.id, percent=percent or 100,
-                               updated_by=actor, updated_at=now))
+        session.add(
+            ModelAlias(
+                model_id=model.id,
+                alias=alias,
+                version_id=version.id,
+                percent=percent or 100,
+                updated_by=actor,
+                updated_at=now,
+            )
+        )
     else:
-        current.version_id, current.percent, current.updated_by, current.updated_at = version.id, percent or 100, actor, now
-    session.add(ModelAliasEvent(model_id=model.id, alias=alias, action=action, from_version_id=previous,
-                                to_version_id=version.id if version else None, percent=percent, actor=actor, at=now))
+        current.version_id, current.percent, current.updated_by, current.updated_at = (
+            version.id,
+            percent or 100,
+            actor,
+            now,
+        )
+    session.add(
+        ModelAliasEvent(
+            model_id=model.id,
+            alias=alias,
+            action=action,
+            from_version_id=previous,
+            to_version_id=version.id if version else None,
+            percent=percent,
+            actor=actor,
+            at=now,
+        )
+    )
     session.flush()
-    log.info("model alias moved", extra={"model": model.name, "alias": alias, "action": action, "actor": actor,
-                                         "version": version.number if version else None, "percent": percent})
+    log.info(
+        "model alias moved",
+        extra={
+            "model": model.name,
+            "alias": alias,
+            "action": action,
+            "actor": actor,
+            "version": version.number if version else None,
+            "percent": percent,
+        },
+    )
 
 
 def promote(session: Session, name: str, number: int, *, actor: str) -> dict[str, Any]:
@@ -106,9 +148,11 @@ def clear_canary(session: Session, name: str, *, actor: str) -> dict[str, Any]:
 def prod_history(session: Session, model: Model) -> list[uuid.UUID]:
     """The stack of prod versions: a promote pushes, a rollback pops; the top is prod now."""
     stack: list[uuid.UUID] = []
-    events = session.scalars(select(ModelAliasEvent)
-                             .where(ModelAliasEvent.model_id == model.id, ModelAliasEvent.alias == PROD)
-                             .order_by(ModelAliasEvent.id))
+    events = session.scalars(
+        select(ModelAliasEvent)
+        .where(ModelAliasEvent.model_id == model.id, ModelAliasEvent.alias == PROD)
+        .order_by(ModelAliasEvent.id)
+    )
     for event in events:
         if not stack and event.from_version_id is not None:
             stack.append(event.from_version_id)  # prod before the first audited move
@@ -140,29 +184,51 @@ def rollback(session: Session, name: str, *, actor: str) -> dict[str, Any]:
 
 
 def model_view(session: Session, model: Model, *, events: int = 20) -> dict[str, Any]:
-    versions = list(session.scalars(select(ModelVersion).where(ModelVersion.model_id == model.id)
-                                    .order_by(ModelVersion.number)))
+    versions = list(
+        session.scalars(select(ModelVersion).where(ModelVersion.model_id == model.id).order_by(ModelVersion.number))
+    )
     by_id = {v.id: v.number for v in versions}
     aliases = {a.alias: a for a in session.scalars(select(ModelAlias).where(ModelAlias.model_id == model.id))}
-    history = session.scalars(select(ModelAliasEvent).where(ModelAliasEvent.model_id == model.id)
-                              .order_by(ModelAliasEvent.id.desc()).limit(events))
+    history = session.scalars(
+        select(ModelAliasEvent)
+        .where(ModelAliasEvent.model_id == model.id)
+        .order_by(ModelAliasEvent.id.desc())
+        .limit(events)
+    )
     return {
         "name": model.name,
         "description": model.description,
         "aliases": {
-            name: {"version": by_id.get(a.version_id), "percent": a.percent if name == CANARY else None,
-                   "updated_by": a.updated_by, "updated_at": a.updated_at.isoformat()}
+            name: {
+                "version": by_id.get(a.version_id),
+                "percent": a.percent if name == CANARY else None,
+                "updated_by": a.updated_by,
+                "updated_at": a.updated_at.isoformat(),
+            }
             for name, a in sorted(aliases.items())
         },
         "versions": [
-            {"version": v.number, "digest": v.digest, "size_bytes": v.size_bytes, "files": len(v.manifest.get("files", [])),
-             "environment": v.manifest.get("environment", {}), "created_by": v.created_by,
-             "created_at": v.created_at.isoformat()}
+            {
+                "version": v.number,
+                "digest": v.digest,
+                "size_bytes": v.size_bytes,
+                "files": len(v.manifest.get("files", [])),
+                "environment": v.manifest.get("environment", {}),
+                "created_by": v.created_by,
+                "created_at": v.created_at.isoformat(),
+            }
             for v in versions
         ],
         "history": [
-            {"alias": e.alias, "action": e.action, "from_version": by_id.get(e.from_version_id),
-             "to_version": by_id.get(e.to_version_id), "percent": e.percent, "actor": e.actor, "at": e.at.isoformat()}
+            {
+                "alias": e.alias,
+                "action": e.action,
+                "from_version": by_id.get(e.from_version_id),
+                "to_version": by_id.get(e.to_version_id),
+                "percent": e.percent,
+                "actor": e.actor,
+                "at": e.at.isoformat(),
+            }
             for e in history
         ],
     }

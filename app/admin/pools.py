@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 
 from app.admin.clusters import drain_workers, get_cluster, undrain_workers
 from app.admin.errors import AdminError, audit
+from app.core.queues import pool_queue
 from app.db.models import Cluster, Model, Pool, Tier
 from app.scheduling.dispatcher import LIVE_DEPTH_SQL, WORKER_STALE_S, effective_dispatch_limit
-from app.core.queues import pool_queue
 
 _POOL_ROWS = text(
     f"""
@@ -47,19 +47,28 @@ _POOL_ROWS = text(
 
 def _views(session: Session, ids: list | None = None) -> list[dict[str, Any]]:
     tiers = list(session.scalars(select(Tier.name).order_by(Tier.rank)))
-    rows = session.execute(_POOL_ROWS, {"stale": WORKER_STALE_S,
-                                        "ids": None if ids is None else [str(i) for i in ids]})
+    rows = session.execute(_POOL_ROWS, {"stale": WORKER_STALE_S, "ids": None if ids is None else [str(i) for i in ids]})
     views = []
     for r in rows:
         open_ = r.enabled and r.cluster_enabled
-        views.append({
-            "name": f"{r.cluster}.{r.model}", "cluster": r.cluster, "cluster_kind": r.cluster_kind, "model": r.model,
-            "enabled": r.enabled, "cluster_enabled": r.cluster_enabled, "dispatch_limit": r.dispatch_limit,
-            "effective_limit": effective_dispatch_limit(r.dispatch_limit, r.live_depth, open_),
-            "live_workers": r.live_workers, "draining_workers": r.draining_workers, "dispatched": r.dispatched,
-            "running": r.running, "queues": [pool_queue(r.cluster, r.model, t) for t in tiers],
-            "created_at": r.created_at.isoformat(),
-        })
+        views.append(
+            {
+                "name": f"{r.cluster}.{r.model}",
+                "cluster": r.cluster,
+                "cluster_kind": r.cluster_kind,
+                "model": r.model,
+                "enabled": r.enabled,
+                "cluster_enabled": r.cluster_enabled,
+                "dispatch_limit": r.dispatch_limit,
+                "effective_limit": effective_dispatch_limit(r.dispatch_limit, r.live_depth, open_),
+                "live_workers": r.live_workers,
+                "draining_workers": r.draining_workers,
+                "dispatched": r.dispatched,
+                "running": r.running,
+                "queues": [pool_queue(r.cluster, r.model, t) for t in tiers],
+                "created_at": r.created_at.isoformat(),
+            }
+        )
     return views
 
 
@@ -72,8 +81,12 @@ def pool_view(session: Session, pool: Pool) -> dict[str, Any]:
 
 
 def get_pool(session: Session, cluster: str, model: str, *, lock: bool = False) -> Pool:
-    query = (select(Pool).join(Cluster, Cluster.id == Pool.cluster_id).join(Model, Model.id == Pool.model_id)
-             .where(Cluster.name == cluster, Model.name == model))
+    query = (
+        select(Pool)
+        .join(Cluster, Cluster.id == Pool.cluster_id)
+        .join(Model, Model.id == Pool.model_id)
+        .where(Cluster.name == cluster, Model.name == model)
+    )
     if lock:
         query = query.with_for_update(of=Pool)
     pool = session.scalar(query)
@@ -82,8 +95,9 @@ def get_pool(session: Session, cluster: str, model: str, *, lock: bool = False) 
     return pool
 
 
-def add_pool(session: Session, cluster: str, model: str, dispatch_limit: int, *, enabled: bool = True,
-             actor: str) -> dict[str, Any]:
+def add_pool(
+    session: Session, cluster: str, model: str, dispatch_limit: int, *, enabled: bool = True, actor: str
+) -> dict[str, Any]:
     # Names given in a body that match nothing are invalid fields (422), not a missing resource.
     cluster_row = session.scalar(select(Cluster).where(Cluster.name == cluster))
     if cluster_row is None:

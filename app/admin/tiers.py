@@ -28,10 +28,18 @@ class TierChangeError(ValueError):
 
 def tier_view(tier: Tier) -> dict[str, Any]:
     return {
-        "name": tier.name, "rank": tier.rank, "slo_s": tier.slo_s, "rate_per_min": tier.rate_per_min,
-        "burst": tier.burst, "tier_rate_per_min": tier.tier_rate_per_min, "tier_burst": tier.tier_burst,
-        "concurrency_cap": tier.concurrency_cap, "min_share": tier.min_share, "monthly_quota": tier.monthly_quota,
-        "retention_days": tier.retention_days, "updated_at": tier.updated_at.isoformat(),
+        "name": tier.name,
+        "rank": tier.rank,
+        "slo_s": tier.slo_s,
+        "rate_per_min": tier.rate_per_min,
+        "burst": tier.burst,
+        "tier_rate_per_min": tier.tier_rate_per_min,
+        "tier_burst": tier.tier_burst,
+        "concurrency_cap": tier.concurrency_cap,
+        "min_share": tier.min_share,
+        "monthly_quota": tier.monthly_quota,
+        "retention_days": tier.retention_days,
+        "updated_at": tier.updated_at.isoformat(),
     }
 
 
@@ -48,8 +56,11 @@ def update_tier(session: Session, name: str, changes: dict[str, Any], *, actor: 
     if "min_share" in changes:
         total = sum(changes["min_share"] if t.name == name else t.min_share for t in tiers.values())
         if total > MAX_TOTAL_MIN_SHARE + 1e-9:
-            raise TierChangeError("min_share", f"floors of all tiers would sum to {total:.3f}, above "
-                                               f"{MAX_TOTAL_MIN_SHARE}: rank order must keep most of the capacity")
+            raise TierChangeError(
+                "min_share",
+                f"floors of all tiers would sum to {total:.3f}, above "
+                f"{MAX_TOTAL_MIN_SHARE}: rank order must keep most of the capacity",
+            )
     if ("tier_rate_per_min" in changes) != ("tier_burst" in changes):
         rate = changes.get("tier_rate_per_min", tier.tier_rate_per_min)
         burst = changes.get("tier_burst", tier.tier_burst)
@@ -60,6 +71,8 @@ def update_tier(session: Session, name: str, changes: dict[str, Any], *, actor: 
         setattr(tier, key, value)
     tier.updated_at = dt.datetime.now(dt.timezone.utc)
     session.flush()
-    log.info("tier changed", extra={"tier": name, "actor": actor, "changes": changes,
-                                    "before": {k: before[k] for k in changes}})
+    log.info(
+        "tier changed",
+        extra={"tier": name, "actor": actor, "changes": changes, "before": {k: before[k] for k in changes}},
+    )
     return tier

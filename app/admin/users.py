@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.admin.errors import AdminError, audit
-from app.api.auth import create_key as new_api_key
+from app.admin.keys import create_key as new_api_key
 from app.db.models import ApiKey, Tier, User
 
 
@@ -26,9 +26,15 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 def key_view(key: ApiKey, user_name: str) -> dict[str, Any]:
     """Never the key itself: only the prefix shown at creation identifies it afterwards."""
-    return {"prefix": key.prefix, "user": user_name, "name": key.name, "scopes": list(key.scopes),
-            "created_at": _iso(key.created_at), "revoked_at": _iso(key.revoked_at),
-            "last_used_at": _iso(key.last_used_at)}
+    return {
+        "prefix": key.prefix,
+        "user": user_name,
+        "name": key.name,
+        "scopes": list(key.scopes),
+        "created_at": _iso(key.created_at),
+        "revoked_at": _iso(key.revoked_at),
+        "last_used_at": _iso(key.last_used_at),
+    }
 
 
 def _user_views(session: Session, users: list[User]) -> list[dict[str, Any]]:
@@ -37,8 +43,17 @@ def _user_views(session: Session, users: list[User]) -> list[dict[str, Any]]:
         # One query for every listed user's keys, not one per user.
         for key in session.scalars(select(ApiKey).where(ApiKey.user_id.in_(list(keys))).order_by(ApiKey.created_at)):
             keys[key.user_id].append(key)
-    return [{"id": str(u.id), "name": u.name, "tier": u.tier, "disabled": u.disabled,
-             "created_at": _iso(u.created_at), "keys": [key_view(k, u.name) for k in keys[u.id]]} for u in users]
+    return [
+        {
+            "id": str(u.id),
+            "name": u.name,
+            "tier": u.tier,
+            "disabled": u.disabled,
+            "created_at": _iso(u.created_at),
+            "keys": [key_view(k, u.name) for k in keys[u.id]],
+        }
+        for u in users
+    ]
 
 
 def user_view(session: Session, user: User) -> dict[str, Any]:
@@ -68,8 +83,9 @@ def list_users(session: Session, *, tier: str | None = None, limit: int = 100) -
     return _user_views(session, list(session.scalars(query)))
 
 
-def create_user(session: Session, name: str, tier: str, *, admin: bool = False, key_name: str = "",
-                actor: str) -> dict[str, Any]:
+def create_user(
+    session: Session, name: str, tier: str, *, admin: bool = False, key_name: str = "", actor: str
+) -> dict[str, Any]:
     """The user and a first key; the returned `key` is the only time the plaintext exists."""
     _check_tier(session, tier)
     if session.scalar(select(func.count()).select_from(User).where(User.name == name)):
@@ -97,8 +113,7 @@ def update_user(session: Session, name: str, changes: dict[str, Any], *, actor: 
     if "disabled" in changes:
         user.disabled = changes["disabled"]
     session.flush()
-    audit("user.update", actor=actor, target=f"user:{name}", changes=changes,
-          before={k: before[k] for k in changes})
+    audit("user.update", actor=actor, target=f"user:{name}", changes=changes, before={k: before[k] for k in changes})
     return user_view(session, user)
 
 
@@ -106,8 +121,9 @@ def set_tier(session: Session, name: str, tier: str, *, actor: str) -> dict[str,
     return update_user(session, name, {"tier": tier}, actor=actor)
 
 
-def create_key(session: Session, user_name: str, scopes: list[str], *, key_name: str = "",
-               actor: str) -> dict[str, Any]:
+def create_key(
+    session: Session, user_name: str, scopes: list[str], *, key_name: str = "", actor: str
+) -> dict[str, Any]:
     user = get_user(session, user_name)
     scopes = sorted(set(scopes) | {"user"})  # an admin key can do what a user key can
     key, plaintext = new_api_key(session, user, scopes, name=key_name)
@@ -120,14 +136,19 @@ def list_keys(session: Session, user_name: str) -> list[dict[str, Any]]:
 
 
 def revoke_key(session: Session, prefix: str, *, actor: str) -> dict[str, Any]:
-    rows = session.execute(select(ApiKey, User.name).join(User, User.id == ApiKey.user_id)
-                           .where(ApiKey.prefix == prefix).with_for_update(of=ApiKey)).all()
+    rows = session.execute(
+        select(ApiKey, User.name)
+        .join(User, User.id == ApiKey.user_id)
+        .where(ApiKey.prefix == prefix)
+        .with_for_update(of=ApiKey)
+    ).all()
     if not rows:
         raise AdminError("prefix", f"no key with prefix '{prefix}'", status=404)
     if len(rows) > 1:
         # 48 random bits after `dq_`: a clash is rare, but revoking the wrong key would be worse.
-        raise AdminError("prefix", f"{len(rows)} keys share prefix '{prefix}'; revoke through the user's key list",
-                         status=409)
+        raise AdminError(
+            "prefix", f"{len(rows)} keys share prefix '{prefix}'; revoke through the user's key list", status=409
+        )
     key, user_name = rows[0]
     if key.revoked_at is None:
         key.revoked_at = dt.datetime.now(dt.timezone.utc)

@@ -9,6 +9,8 @@ import uuid
 
 from flask import Flask, g, request
 
+from app.api import admin, dashboard, dream_machine, generations, health, metrics, openapi, uploads, webhooks
+from app.api.errors import register_error_handlers
 from app.core.config import get_settings
 from app.core.logging_setup import close_context, open_context
 from app.observability.metrics import observe_request
@@ -19,10 +21,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def create_app() -> Flask:
-    from app.api import admin, dream_machine, generations, health, metrics, openapi, uploads, webhooks
-    from app.api.errors import register_error_handlers
-    from app.observability import dashboard
-
     settings = get_settings()
     settings.require("database_url")
     connect_listeners()
@@ -58,13 +56,19 @@ def create_app() -> Flask:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         seconds = time.perf_counter() - g.get("started", time.perf_counter())
         # The rule, not the path: bounded labels (no job ids).
-        observe_request(request.url_rule.rule if request.url_rule else "unmatched", request.method,
-                        response.status_code, seconds)
+        observe_request(
+            request.url_rule.rule if request.url_rule else "unmatched", request.method, response.status_code, seconds
+        )
         if request.path not in ("/healthz", "/readyz"):
             log.info(
                 "request",
-                extra={"method": request.method, "path": request.path, "status": response.status_code,
-                       "ms": round(seconds * 1000, 1), "request_id": g.get("request_id")},
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "ms": round(seconds * 1000, 1),
+                    "request_id": g.get("request_id"),
+                },
             )
         return response
 

@@ -7,8 +7,6 @@ shown in listings and logs, never the rest.
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 import uuid
 from dataclasses import dataclass, field, fields
 
@@ -16,24 +14,9 @@ from flask import request
 from flask import session as flask_session
 from sqlalchemy.orm import Session
 
+from app.admin.keys import KEY_PREFIX, SCOPES, create_key, display_prefix, hash_key, new_key  # noqa: F401 (re-exported)
 from app.core.errors import Forbidden, Unauthorized
-from app.db.models import ApiKey, User
 from app.db.session import driver_execute
-
-KEY_PREFIX = "dq_"
-SCOPES = ("user", "admin")
-
-
-def new_key() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def display_prefix(key: str) -> str:
-    return key[:11]
 
 
 @dataclass(frozen=True)
@@ -68,17 +51,6 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return "admin" in self.scopes
-
-
-def create_key(session: Session, user: User, scopes: list[str], name: str = "") -> tuple[ApiKey, str]:
-    unknown = set(scopes) - set(SCOPES)
-    if unknown:
-        raise ValueError(f"unknown scopes {sorted(unknown)}")
-    plaintext = new_key()
-    key = ApiKey(user_id=user.id, key_hash=hash_key(plaintext), prefix=display_prefix(plaintext), scopes=sorted(scopes), name=name)
-    session.add(key)
-    session.flush()
-    return key, plaintext
 
 
 def bearer_token() -> str:
@@ -132,7 +104,9 @@ PRINCIPAL_COLUMNS = 8 + len(_TIER_COLUMNS)  # a longer row (the lookup joined wi
 
 
 def _principal(session: Session, where: str, which, required_scope: str) -> Principal:
-    return principal_from_row(driver_execute(session, _PRINCIPAL_SQL + where, {"which": which}).fetchone(), required_scope)
+    return principal_from_row(
+        driver_execute(session, _PRINCIPAL_SQL + where, {"which": which}).fetchone(), required_scope
+    )
 
 
 def principal_from_row(row, required_scope: str) -> Principal:

@@ -32,11 +32,12 @@ from sqlalchemy import func, select, update
 from werkzeug.exceptions import HTTPException
 
 from app.api import schemas
-from app.core.errors import ApiError, BadRequest, NotFound
 from app.api.errors import error_response, pydantic_fields
 from app.api.routing import Context, endpoint
 from app.api.uploads import store_upload
 from app.core.config import get_settings
+from app.core.errors import ApiError, BadRequest, NotFound
+from app.core.logging_setup import bind
 from app.db.models import DreamMachineGeneration, Job
 from app.db.session import after_commit
 from app.dream_machine import generations, requests
@@ -44,7 +45,6 @@ from app.dream_machine.models import known_names, served_by
 from app.jobs.cancel import request_cancel
 from app.jobs.limits import enforce_quota, enforce_rate, month_usage
 from app.jobs.submit import ResolvedVersion, create_job, resolve_version
-from app.core.logging_setup import bind
 
 log = logging.getLogger(__name__)
 bp = Blueprint("dream_machine", __name__, url_prefix="/dream-machine/v1")
@@ -84,15 +84,22 @@ def credits(ctx: Context):
     quota = tier.monthly_quota
     balance = UNLIMITED_BALANCE if quota is None else float(max(quota - used, 0))
     # credit_balance is what the clients read; the rest says what the number means here.
-    return {"credit_balance": balance, "unit": "jobs", "tier": tier.name, "monthly_quota": quota,
-            "used_this_month": used, "renews_at": renews.isoformat()}
+    return {
+        "credit_balance": balance,
+        "unit": "jobs",
+        "tier": tier.name,
+        "monthly_quota": quota,
+        "used_this_month": used,
+        "renews_at": renews.isoformat(),
+    }
 
 
 # --- submissions ---------------------------------------------------------------------------------
 
 
-def _accept(ctx: Context, body: requests.VideoCreate | requests.VideoModify
-            ) -> tuple[str, ResolvedVersion, dict[str, Any]]:
+def _accept(
+    ctx: Context, body: requests.VideoCreate | requests.VideoModify
+) -> tuple[str, ResolvedVersion, dict[str, Any]]:
     """The checks before any work: a model name the table knows, options the model can honour,
     a version with a pool. Returns the model as the client named it, the version
     (its manifest gives sizes and frame rates) and the job fields every submission has."""
@@ -112,8 +119,16 @@ def _accept(ctx: Context, body: requests.VideoCreate | requests.VideoModify
     if not has_pool:
         raise _bad("model", f"{served} has no GPU pool serving it")
     # The version pinned: the job runs on the one whose manifest sized it (a canary draw is made once).
-    return served, version, {"prompt": body.prompt, "model": version.model, "model_version": version.number,
-                             "callback_url": body.callback_url}
+    return (
+        served,
+        version,
+        {
+            "prompt": body.prompt,
+            "model": version.model,
+            "model_version": version.number,
+            "callback_url": body.callback_url,
+        },
+    )
 
 
 def _explain(exc: ApiError, served: str, asked: dict[str, str]) -> BadRequest:
@@ -129,8 +144,13 @@ def _explain(exc: ApiError, served: str, asked: dict[str, str]) -> BadRequest:
     return _bad(field, reason)
 
 
-def _submit(ctx: Context, body: requests.VideoCreate | requests.VideoModify, fields: dict[str, Any], served: str,
-            asked: dict[str, str]):
+def _submit(
+    ctx: Context,
+    body: requests.VideoCreate | requests.VideoModify,
+    fields: dict[str, Any],
+    served: str,
+    asked: dict[str, str],
+):
     """create_job() with the mapped fields, then the record of the client's own request."""
     from app.messaging import get_publisher
 
@@ -147,16 +167,20 @@ def _submit(ctx: Context, body: requests.VideoCreate | requests.VideoModify, fie
     bind(job_id=str(job.id))
     request = body.model_dump(mode="json", exclude_none=True)
     request.setdefault("generation_type", "video")
-    row = DreamMachineGeneration(job_id=job.id, user_id=ctx.user.user_id, generation_type=request["generation_type"],
-                                 model_name=body.model, request=request)
+    row = DreamMachineGeneration(
+        job_id=job.id,
+        user_id=ctx.user.user_id,
+        generation_type=request["generation_type"],
+        model_name=body.model,
+        request=request,
+    )
     ctx.session.add(row)
     ctx.session.flush()
     get_publisher().request_dispatch(ctx.session)
     return generations.render(ctx.session, [(job, row)])[0], 201
 
 
-@_route("/generations/video", methods=["POST"], body=requests.VideoCreate, status=201,
-        summary="Text to video")
+@_route("/generations/video", methods=["POST"], body=requests.VideoCreate, status=201, summary="Text to video")
 def create_video(ctx: Context):
     body: requests.VideoCreate = ctx.body
     served, version, fields = _accept(ctx, body)
@@ -166,8 +190,9 @@ def create_video(ctx: Context):
     if size is not None:
         fields["width"], fields["height"] = size
         what = " at ".join(v for v in (body.resolution, body.aspect_ratio) if v)
-        asked.update(size=f"{what} is {size[0]}x{size[1]} pixels",
-                     size_field="resolution" if body.resolution else "aspect_ratio")
+        asked.update(
+            size=f"{what} is {size[0]}x{size[1]} pixels", size_field="resolution" if body.resolution else "aspect_ratio"
+        )
     frames = requests.frames_for(version.manifest, body.duration)
     if frames is not None:
         fields["num_frames"], fields["fps"] = frames
@@ -175,17 +200,27 @@ def create_video(ctx: Context):
     return _submit(ctx, body, fields, served, asked)
 
 
-@_route("/generations", methods=["POST"], body=requests.VideoCreate, status=201,
-        summary="Text to video (the path of older client versions)")
+@_route(
+    "/generations",
+    methods=["POST"],
+    body=requests.VideoCreate,
+    status=201,
+    summary="Text to video (the path of older client versions)",
+)
 def create_generation(ctx: Context):
     return create_video.__wrapped__(ctx)
 
 
-@_route("/generations/video/modify", methods=["POST"], body=requests.VideoModify, status=201,
-        summary="Modify a video fetched from media.url (mapped onto a modify-video job)")
+@_route(
+    "/generations/video/modify",
+    methods=["POST"],
+    body=requests.VideoModify,
+    status=201,
+    summary="Modify a video fetched from media.url (mapped onto a modify-video job)",
+)
 def modify_video(ctx: Context):
-    from app.fetch import FetchRefused, fetch
     from app.core.storage import s3_client
+    from app.fetch import FetchRefused, fetch
 
     body: requests.VideoModify = ctx.body
     served, version, fields = _accept(ctx, body)
@@ -229,8 +264,11 @@ _NOT_OFFERED = {
 
 def _not_offered(feature: str):
     def handler(ctx: Context, **_ids):
-        raise _bad("generation_type", f"{feature} is not offered by this server (dreamq serves video "
-                                      "generations and modify-video)")
+        raise _bad(
+            "generation_type",
+            f"{feature} is not offered by this server (dreamq serves video generations and modify-video)",
+        )
+
     return handler
 
 
@@ -265,18 +303,29 @@ def get_generation(ctx: Context, generation_id: str):
 def list_generations(ctx: Context):
     q: requests.ListQuery = ctx.query
     rows = ctx.session.execute(
-        select(Job, DreamMachineGeneration).join(DreamMachineGeneration, DreamMachineGeneration.job_id == Job.id)
+        select(Job, DreamMachineGeneration)
+        .join(DreamMachineGeneration, DreamMachineGeneration.job_id == Job.id)
         .where(DreamMachineGeneration.user_id == ctx.user.user_id, DreamMachineGeneration.deleted_at.is_(None))
         .order_by(DreamMachineGeneration.created_at.desc(), DreamMachineGeneration.job_id.desc())
-        .offset(q.offset).limit(q.limit + 1)
+        .offset(q.offset)
+        .limit(q.limit + 1)
     ).all()
     page = [(job, row) for job, row in rows[: q.limit]]
-    return {"generations": generations.render(ctx.session, page), "count": len(page),
-            "has_more": len(rows) > q.limit, "limit": q.limit, "offset": q.offset}
+    return {
+        "generations": generations.render(ctx.session, page),
+        "count": len(page),
+        "has_more": len(rows) > q.limit,
+        "limit": q.limit,
+        "offset": q.offset,
+    }
 
 
-@_route("/generations/<generation_id>", methods=["DELETE"], status=204,
-        summary="Delete a generation: cancel it if unfinished, delete its outputs; it is gone from this API")
+@_route(
+    "/generations/<generation_id>",
+    methods=["DELETE"],
+    status=204,
+    summary="Delete a generation: cancel it if unfinished, delete its outputs; it is gone from this API",
+)
 def delete_generation(ctx: Context, generation_id: str):
     from app.core.storage import s3_client
 
@@ -285,11 +334,16 @@ def delete_generation(ctx: Context, generation_id: str):
     keys = [k for k in (job.video_key, job.thumbnail_key) if k]
     if keys:
         # The job row stays (quotas, audit, /v1 shows it without assets, as after retention).
-        ctx.session.execute(update(Job).where(Job.id == job.id).values(video_key=None, thumbnail_key=None,
-                                                                       updated_at=func.now()))
+        ctx.session.execute(
+            update(Job).where(Job.id == job.id).values(video_key=None, thumbnail_key=None, updated_at=func.now())
+        )
         bucket = get_settings().media_bucket
-        after_commit(ctx.session, lambda: s3_client().delete_objects(
-            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}))
+        after_commit(
+            ctx.session,
+            lambda: s3_client().delete_objects(
+                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+            ),
+        )
     row.deleted_at = dt.datetime.now(dt.timezone.utc)
     ctx.session.flush()
     return Response(status=204)

@@ -59,9 +59,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}.get(
-            exc.code or 500, (exc.name or "error").lower().replace(" ", "_")
-        )
+        code = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            415: "unsupported_media_type",
+        }.get(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"))
         message = exc.description or exc.name
         if exc.code == 413:
             message = "request body is too large"
@@ -74,8 +77,13 @@ def register_error_handlers(app: Flask) -> None:
     def _database_unavailable(exc: Exception):
         # Postgres restarting or unreachable: nothing was stored, and the client may retry (with
         # the same Idempotency-Key, a retry can never make a second job).
-        log.warning("database unavailable", extra={"request_id": getattr(g, "request_id", None),
-                                                   "error": type(exc.orig if hasattr(exc, "orig") else exc).__name__})
+        log.warning(
+            "database unavailable",
+            extra={
+                "request_id": getattr(g, "request_id", None),
+                "error": type(exc.orig if hasattr(exc, "orig") else exc).__name__,
+            },
+        )
         response = jsonify(_body("unavailable", "the database is unavailable; retry shortly"))
         response.status_code = 503
         response.headers["Retry-After"] = "1"

@@ -12,18 +12,25 @@ from flask import Blueprint, request, url_for
 from sqlalchemy import and_, or_, select
 
 from app.api import schemas
-from app.core.errors import Conflict, NotFound, field_error
 from app.api.auth import PRINCIPAL_BY_KEY_SQL, PRINCIPAL_COLUMNS, bearer_token, hash_key, principal_from_row
 from app.api.routing import Context, Deferred, endpoint, parse_json_body
 from app.core.config import get_settings
-from app.db.models import Job, JobState
-from app.db.session import after_commit, driver_connection, run_callbacks, transaction
-from app.jobs.limits import enforce_quota, enforce_quota_driver, enforce_rate, give_back_rate
-from app.jobs.submit import (INSERT_JOB_SQL, RESOLVE_SQL, JobRow, accept_version, create_job, insert_params,
-                             resolve_params)
-from app.jobs.cancel import request_cancel
-from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
+from app.core.errors import Conflict, NotFound, field_error
 from app.core.logging_setup import bind
+from app.db.models import Job, JobState
+from app.db.session import driver_connection, run_callbacks, transaction
+from app.jobs.cancel import request_cancel
+from app.jobs.limits import enforce_quota, enforce_quota_driver, enforce_rate, give_back_rate
+from app.jobs.submit import (
+    INSERT_JOB_SQL,
+    RESOLVE_SQL,
+    JobRow,
+    accept_version,
+    create_job,
+    insert_params,
+    resolve_params,
+)
+from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
 
 bp = Blueprint("generations", __name__, url_prefix="/v1")
 
@@ -107,7 +114,9 @@ def _create_generation_fast():
         return None
     name = body.model or get_settings().default_model
     with driver_connection() as conn:
-        rows = conn.execute(_KEY_AND_MODEL_SQL, {"which": hash_key(token), **resolve_params(name, body.model_version)}).fetchall()
+        rows = conn.execute(
+            _KEY_AND_MODEL_SQL, {"which": hash_key(token), **resolve_params(name, body.model_version)}
+        ).fetchall()
         principal = principal_from_row(rows[0] if rows else None, "user")
         bind(user_id=str(principal.user_id), tier=principal.tier)
         tier = principal.tier_row
@@ -116,13 +125,17 @@ def _create_generation_fast():
             with conn.transaction():
                 enforce_quota_driver(conn, principal, tier)
                 version, params = accept_version(candidates, name, body)
-                job = JobRow(*conn.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone())
+                job = JobRow(
+                    *conn.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone()
+                )
                 enforce_rate(principal, tier)  # inside the transaction: a refusal rolls the job back
         else:
             version, params = accept_version(candidates, name, body)
             taken = enforce_rate(principal, tier)
             try:
-                job = JobRow(*conn.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone())
+                job = JobRow(
+                    *conn.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone()
+                )
             except BaseException:
                 give_back_rate(taken)
                 raise
@@ -133,11 +146,22 @@ def _create_generation_fast():
 
 
 @endpoint(
-    bp, "/generations", methods=["POST"], auth="user", body=schemas.GenerationCreate, response=schemas.Job,
-    status=202, summary="Submit a text-to-video or modify-video job",
-    errors=[400, 401, 403, 409, 415, 422, 429], also=[200],
-    headers={"Idempotency-Key": ({"type": "string", "minLength": 1, "maxLength": 200},
-                                 "Same key and body: the same job (200); same key, other body: 409")},
+    bp,
+    "/generations",
+    methods=["POST"],
+    auth="user",
+    body=schemas.GenerationCreate,
+    response=schemas.Job,
+    status=202,
+    summary="Submit a text-to-video or modify-video job",
+    errors=[400, 401, 403, 409, 415, 422, 429],
+    also=[200],
+    headers={
+        "Idempotency-Key": (
+            {"type": "string", "minLength": 1, "maxLength": 200},
+            "Same key and body: the same job (200); same key, other body: 409",
+        )
+    },
     fast=_create_generation_fast,
 )
 def create_generation(ctx: Context):
@@ -152,9 +176,15 @@ def create_generation(ctx: Context):
         existing = ctx.session.scalar(select(Job).where(Job.user_id == ctx.user.user_id, Job.idempotency_key == key))
         if existing is not None:
             if existing.request_hash != digest:
-                raise Conflict("Idempotency-Key was already used with a different request body", code="idempotency_conflict")
+                raise Conflict(
+                    "Idempotency-Key was already used with a different request body", code="idempotency_conflict"
+                )
             bind(job_id=str(existing.id))
-            return load_job_views(ctx.session, [existing])[0], 200, {"Location": url_for("generations.get_generation", job_id=existing.id)}
+            return (
+                load_job_views(ctx.session, [existing])[0],
+                200,
+                {"Location": url_for("generations.get_generation", job_id=existing.id)},
+            )
     tier = ctx.user.tier_row
     enforce_quota(ctx.session, ctx.user, tier)
     job, version = create_job(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
@@ -169,8 +199,15 @@ def create_generation(ctx: Context):
     return job_view(job, version.model, version, tier.slo_s), 202, {"Location": location}
 
 
-@endpoint(bp, "/generations/<job_id>", methods=["GET"], auth="user", response=schemas.Job,
-          summary="Read a job (Prefer: wait=N holds until it is done or N seconds pass)", errors=[401, 404])
+@endpoint(
+    bp,
+    "/generations/<job_id>",
+    methods=["GET"],
+    auth="user",
+    response=schemas.Job,
+    summary="Read a job (Prefer: wait=N holds until it is done or N seconds pass)",
+    errors=[401, 404],
+)
 def get_generation(ctx: Context, job_id: str):
     job = _job_for(ctx, job_id)
     wait = _prefer_wait()
@@ -179,8 +216,16 @@ def get_generation(ctx: Context, job_id: str):
     return load_job_views(ctx.session, [job])[0]
 
 
-@endpoint(bp, "/generations", methods=["GET"], auth="user", query=schemas.GenerationListQuery, response=schemas.JobList,
-          summary="List your jobs, newest first (cursor pagination, optional state filter)", errors=[401, 422])
+@endpoint(
+    bp,
+    "/generations",
+    methods=["GET"],
+    auth="user",
+    query=schemas.GenerationListQuery,
+    response=schemas.JobList,
+    summary="List your jobs, newest first (cursor pagination, optional state filter)",
+    errors=[401, 422],
+)
 def list_generations(ctx: Context):
     q: schemas.GenerationListQuery = ctx.query
     query = select(Job).where(Job.user_id == ctx.user.user_id)
@@ -195,12 +240,23 @@ def list_generations(ctx: Context):
     jobs = list(ctx.session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(q.limit + 1)))
     more = len(jobs) > q.limit
     jobs = jobs[: q.limit]
-    return {"object": "list", "data": load_job_views(ctx.session, jobs), "next_cursor": encode_cursor(jobs[-1]) if more else None}
+    return {
+        "object": "list",
+        "data": load_job_views(ctx.session, jobs),
+        "next_cursor": encode_cursor(jobs[-1]) if more else None,
+    }
 
 
-@endpoint(bp, "/generations/<job_id>/cancel", methods=["POST"], auth="user", response=schemas.Job, status=202,
-          summary="Cancel a job: queued or dispatched ones at once, running ones at the next model step",
-          errors=[401, 404, 409])
+@endpoint(
+    bp,
+    "/generations/<job_id>/cancel",
+    methods=["POST"],
+    auth="user",
+    response=schemas.Job,
+    status=202,
+    summary="Cancel a job: queued or dispatched ones at once, running ones at the next model step",
+    errors=[401, 404, 409],
+)
 def cancel_generation(ctx: Context, job_id: str):
     job = _job_for(ctx, job_id, lock=True)
     if not request_cancel(ctx.session, job, by=ctx.user.key_prefix):

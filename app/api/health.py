@@ -11,19 +11,34 @@ from app.api.routing import endpoint
 bp = Blueprint("health", __name__)
 
 
-@endpoint(bp, "/healthz", methods=["GET"], auth="public", response=schemas.Health, transactional=False,
-          summary="Liveness: the API process is serving")
+@endpoint(
+    bp,
+    "/healthz",
+    methods=["GET"],
+    auth="public",
+    response=schemas.Health,
+    transactional=False,
+    summary="Liveness: the API process is serving",
+)
 def healthz(_ctx):
     return {"status": "ok", "checks": {}}
 
 
-@endpoint(bp, "/readyz", methods=["GET"], auth="public", response=schemas.Health, transactional=False,
-          summary="Readiness: Postgres, the broker's Redis and object storage answer", also=[503])
+@endpoint(
+    bp,
+    "/readyz",
+    methods=["GET"],
+    auth="public",
+    response=schemas.Health,
+    transactional=False,
+    summary="Readiness: Postgres, the broker's Redis and object storage answer",
+    also=[503],
+)
 def readyz(_ctx):
     from app.core.config import get_settings
-    from app.db.session import get_engine
     from app.core.redis_client import get_redis
     from app.core.storage import s3_client
+    from app.db.session import get_engine
 
     checks: dict[str, str] = {}
     try:

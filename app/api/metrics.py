@@ -16,8 +16,13 @@ from app.observability.metrics import CONTENT_TYPE_LATEST, render
 bp = Blueprint("metrics", __name__)
 
 
-@endpoint(bp, "/metrics", methods=["GET"], auth="admin",
-          summary="Prometheus metrics (text format 0.0.4): queue depth and urgency per tier, model and pool, "
-                  "SLO attainment, pool limits, workers, job outcomes, waits, model loads, rejections")
+@endpoint(
+    bp,
+    "/metrics",
+    methods=["GET"],
+    auth="admin",
+    summary="Prometheus metrics (text format 0.0.4): queue depth and urgency per tier, model and pool, "
+    "SLO attainment, pool limits, workers, job outcomes, waits, model loads, rejections",
+)
 def metrics(_ctx):
     return Deferred(lambda: Response(render(), status=200, content_type=CONTENT_TYPE_LATEST))

@@ -14,10 +14,21 @@ from app.api.routing import REGISTRY, endpoint
 
 bp = Blueprint("openapi", __name__)
 
-_STATUS_TEXT = {200: "OK", 201: "Created", 202: "Accepted", 400: "Malformed request", 401: "Missing or invalid API key",
-                403: "Key lacks the scope", 404: "Not found (or not yours)", 409: "Conflict", 413: "Too large",
-                415: "Unsupported media type", 422: "Invalid field", 429: "Rate limited (see Retry-After)",
-                503: "Unavailable"}
+_STATUS_TEXT = {
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    400: "Malformed request",
+    401: "Missing or invalid API key",
+    403: "Key lacks the scope",
+    404: "Not found (or not yours)",
+    409: "Conflict",
+    413: "Too large",
+    415: "Unsupported media type",
+    422: "Invalid field",
+    429: "Rate limited (see Retry-After)",
+    503: "Unavailable",
+}
 
 
 def implied_errors(spec) -> set[int]:
@@ -75,45 +86,73 @@ def build_openapi() -> dict[str, Any]:
     # (described by Luma's own OpenAPI document, from which its clients are generated).
     for spec in documented:
         path = _PATH_PARAM.sub(lambda m: "{" + m.group(2) + "}", spec.rule)
-        params = [{"name": m.group(2), "in": "path", "required": True,
-                   "schema": _path_param_schema(m.group(1), m.group(0))} for m in _PATH_PARAM.finditer(spec.rule)]
+        params = [
+            {"name": m.group(2), "in": "path", "required": True, "schema": _path_param_schema(m.group(1), m.group(0))}
+            for m in _PATH_PARAM.finditer(spec.rule)
+        ]
         if spec.query is not None:
             properties = spec.query.model_json_schema(ref_template="#/components/schemas/{model}")["properties"]
             for name, field in spec.query.model_fields.items():
-                params.append({"name": name, "in": "query", "required": field.is_required(),
-                               "description": field.description or "", "schema": _query_schema(properties[name])})
+                params.append(
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": field.is_required(),
+                        "description": field.description or "",
+                        "schema": _query_schema(properties[name]),
+                    }
+                )
         for name, (schema, description) in spec.headers.items():
-            params.append({"name": name, "in": "header", "required": False, "description": description, "schema": schema})
+            params.append(
+                {"name": name, "in": "header", "required": False, "description": description, "schema": schema}
+            )
         for method in spec.methods:
-            op: dict[str, Any] = {"summary": spec.summary, "tags": spec.tags, "operationId": f"{method.lower()}_{spec.rule}",
-                                  "parameters": params, "responses": {}}
+            op: dict[str, Any] = {
+                "summary": spec.summary,
+                "tags": spec.tags,
+                "operationId": f"{method.lower()}_{spec.rule}",
+                "parameters": params,
+                "responses": {},
+            }
             if spec.auth != "public":
                 op["security"] = [{"bearer": []}]
                 op["x-dreamq-scope"] = spec.auth
             if spec.body is not None:
-                op["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": {"$ref": f"#/components/schemas/{spec.body.__name__}"}}}}
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{spec.body.__name__}"}}},
+                }
             elif spec.content_types:
                 content = {}
                 for ct in spec.content_types:
                     binary = {"type": "string", "format": "binary"}
                     if ct == "multipart/form-data":
-                        content[ct] = {"schema": {"type": "object", "properties": {"file": binary}, "required": ["file"]}}
+                        content[ct] = {
+                            "schema": {"type": "object", "properties": {"file": binary}, "required": ["file"]}
+                        }
                     else:
                         content[ct] = {"schema": binary}
                 op["requestBody"] = {"required": True, "content": content}
             for status in [spec.status, *spec.also]:
                 ok: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "OK")}
                 if spec.response is not None:
-                    ok["content"] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{spec.response.__name__}"}}}
+                    ok["content"] = {
+                        "application/json": {"schema": {"$ref": f"#/components/schemas/{spec.response.__name__}"}}
+                    }
                 op["responses"][str(status)] = ok
             for status in sorted(implied_errors(spec)):
-                op["responses"][str(status)] = {"description": _STATUS_TEXT.get(status, "Error"), "content": error_content}
+                op["responses"][str(status)] = {
+                    "description": _STATUS_TEXT.get(status, "Error"),
+                    "content": error_content,
+                }
             paths.setdefault(path, {})[method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "dreamq", "version": __version__,
-                 "description": "Generative-video serving: submit jobs, poll or wait, fetch pre-signed assets."},
+        "info": {
+            "title": "dreamq",
+            "version": __version__,
+            "description": "Generative-video serving: submit jobs, poll or wait, fetch pre-signed assets.",
+        },
         "paths": paths,
         "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     }

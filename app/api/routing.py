@@ -24,10 +24,10 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
 from app.api.auth import Principal, authenticate
-from app.core.errors import BadRequest, Unauthorized, Unprocessable, UnsupportedMediaType
 from app.api.errors import pydantic_fields
-from app.db.session import transaction
+from app.core.errors import BadRequest, Unauthorized, Unprocessable, UnsupportedMediaType
 from app.core.logging_setup import bind
+from app.db.session import transaction
 
 AUTH_LEVELS = ("public", "user", "admin")
 
@@ -102,7 +102,9 @@ def parse_json_body(model: type[BaseModel]) -> BaseModel:
     except RecursionError:
         raise BadRequest("request body is nested too deeply", code="malformed_json") from None
     if not isinstance(data, dict):
-        raise Unprocessable("request body must be a JSON object", fields=[{"field": "body", "reason": "must be an object"}])
+        raise Unprocessable(
+            "request body must be a JSON object", fields=[{"field": "body", "reason": "must be an object"}]
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -159,9 +161,25 @@ def endpoint(
     def decorator(handler: Callable) -> Callable:
         prefix = bp.url_prefix or ""
         REGISTRY.append(
-            RouteSpec(prefix + rule, methods, auth, summary, body, query, response, status, [bp.name],
-                      content_types or (["application/json"] if body else []), errors or [], also or [], headers or {},
-                      session_auth, html or bool(login_redirect), login_redirect, in_openapi)
+            RouteSpec(
+                prefix + rule,
+                methods,
+                auth,
+                summary,
+                body,
+                query,
+                response,
+                status,
+                [bp.name],
+                content_types or (["application/json"] if body else []),
+                errors or [],
+                also or [],
+                headers or {},
+                session_auth,
+                html or bool(login_redirect),
+                login_redirect,
+                in_openapi,
+            )
         )
 
         @functools.wraps(handler)

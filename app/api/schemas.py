@@ -17,25 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from app.core.config import get_settings
 from app.observability.snapshot import Snapshot
+from app.outbound.addresses import url_syntax
 
 # Postgres `integer` columns: a larger number must be a 422, not an overflow in the database.
 INT32_MAX = 2**31 - 1
 
 JobStateName = Literal["queued", "dispatched", "running", "succeeded", "failed", "cancelled"]
 WebhookEvent = Literal["started", "progress", "completed"]
-
-
-def url_syntax(value: Optional[str]) -> Optional[str]:
-    """A user-supplied URL's syntax (http(s), no credentials); where its host resolves (and the
-    allow-list) is checked when it is used."""
-    from app.webhooks.addresses import AddressRefused, parse_url
-
-    if value is not None:
-        try:
-            parse_url(value)
-        except AddressRefused as exc:
-            raise ValueError(exc.reason) from None
-    return value
 
 
 class Strict(BaseModel):
@@ -46,8 +34,12 @@ class Strict(BaseModel):
 class GenerationCreate(Strict):
     prompt: str = Field(description="What the video should show.", examples=["a red circle moving right"])
     type: Literal["text_to_video", "modify_video"] = Field("text_to_video", description="modify_video needs upload_id")
-    model: Optional[str] = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$", description="Model name; default: the server's default model")
-    model_version: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Pin an exact version number; default: the model's prod alias")
+    model: Optional[str] = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$", description="Model name; default: the server's default model"
+    )
+    model_version: Optional[int] = Field(
+        None, ge=1, le=INT32_MAX, description="Pin an exact version number; default: the model's prod alias"
+    )
     upload_id: Optional[uuid.UUID] = Field(None, description="Input video (POST /v1/uploads) for modify_video")
     width: Optional[int] = Field(None, ge=16, le=4096)
     height: Optional[int] = Field(None, ge=16, le=4096)
@@ -55,11 +47,16 @@ class GenerationCreate(Strict):
     fps: Optional[int] = Field(None, ge=1, le=120)
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1)
     callback_url: Optional[str] = Field(
-        None, max_length=2048, description="Webhook: POSTed signed job events (see webhook_events). "
+        None,
+        max_length=2048,
+        description="Webhook: POSTed signed job events (see webhook_events). "
         "http(s) only, no credentials, and it must resolve to public addresses unless an admin allow-listed it",
     )
     webhook_events: Optional[list[WebhookEvent]] = Field(
-        None, min_length=1, max_length=3, description="Events the callback receives; default [started, completed]. "
+        None,
+        min_length=1,
+        max_length=3,
+        description="Events the callback receives; default [started, completed]. "
         "progress comes at most every DREAMQ_WEBHOOK_PROGRESS_INTERVAL_S; completed covers succeeded, failed, cancelled",
     )
 
@@ -174,8 +171,12 @@ class TierPatch(Strict):
     tier_rate_per_min: Optional[float] = Field(None, gt=0, description="All users of the tier together; null = none")
     tier_burst: Optional[int] = Field(None, ge=1, le=INT32_MAX)
     concurrency_cap: Optional[int] = Field(None, ge=1, le=100000, description="Jobs dispatched or running per user")
-    min_share: Optional[float] = Field(None, ge=0, le=1, description="Starvation guard: floor on the tier's dispatch share")
-    monthly_quota: Optional[int] = Field(None, ge=1, le=INT32_MAX, description="Jobs per user per calendar month; null = unlimited")
+    min_share: Optional[float] = Field(
+        None, ge=0, le=1, description="Starvation guard: floor on the tier's dispatch share"
+    )
+    monthly_quota: Optional[int] = Field(
+        None, ge=1, le=INT32_MAX, description="Jobs per user per calendar month; null = unlimited"
+    )
     retention_days: Optional[int] = Field(None, ge=1, le=3650)
 
     def changes(self) -> dict:
@@ -215,7 +216,8 @@ class TierList(BaseModel):
 # GET /v1/admin/status returns take_snapshot() as it is: its schema is built from the Snapshot
 # dataclass itself, so a field added there is documented (and checked by the fuzz test) at once.
 StatusOut = create_model(
-    "StatusOut", __doc__="The operator's picture (app/observability/snapshot.py): the numbers behind /dashboard, "
+    "StatusOut",
+    __doc__="The operator's picture (app/observability/snapshot.py): the numbers behind /dashboard, "
     "`dreamq status` and /metrics.",
     **{f.name: (typing.get_type_hints(Snapshot)[f.name], ...) for f in dataclasses.fields(Snapshot)},
 )
@@ -307,7 +309,9 @@ class WebhookSecret(BaseModel):
 
 
 class AllowEntryIn(Strict):
-    network: Optional[str] = Field(None, max_length=64, description="IP network or address, e.g. 10.1.0.0/16 or 127.0.0.1")
+    network: Optional[str] = Field(
+        None, max_length=64, description="IP network or address, e.g. 10.1.0.0/16 or 127.0.0.1"
+    )
     host: Optional[str] = Field(None, max_length=253, pattern=r"^[A-Za-z0-9.-]+$", description="Exact host name")
     port: Optional[int] = Field(None, ge=1, le=65535, description="Only this port; default every port")
     note: str = Field("", max_length=500)
@@ -357,7 +361,9 @@ class WebhookDeliveryList(BaseModel):
 UserName = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}$", description="Unique user name")
 TierName = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="A tier's name (GET /v1/admin/tiers)")
 # No dots: queue names are `<cluster>.<model>.<tier>`.
-ClusterName = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,99}$", description="Cluster name (no dots: it prefixes queue names)")
+ClusterName = Field(
+    pattern=r"^[a-z0-9][a-z0-9_-]{0,99}$", description="Cluster name (no dots: it prefixes queue names)"
+)
 ModelName = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,99}$", description="Model name")
 Scope = Literal["user", "admin"]
 
@@ -389,8 +395,9 @@ class UserCreate(Strict):
 
 class UserPatch(Patch):
     not_null = ("tier", "disabled")
-    tier: Optional[str] = Field(None, pattern=r"^[a-z][a-z0-9_-]{0,31}$",
-                                description="New tier; applies to the user's next submission")
+    tier: Optional[str] = Field(
+        None, pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="New tier; applies to the user's next submission"
+    )
     disabled: Optional[bool] = Field(None, description="A disabled user's keys all answer 403")
 
 
@@ -444,7 +451,9 @@ class UserList(BaseModel):
 
 class ClusterCreate(Strict):
     name: str = ClusterName
-    kind: Literal["inference", "burst"] = Field(description="inference: standing workers; burst: borrowed GPUs, none standing")
+    kind: Literal["inference", "burst"] = Field(
+        description="inference: standing workers; burst: borrowed GPUs, none standing"
+    )
     max_workers: Optional[int] = Field(None, ge=0, le=1_000_000, description="Capacity limit (workers); null = none")
     enabled: bool = True
 
@@ -465,7 +474,9 @@ class ClusterOut(BaseModel):
 
 
 class ClusterDrained(ClusterOut):
-    workers_marked_draining: int = Field(description="Live workers marked draining (now=true): their jobs requeue at the next step")
+    workers_marked_draining: int = Field(
+        description="Live workers marked draining (now=true): their jobs requeue at the next step"
+    )
 
 
 class ClusterList(BaseModel):
@@ -474,8 +485,11 @@ class ClusterList(BaseModel):
 
 
 class DrainQuery(Strict):
-    now: bool = Field(False, description="Also mark live workers draining: running jobs go back to the queue at "
-                                         "their next step. Default: stop new work and let running jobs finish")
+    now: bool = Field(
+        False,
+        description="Also mark live workers draining: running jobs go back to the queue at "
+        "their next step. Default: stop new work and let running jobs finish",
+    )
 
 
 class PoolCreate(Strict):

@@ -187,7 +187,8 @@ class Settings:
         missing = [by_name[n] for n in names if not getattr(self, n)]
         if missing:
             raise ConfigError(
-                "missing required setting(s): " + ", ".join(missing)
+                "missing required setting(s): "
+                + ", ".join(missing)
                 + " (export them, or run `dreamq up` which starts embedded services)"
             )
 

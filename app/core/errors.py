@@ -14,8 +14,15 @@ class ApiError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, fields: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None,
-                 code: str | None = None, status: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        fields: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.fields = fields or []

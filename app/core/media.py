@@ -14,7 +14,14 @@ from PIL import Image
 
 # Containers we accept for uploads, by the format names FFmpeg's demuxers report.
 ACCEPTED_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "mpegts"}
-ACCEPTED_CONTENT_TYPES = {"video/mp4", "video/quicktime", "video/webm", "video/x-matroska", "video/x-msvideo", "video/mp2t"}
+ACCEPTED_CONTENT_TYPES = {
+    "video/mp4",
+    "video/quicktime",
+    "video/webm",
+    "video/x-matroska",
+    "video/x-msvideo",
+    "video/mp2t",
+}
 
 
 class InvalidMedia(ValueError):

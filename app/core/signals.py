@@ -11,6 +11,7 @@ The domain (app/jobs) sends them; app/wiring.py connects the listeners once per 
     job_progressed     inside the transaction that wrote a running job's progress: `session`,
                        `job_id` (progress webhooks).
     job_started        after a claim committed: `tier`, `wait_s` from submission to start.
+    submission_refused, limiter_unavailable   from app/jobs/limits.py (metrics).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ _signals = Namespace()
 job_transitioned = _signals.signal("job-transitioned")
 job_progressed = _signals.signal("job-progressed")
 job_started = _signals.signal("job-started")
+# A submission refused by a limit: `tier`, `reason` (quota_exceeded, rate_limited_<scope>).
+submission_refused = _signals.signal("submission-refused")
+# The rate limiter's Redis did not answer (the submission went on without it).
+limiter_unavailable = _signals.signal("limiter-unavailable")
 
 
 @dataclass(frozen=True)

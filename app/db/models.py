@@ -39,9 +39,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-uuid_pk = Annotated[
-    uuid.UUID, mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)
-]
+uuid_pk = Annotated[uuid.UUID, mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid.uuid4)]
 created_at = Annotated[
     dt.datetime,
     mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now()),
@@ -97,9 +95,7 @@ class Tier(Base):
     # Jobs per calendar month per user; NULL = unlimited.
     monthly_quota: Mapped[Optional[int]] = mapped_column(Integer)
     retention_days: Mapped[int] = mapped_column(Integer, nullable=False)
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
-    )
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
     __table_args__ = (
         CheckConstraint("slo_s > 0", name="slo_positive"),
@@ -119,9 +115,7 @@ class User(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     # HMAC-SHA256 key that signs this user's webhook deliveries (GET /v1/webhooks/secret). Made by
     # the database so every way of creating a user gets one: two v4 UUIDs from the OS CSPRNG.
-    webhook_secret: Mapped[str] = mapped_column(
-        String(64), nullable=False, server_default=WEBHOOK_SECRET_DEFAULT
-    )
+    webhook_secret: Mapped[str] = mapped_column(String(64), nullable=False, server_default=WEBHOOK_SECRET_DEFAULT)
     created_at: Mapped[created_at]
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="user")
@@ -188,9 +182,7 @@ class ModelAlias(Base):
     # Share of new jobs a canary alias receives (0-100); unused for prod.
     percent: Mapped[float] = mapped_column(Float, nullable=False, server_default=text("100"))
     updated_by: Mapped[str] = mapped_column(String(200), nullable=False, server_default="")
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
-    )
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
 
 class ModelAliasEvent(Base):
@@ -329,14 +321,10 @@ class Job(Base):
     dispatched_at: Mapped[timestamp]
     started_at: Mapped[timestamp]
     finished_at: Mapped[timestamp]
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
-    )
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
     __table_args__ = (
-        CheckConstraint(
-            "state IN ('queued','dispatched','running','succeeded','failed','cancelled')", name="state"
-        ),
+        CheckConstraint("state IN ('queued','dispatched','running','succeeded','failed','cancelled')", name="state"),
         CheckConstraint("kind IN ('text_to_video','modify_video')", name="kind"),
         # Heads of the backlog per model and tier (and per user) in created_at order without a
         # scan: the dispatcher reads the oldest queued jobs of each (model, tier) that has pool
@@ -420,7 +408,7 @@ class WebhookDelivery(Base):
 
 class WebhookAllowEntry(Base):
     """Admin allow-list: callback URLs may reach this network or host name (optionally one port)
-    even though it is not public (see app/webhooks/addresses.py)."""
+    even though it is not public (see app/outbound/addresses.py)."""
 
     __tablename__ = "webhook_allowlist"
 
@@ -451,9 +439,7 @@ class DreamMachineModel(Base):
     model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("models.id"), nullable=False)
     note: Mapped[str] = mapped_column(Text, nullable=False, server_default="")
     updated_by: Mapped[str] = mapped_column(String(200), nullable=False, server_default="")
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), nullable=False, server_default=func.now()
-    )
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
 
     model: Mapped[Model] = relationship()
 
@@ -475,6 +461,11 @@ class DreamMachineGeneration(Base):
 
     __table_args__ = (
         # GET /generations: a user's live generations newest first, limit/offset.
-        Index("ix_dream_machine_generations_user_created", "user_id", "created_at", "job_id",
-              postgresql_where=text("deleted_at IS NULL")),
+        Index(
+            "ix_dream_machine_generations_user_created",
+            "user_id",
+            "created_at",
+            "job_id",
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
     )

@@ -38,9 +38,9 @@ _CHECKED_IN_AT = "dreamq.checked_in_at"
 def normalize_url(url: str) -> str:
     """Accept plain `postgresql://` URLs (as libpq tools print them) and use psycopg 3."""
     if url.startswith("postgres://"):
-        url = "postgresql://" + url[len("postgres://"):]
+        url = "postgresql://" + url[len("postgres://") :]
     if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
 
 

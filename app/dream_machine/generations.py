@@ -22,8 +22,14 @@ from sqlalchemy.orm import Session
 from app.db.models import DreamMachineGeneration, Job
 from app.jobs.views import load_job_views
 
-STATES = {"queued": "queued", "dispatched": "queued", "running": "dreaming", "succeeded": "completed",
-          "failed": "failed", "cancelled": "failed"}
+STATES = {
+    "queued": "queued",
+    "dispatched": "queued",
+    "running": "dreaming",
+    "succeeded": "completed",
+    "failed": "failed",
+    "cancelled": "failed",
+}
 # Luma's generation_type of the object; the request keeps its own (video, modify_video).
 OBJECT_TYPES = {"video": "video", "modify_video": "video"}
 
@@ -66,16 +72,19 @@ def callback_payload(session: Session, job: Job) -> dict[str, Any] | None:
     return render(session, [(job, row)])[0]
 
 
-def find(session: Session, user_id: uuid.UUID, generation_id: str, *, lock: bool = False
-         ) -> tuple[Job, DreamMachineGeneration] | None:
+def find(
+    session: Session, user_id: uuid.UUID, generation_id: str, *, lock: bool = False
+) -> tuple[Job, DreamMachineGeneration] | None:
     """The caller's live (not deleted) generation; another user's id is the same as a missing one."""
     try:
         parsed = uuid.UUID(generation_id)
     except ValueError:
         return None
-    query = (select(Job, DreamMachineGeneration).join(DreamMachineGeneration, DreamMachineGeneration.job_id == Job.id)
-             .where(Job.id == parsed, DreamMachineGeneration.user_id == user_id,
-                    DreamMachineGeneration.deleted_at.is_(None)))
+    query = (
+        select(Job, DreamMachineGeneration)
+        .join(DreamMachineGeneration, DreamMachineGeneration.job_id == Job.id)
+        .where(Job.id == parsed, DreamMachineGeneration.user_id == user_id, DreamMachineGeneration.deleted_at.is_(None))
+    )
     if lock:
         query = query.with_for_update(of=Job)
     found = session.execute(query).first()

@@ -11,7 +11,9 @@ from app.db.models import DreamMachineModel, Model
 def served_by(session: Session, name: str) -> str | None:
     """The dreamq model name behind a Luma model name, or None when the table has no such name."""
     return session.scalar(
-        select(Model.name).join(DreamMachineModel, DreamMachineModel.model_id == Model.id).where(DreamMachineModel.name == name)
+        select(Model.name)
+        .join(DreamMachineModel, DreamMachineModel.model_id == Model.id)
+        .where(DreamMachineModel.name == name)
     )
 
 

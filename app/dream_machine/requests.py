@@ -21,12 +21,13 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.api.schemas import url_syntax
 from app.jobs.submit import FALLBACK_DEFAULTS
+from app.outbound.addresses import url_syntax
 
 AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "21:9", "9:21"]
-ModifyMode = Literal["adhere_1", "adhere_2", "adhere_3", "flex_1", "flex_2", "flex_3",
-                     "reimagine_1", "reimagine_2", "reimagine_3"]
+ModifyMode = Literal[
+    "adhere_1", "adhere_2", "adhere_3", "flex_1", "flex_2", "flex_3", "reimagine_1", "reimagine_2", "reimagine_3"
+]
 _RESOLUTION = re.compile(r"^(?:(\d{2,4})p|4k)$")
 _DURATION = re.compile(r"^(\d{1,3})s$")
 MAX_DURATION_S = 60
@@ -128,13 +129,15 @@ def unsupported_options(body: VideoCreate | VideoModify, served_by: str) -> None
         if body.loop:
             raise Unsupported("loop", f"looping videos are not supported by {served_by}")
         if body.keyframes is not None and (body.keyframes.frame0 or body.keyframes.frame1):
-            raise Unsupported("keyframes", f"keyframes (start or end frames) are not supported by {served_by}; "
-                                           "send a prompt only")
+            raise Unsupported(
+                "keyframes", f"keyframes (start or end frames) are not supported by {served_by}; send a prompt only"
+            )
         if body.concepts:
             raise Unsupported("concepts", f"concepts are not supported by {served_by}")
     elif body.first_frame is not None:
-        raise Unsupported("first_frame", f"a first_frame image is not supported by {served_by}; the prompt "
-                                         "says what to change")
+        raise Unsupported(
+            "first_frame", f"a first_frame image is not supported by {served_by}; the prompt says what to change"
+        )
     if not body.prompt:
         raise Unsupported("prompt", "a prompt is required")
     if len(body.prompt) < 3:
@@ -165,8 +168,10 @@ def size_for(manifest: dict[str, Any], resolution: str | None, aspect_ratio: str
         across, down = (int(n) for n in aspect_ratio.split(":"))
         ratio = across / down
     width, height = (short * ratio, short) if ratio >= 1 else (short, short / ratio)
-    return (_round_to(width, max(2, limits.get("width", {}).get("multiple_of") or 2)),
-            _round_to(height, max(2, limits.get("height", {}).get("multiple_of") or 2)))
+    return (
+        _round_to(width, max(2, limits.get("width", {}).get("multiple_of") or 2)),
+        _round_to(height, max(2, limits.get("height", {}).get("multiple_of") or 2)),
+    )
 
 
 def frames_for(manifest: dict[str, Any], duration: str | None) -> tuple[int, int] | None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobState
-from app.db.session import after_commit
 from app.jobs.transitions import NOW, transition
 
 
@@ -21,10 +20,14 @@ def request_cancel(session: Session, job: Job, *, by: str) -> bool:
     if state.terminal:
         return False
     if state in (JobState.queued, JobState.dispatched):
-        transition(session, job.id, state, JobState.cancelled, detail={"by": by}, finished_at=NOW, cancel_requested=True)
+        transition(
+            session, job.id, state, JobState.cancelled, detail={"by": by}, finished_at=NOW, cancel_requested=True
+        )
         get_publisher().request_dispatch(session)  # its pool slot or concurrency slot is free now
     else:
         session.execute(
-            Job.__table__.update().where(Job.id == job.id, Job.state == JobState.running.value).values(cancel_requested=True)
+            Job.__table__.update()
+            .where(Job.id == job.id, Job.state == JobState.running.value)
+            .values(cancel_requested=True)
         )
     return True

@@ -115,38 +115,63 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
     lease_sql, lease_params = lease_expired_where()
     with transaction() as session:
         left = transition(
-            session, job_id, {JobState.dispatched, JobState.running}, JobState.running,
-            worker_id=worker_id, guard={"dispatch_seq": dispatch_seq},
+            session,
+            job_id,
+            {JobState.dispatched, JobState.running},
+            JobState.running,
+            worker_id=worker_id,
+            guard={"dispatch_seq": dispatch_seq},
             # A running job is taken over only from a dead process: its own worker's (the child
             # died and Celery requeued the message) or one whose lease ran out. A message that
             # Redis redelivers while the job still runs elsewhere claims nothing.
             where=(f"state = 'dispatched' OR worker_id = :me OR {lease_sql}", {"me": worker_id, **lease_params}),
-            attempts=INCREMENT, started_at=NOW, progress=0.0,
+            attempts=INCREMENT,
+            started_at=NOW,
+            progress=0.0,
         )
         if left is None:
-            log.info("message does not match the job's state; acknowledged without running",
-                     extra={"job_id": job_id, "dispatch_seq": dispatch_seq})
+            log.info(
+                "message does not match the job's state; acknowledged without running",
+                extra={"job_id": job_id, "dispatch_seq": dispatch_seq},
+            )
             return None
         row = session.execute(_CLAIMED_SQL, {"id": job_id, "w": worker_id}).mappings().one()
         # Inside the task's job_context, which drops these at its end.
         bind(user_id=str(row["user_id"]), tier=row["tier"])
         if row["attempts"] > row["max_attempts"]:
             transition(
-                session, job_id, JobState.running, JobState.failed, worker_id=worker_id,
+                session,
+                job_id,
+                JobState.running,
+                JobState.failed,
+                worker_id=worker_id,
                 failure_code="max_attempts_exceeded",
                 failure_message=f"the job was started {row['attempts'] - 1} times and its worker was lost each time",
                 finished_at=NOW,
             )
             worker_idle(session, worker_id, job_id, since_claim())  # _CLAIMED_SQL marked it busy
-            log.warning("job failed: worker lost on every attempt", extra={"job_id": job_id, "attempts": row["attempts"]})
+            log.warning(
+                "job failed: worker lost on every attempt", extra={"job_id": job_id, "attempts": row["attempts"]}
+            )
             return None
         if left == JobState.running.value:
-            log.warning("job redelivered after its worker was lost", extra={"job_id": job_id, "attempt": row["attempts"]})
+            log.warning(
+                "job redelivered after its worker was lost", extra={"job_id": job_id, "attempt": row["attempts"]}
+            )
     job_started.send(None, tier=row["tier"], wait_s=float(row["wait_s"] or 0.0))  # after the commit
     return ClaimedJob(
-        id=row["id"], user_id=row["user_id"], tier=row["tier"], kind=row["kind"], prompt=row["prompt"],
-        params=row["params"], model=row["model"], version=row["version"], digest=row["digest"],
-        upload_key=row["upload_key"], attempts=row["attempts"], dispatch_seq=row["dispatch_seq"],
+        id=row["id"],
+        user_id=row["user_id"],
+        tier=row["tier"],
+        kind=row["kind"],
+        prompt=row["prompt"],
+        params=row["params"],
+        model=row["model"],
+        version=row["version"],
+        digest=row["digest"],
+        upload_key=row["upload_key"],
+        attempts=row["attempts"],
+        dispatch_seq=row["dispatch_seq"],
     )
 
 
@@ -182,8 +207,12 @@ class ProgressReporter:
                 # queue", which the reconciler and the reaper treat as a finalize hand-off. A job
                 # lost after its last step but before staging (or while finishing inline) must
                 # not look like one: it would get finalize resends for frames that do not exist.
-                {"p": round(0.9 * done / max(total, 1), 4), "id": str(self.job_id), "seq": self.dispatch_seq,
-                 "w": self.worker_id},
+                {
+                    "p": round(0.9 * done / max(total, 1), 4),
+                    "id": str(self.job_id),
+                    "seq": self.dispatch_seq,
+                    "w": self.worker_id,
+                },
             ).first()
             if row is not None:
                 job_progressed.send(None, session=session, job_id=self.job_id)  # progress webhooks
@@ -197,9 +226,15 @@ class ProgressReporter:
 def fail(job: ClaimedJob, worker_id: str, code: str, message: str, job_s: float | None = None) -> None:
     with transaction() as session:
         transition(
-            session, job.id, JobState.running, JobState.failed, worker_id=worker_id,
+            session,
+            job.id,
+            JobState.running,
+            JobState.failed,
+            worker_id=worker_id,
             guard={"dispatch_seq": job.dispatch_seq},
-            failure_code=code, failure_message=message[:2000], finished_at=NOW,
+            failure_code=code,
+            failure_message=message[:2000],
+            finished_at=NOW,
         )
         worker_idle(session, worker_id, job.id, since_claim() if job_s is None else job_s)
         get_publisher().request_dispatch(session)
@@ -209,8 +244,14 @@ def requeue_for_drain(job: ClaimedJob, worker_id: str, steps: int) -> None:
     """This worker is shutting down: the job goes back to the queue now, its attempt not counted."""
     with transaction() as session:
         transition(
-            session, job.id, JobState.running, JobState.queued, worker_id=worker_id,
-            guard={"dispatch_seq": job.dispatch_seq}, attempts=job.attempts - 1, progress=0.0,
+            session,
+            job.id,
+            JobState.running,
+            JobState.queued,
+            worker_id=worker_id,
+            guard={"dispatch_seq": job.dispatch_seq},
+            attempts=job.attempts - 1,
+            progress=0.0,
             detail={"reason": "worker_draining", "at_step": steps},
         )
         worker_idle(session, worker_id, job.id, since_claim())
@@ -223,8 +264,14 @@ def stop_at_step(job: ClaimedJob, worker_id: str, steps: int) -> bool:
     had left running already (requeued by the reaper), so nothing changed."""
     with transaction() as session:
         left = transition(
-            session, job.id, JobState.running, JobState.cancelled, worker_id=worker_id,
-            guard={"dispatch_seq": job.dispatch_seq}, finished_at=NOW, detail={"at_step": steps},
+            session,
+            job.id,
+            JobState.running,
+            JobState.cancelled,
+            worker_id=worker_id,
+            guard={"dispatch_seq": job.dispatch_seq},
+            finished_at=NOW,
+            detail={"at_step": steps},
         )
         worker_idle(session, worker_id, job.id, since_claim())
         get_publisher().request_dispatch(session)
@@ -232,8 +279,9 @@ def stop_at_step(job: ClaimedJob, worker_id: str, steps: int) -> bool:
     return left is not None
 
 
-def hand_off(job: ClaimedJob, worker_id: str, key: str, frames: int, gen_s: float, load_s: float,
-             claimed_at: float | None) -> None:
+def hand_off(
+    job: ClaimedJob, worker_id: str, key: str, frames: int, gen_s: float, load_s: float, claimed_at: float | None
+) -> None:
     """The frames are staged at `key` (app/jobs/outputs.py): `generated` recorded, the job handed
     to the cpu queue.
 
@@ -246,30 +294,58 @@ def hand_off(job: ClaimedJob, worker_id: str, key: str, frames: int, gen_s: floa
             ),
             {"id": str(job.id), "seq": job.dispatch_seq},
         )
-        record_event(session, job.id, JobState.running, worker_id=worker_id,
-                     detail={"step": "generated", "generate_s": round(gen_s, 3), "model_load_s": round(load_s, 3)})
+        record_event(
+            session,
+            job.id,
+            JobState.running,
+            worker_id=worker_id,
+            detail={"step": "generated", "generate_s": round(gen_s, 3), "model_load_s": round(load_s, 3)},
+        )
         worker_idle(session, worker_id, job.id, since_claim(claimed_at))
-        get_publisher().send("dreamq.finalize", [str(job.id), job.dispatch_seq, key], queue=CPU_QUEUE,
-                             task_id=f"{job.id}-{job.dispatch_seq}-finalize", session=session)
+        get_publisher().send(
+            "dreamq.finalize",
+            [str(job.id), job.dispatch_seq, key],
+            queue=CPU_QUEUE,
+            task_id=f"{job.id}-{job.dispatch_seq}-finalize",
+            session=session,
+        )
     log.info("generated", extra={"job_id": str(job.id), "generate_s": round(gen_s, 3), "frames": frames})
 
 
-def complete(job_id: uuid.UUID | str, dispatch_seq: int, video_key: str, thumbnail_key: str, detail: dict[str, Any],
-             *, worker_id: str | None = None, job_s: float | None = None) -> bool:
+def complete(
+    job_id: uuid.UUID | str,
+    dispatch_seq: int,
+    video_key: str,
+    thumbnail_key: str,
+    detail: dict[str, Any],
+    *,
+    worker_id: str | None = None,
+    job_s: float | None = None,
+) -> bool:
     """running -> succeeded for this dispatch_seq, with the outputs; the worker (if named) idle.
 
     False when the job was cancelled or requeued meanwhile: the outputs belong to no finished
     job and are deleted."""
     with transaction() as session:
         left = transition(
-            session, job_id, JobState.running, JobState.succeeded, worker_id=worker_id,
-            guard={"dispatch_seq": dispatch_seq}, video_key=video_key, thumbnail_key=thumbnail_key,
-            progress=1.0, finished_at=NOW, detail=detail,
+            session,
+            job_id,
+            JobState.running,
+            JobState.succeeded,
+            worker_id=worker_id,
+            guard={"dispatch_seq": dispatch_seq},
+            video_key=video_key,
+            thumbnail_key=thumbnail_key,
+            progress=1.0,
+            finished_at=NOW,
+            detail=detail,
         )
         if worker_id is not None:
             worker_idle(session, worker_id, job_id, job_s)
     if left is None:
-        log.info("finalize lost the race; outputs discarded", extra={"job_id": str(job_id), "dispatch_seq": dispatch_seq})
+        log.info(
+            "finalize lost the race; outputs discarded", extra={"job_id": str(job_id), "dispatch_seq": dispatch_seq}
+        )
         discard_outputs(video_key, thumbnail_key)
     get_publisher().request_dispatch()
     return left is not None

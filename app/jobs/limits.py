@@ -15,9 +15,9 @@ import math
 from sqlalchemy.orm import Session
 
 from app.core.errors import TooManyRequests
+from app.core.signals import limiter_unavailable, submission_refused
 from app.db.models import Tier
 from app.db.session import driver_execute
-from app.observability.metrics import count_limiter_unavailable, count_rejection
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,11 @@ def _enforce_quota(execute, principal, tier) -> None:
 def _refuse_over_quota(tier, used: int, end: dt.datetime) -> None:
     now = dt.datetime.now(dt.timezone.utc)
     if used >= tier.monthly_quota:
-        count_rejection(tier.name, "quota_exceeded")
+        submission_refused.send(None, tier=tier.name, reason="quota_exceeded")
         raise TooManyRequests(
             f"monthly quota of {tier.monthly_quota} jobs for tier {tier.name} is used up; it renews {end.date()}",
-            code="quota_exceeded", headers={"Retry-After": str(math.ceil((end - now).total_seconds()))},
+            code="quota_exceeded",
+            headers={"Retry-After": str(math.ceil((end - now).total_seconds()))},
         )
 
 
@@ -84,23 +85,28 @@ def enforce_rate(principal, tier: Tier) -> list | None:
         return None
     limiter = RateLimiter(redis)
     buckets = limiter.submission_buckets(
-        user_id=str(principal.user_id), tier=tier.name, user_rate_per_min=tier.rate_per_min, user_burst=tier.burst,
-        tier_rate_per_min=tier.tier_rate_per_min, tier_burst=tier.tier_burst,
+        user_id=str(principal.user_id),
+        tier=tier.name,
+        user_rate_per_min=tier.rate_per_min,
+        user_burst=tier.burst,
+        tier_rate_per_min=tier.tier_rate_per_min,
+        tier_burst=tier.tier_burst,
     )
     try:
         verdict = limiter.take(buckets)
     except RateLimiterUnavailable:
         # Fail open: Postgres is the source of truth and losing Redis must not stop intake.
         log.warning("rate limiter unavailable; submission accepted without a token")
-        count_limiter_unavailable()
+        limiter_unavailable.send(None)
         return None
     if not verdict.allowed:
         scope = "tier" if verdict.limited_by and ":tier:" in verdict.limited_by else "user"
-        count_rejection(tier.name, f"rate_limited_{scope}")
+        submission_refused.send(None, tier=tier.name, reason=f"rate_limited_{scope}")
         retry = max(1, math.ceil(verdict.retry_after_s))
         raise TooManyRequests(
             f"submission rate limit of the {tier.name} tier ({scope} bucket) reached; retry in {retry} s",
-            code="rate_limited", headers={"Retry-After": str(retry)},
+            code="rate_limited",
+            headers={"Retry-After": str(retry)},
         )
     return buckets
 

@@ -11,16 +11,17 @@ import secrets
 import uuid
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from psycopg.types.json import Jsonb
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from app.core.errors import field_error
 from app.core.config import get_settings
+from app.core.errors import field_error
 from app.db.models import Job, JobKind, JobState, Upload
 from app.db.session import driver_execute
-from app.webhooks.events import subscription
+from app.outbound.addresses import AddressRefused
+from app.outbound.allowlist import check_with_allowlist
 
 PARAMS = ("width", "height", "num_frames", "fps")
 FALLBACK_DEFAULTS = {"width": 128, "height": 128, "num_frames": 24, "fps": 12}
@@ -81,9 +82,33 @@ INSERT_JOB_SQL = f"""
 """
 
 
+# Webhook events a callback can subscribe to (app/webhooks/events.py says what each means).
+EVENTS = ("started", "progress", "completed")
+DEFAULT_EVENTS = ("started", "completed")
+
+
+def subscription(
+    session: Session, callback_url: str | None, events: Sequence[str] | None
+) -> tuple[str | None, list[str] | None]:
+    """At submission: the URL passes the address rule (or the allow-list) and the events it gets.
+
+    Raises a 422 naming `callback_url` with the reason; nothing is stored.
+    """
+    if callback_url is None:
+        return None, None
+    try:
+        check_with_allowlist(session, callback_url)
+    except AddressRefused as exc:
+        raise field_error("callback_url", exc.reason) from None
+    chosen = set(events or DEFAULT_EVENTS)
+    return callback_url, [e for e in EVENTS if e in chosen]
+
+
 def resolve_version(session: Session, name: str, number: int | None) -> tuple[ResolvedVersion, bool]:
     """The exact version a new job runs on, and whether any pool serves the model."""
-    return version_from_rows(driver_execute(session, RESOLVE_SQL, resolve_params(name, number)).fetchall(), name, number)
+    return version_from_rows(
+        driver_execute(session, RESOLVE_SQL, resolve_params(name, number)).fetchall(), name, number
+    )
 
 
 def resolve_params(name: str, number: int | None) -> dict[str, Any]:
@@ -110,7 +135,9 @@ def version_from_rows(rows: list[tuple], name: str, number: int | None) -> tuple
         # sqrt(N)/N of its percentage, with no shared counter to contend on.
         if canary is not None and secrets.randbelow(10_000) < canary.percent * 100:
             chosen = canary
-    return ResolvedVersion(chosen.model_id, name, chosen.version_id, chosen.number, chosen.digest, chosen.manifest), has_pool
+    return ResolvedVersion(
+        chosen.model_id, name, chosen.version_id, chosen.number, chosen.digest, chosen.manifest
+    ), has_pool
 
 
 def check_params(manifest: dict[str, Any], requested: dict[str, int | None]) -> dict[str, int]:
@@ -146,44 +173,83 @@ def accept_version(rows: list[tuple], name: str, body) -> tuple[ResolvedVersion,
     return version, check_params(version.manifest, body.model_dump())
 
 
-def create_job(session: Session, principal, body, *, idempotency_key: str | None = None,
-               request_hash: str | None = None) -> tuple[Job, ResolvedVersion]:
+def create_job(
+    session: Session, principal, body, *, idempotency_key: str | None = None, request_hash: str | None = None
+) -> tuple[Job, ResolvedVersion]:
     settings = get_settings()
     name = body.model or settings.default_model
     rows = driver_execute(session, RESOLVE_SQL, resolve_params(name, body.model_version)).fetchall()
     version, params = accept_version(rows, name, body)
     # getattr: other request surfaces (e.g. a Luma-compatible one) may have no webhook fields.
-    callback_url, webhook_events = subscription(session, getattr(body, "callback_url", None),
-                                                getattr(body, "webhook_events", None))
+    callback_url, webhook_events = subscription(
+        session, getattr(body, "callback_url", None), getattr(body, "webhook_events", None)
+    )
 
     upload_id = None
     if body.upload_id is not None:
         upload = session.get(Upload, body.upload_id)
         now = dt.datetime.now(dt.timezone.utc)
         # Another user's upload answers exactly like a missing one.
-        if upload is None or upload.user_id != principal.user_id or upload.deleted_at is not None or upload.expires_at < now:
+        if (
+            upload is None
+            or upload.user_id != principal.user_id
+            or upload.deleted_at is not None
+            or upload.expires_at < now
+        ):
             raise field_error("upload_id", "no such upload (it may have expired)")
         upload_id = upload.id
 
-    row = driver_execute(session, INSERT_JOB_SQL, insert_params(
-        principal, body, name, version, params, upload_id=upload_id, idempotency_key=idempotency_key,
-        request_hash=request_hash, callback_url=callback_url, webhook_events=webhook_events)).fetchone()
+    row = driver_execute(
+        session,
+        INSERT_JOB_SQL,
+        insert_params(
+            principal,
+            body,
+            name,
+            version,
+            params,
+            upload_id=upload_id,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            callback_url=callback_url,
+            webhook_events=webhook_events,
+        ),
+    ).fetchone()
     job = Job(**dict(zip(_JOB_COLUMNS, row)))
     make_transient_to_detached(job)
     session.add(job)
     return job, version
 
 
-def insert_params(principal, body, name: str, version: ResolvedVersion, params: dict[str, int], *,
-                  upload_id: uuid.UUID | None = None, idempotency_key: str | None = None,
-                  request_hash: str | None = None, callback_url: str | None = None,
-                  webhook_events: list[str] | None = None) -> dict[str, Any]:
+def insert_params(
+    principal,
+    body,
+    name: str,
+    version: ResolvedVersion,
+    params: dict[str, int],
+    *,
+    upload_id: uuid.UUID | None = None,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    callback_url: str | None = None,
+    webhook_events: list[str] | None = None,
+) -> dict[str, Any]:
     """The parameters of INSERT_JOB_SQL: the job row and its 'queued' event."""
     return {
-        "id": uuid.uuid4(), "user_id": principal.user_id, "tier": principal.tier, "kind": JobKind(body.type).value,
-        "state": JobState.queued.value, "prompt": body.prompt, "params": Jsonb(params), "model_id": version.model_id,
-        "model_version_id": version.id, "upload_id": upload_id, "max_attempts": get_settings().max_attempts,
-        "idempotency_key": idempotency_key, "request_hash": request_hash, "callback_url": callback_url,
+        "id": uuid.uuid4(),
+        "user_id": principal.user_id,
+        "tier": principal.tier,
+        "kind": JobKind(body.type).value,
+        "state": JobState.queued.value,
+        "prompt": body.prompt,
+        "params": Jsonb(params),
+        "model_id": version.model_id,
+        "model_version_id": version.id,
+        "upload_id": upload_id,
+        "max_attempts": get_settings().max_attempts,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "callback_url": callback_url,
         "webhook_events": None if webhook_events is None else Jsonb(webhook_events),
         "detail": Jsonb({"model": name, "version": version.number}),
     }

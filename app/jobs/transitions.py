@@ -36,8 +36,18 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 
 # Columns a transition may set besides state; names come from code, never from a request.
 _SETTABLE = {
-    "pool_id", "worker_id", "attempts", "progress", "dispatched_at", "started_at", "finished_at",
-    "video_key", "thumbnail_key", "failure_code", "failure_message", "cancel_requested",
+    "pool_id",
+    "worker_id",
+    "attempts",
+    "progress",
+    "dispatched_at",
+    "started_at",
+    "finished_at",
+    "video_key",
+    "thumbnail_key",
+    "failure_code",
+    "failure_message",
+    "cancel_requested",
     "dispatch_seq",
 }
 # Values that are SQL expressions rather than bound parameters.
@@ -121,14 +131,28 @@ def transition(
     if row is not None:
         # Listeners (webhooks, metrics: app/wiring.py) hear of a change that won, inside its
         # transaction; what they publish waits for the commit.
-        job_transitioned.send(session, session=session, change=Transition(
-            job_id=job_id, from_state=row[0], to_state=to.value, tier=row[3], failure_code=row[4],
-            callback_url=row[1], webhook_events=row[2]))
+        job_transitioned.send(
+            session,
+            session=session,
+            change=Transition(
+                job_id=job_id,
+                from_state=row[0],
+                to_state=to.value,
+                tier=row[3],
+                failure_code=row[4],
+                callback_url=row[1],
+                webhook_events=row[2],
+            ),
+        )
     return row[0] if row else None
 
 
 def record_event(
-    session: Session, job_id: uuid.UUID | str, state: JobState, *, worker_id: str | None = None,
+    session: Session,
+    job_id: uuid.UUID | str,
+    state: JobState,
+    *,
+    worker_id: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
     """A notable step that is not a state change (model loaded, frames generated, encoded)."""

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.db.models import Job, Model, ModelVersion, Tier
 from app.core.storage import presign_get
+from app.db.models import Job, Model, ModelVersion, Tier
 
 
 def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
@@ -72,7 +72,9 @@ def load_job_views(session: Session, jobs: list[Job]) -> list[dict[str, Any]]:
         return []
     version_ids = {j.model_version_id for j in jobs}
     rows = session.execute(
-        select(ModelVersion, Model.name).join(Model, Model.id == ModelVersion.model_id).where(ModelVersion.id.in_(version_ids))
+        select(ModelVersion, Model.name)
+        .join(Model, Model.id == ModelVersion.model_id)
+        .where(ModelVersion.id.in_(version_ids))
     ).all()
     versions = {v.id: (v, name) for v, name in rows}
     slos = dict(session.execute(select(Tier.name, Tier.slo_s)).all())

@@ -68,16 +68,26 @@ def heartbeat(session: Session, worker_id: str, cluster: str, model: str, state:
         info["loaded"] = []
     session.execute(
         _UPSERT,
-        {"id": worker_id, "cluster": cluster, "model": model, "host": socket.gethostname(),
-         "pid": os.getpid(), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "cpu"),
-         "state": state, "info": json.dumps(info), "fresh": fresh},
+        {
+            "id": worker_id,
+            "cluster": cluster,
+            "model": model,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": os.environ.get("DREAMQ_DEVICE_LABEL", "cpu"),
+            "state": state,
+            "info": json.dumps(info),
+            "fresh": fresh,
+        },
     )
 
 
 def report_loaded(session: Session, worker_id: str, loaded_digests: list[str], loads: int) -> None:
     """Which versions the worker holds in memory (the dispatcher's affinity reads it)."""
     session.execute(
-        text("UPDATE workers SET info = info || jsonb_build_object('loaded', CAST(:loaded AS jsonb), "
-             "'loads', CAST(:loads AS int)) WHERE id = :id"),
+        text(
+            "UPDATE workers SET info = info || jsonb_build_object('loaded', CAST(:loaded AS jsonb), "
+            "'loads', CAST(:loads AS int)) WHERE id = :id"
+        ),
         {"loaded": json.dumps(loaded_digests), "loads": loads, "id": worker_id},
     )

@@ -48,8 +48,16 @@ class Publisher(Protocol):
 
     def release(self, releases: Sequence[Release], session: Session | None = None) -> None: ...
 
-    def send(self, task: str, args: Sequence[Any] = (), *, queue: str, countdown: float | None = None,
-             task_id: str | None = None, session: Session | None = None) -> None: ...
+    def send(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        *,
+        queue: str,
+        countdown: float | None = None,
+        task_id: str | None = None,
+        session: Session | None = None,
+    ) -> None: ...
 
     def stop_consuming(self, queues: Sequence[str], worker: str) -> None: ...
 
@@ -80,8 +88,16 @@ class InMemoryPublisher:
     def release(self, releases: Sequence[Release], session: Session | None = None) -> None:
         deferred(session, lambda: self.releases.extend(releases))
 
-    def send(self, task: str, args: Sequence[Any] = (), *, queue: str, countdown: float | None = None,
-             task_id: str | None = None, session: Session | None = None) -> None:
+    def send(
+        self,
+        task: str,
+        args: Sequence[Any] = (),
+        *,
+        queue: str,
+        countdown: float | None = None,
+        task_id: str | None = None,
+        session: Session | None = None,
+    ) -> None:
         deferred(session, lambda: self.sent.append((task, tuple(args), queue, countdown, task_id)))
 
     def stop_consuming(self, queues: Sequence[str], worker: str) -> None:

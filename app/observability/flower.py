@@ -30,9 +30,12 @@ _cache: tuple[float, list[str]] = (0.0, [])
 
 def pool_queue_names(session) -> list[str]:
     """control, cpu and every `<cluster>.<model>.<tier>` of every pool, tiers in rank order."""
-    rows = session.execute(text(
-        "SELECT c.name AS cluster, m.name AS model FROM pools p JOIN clusters c ON c.id = p.cluster_id "
-        "JOIN models m ON m.id = p.model_id ORDER BY c.name, m.name")).all()
+    rows = session.execute(
+        text(
+            "SELECT c.name AS cluster, m.name AS model FROM pools p JOIN clusters c ON c.id = p.cluster_id "
+            "JOIN models m ON m.id = p.model_id ORDER BY c.name, m.name"
+        )
+    ).all()
     tiers = list(session.execute(text("SELECT name FROM tiers ORDER BY rank")).scalars())
     return [CONTROL_QUEUE, CPU_QUEUE] + [pool_queue(r.cluster, r.model, t) for r in rows for t in tiers]
 

@@ -41,8 +41,17 @@ from app.observability.snapshot import take_snapshot
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTENT_TYPE_LATEST", "render", "observe_wait", "count_transition", "observe_model_load",
-           "count_rejection", "observe_dispatch_pass", "observe_request", "multiprocess_dir"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "render",
+    "observe_wait",
+    "count_transition",
+    "observe_model_load",
+    "count_rejection",
+    "observe_dispatch_pass",
+    "observe_request",
+    "multiprocess_dir",
+]
 
 # Event metrics register here, never in prometheus_client's global REGISTRY: in multiprocess
 # mode the values live in the mmap files and are read back by MultiProcessCollector, and in
@@ -58,60 +67,95 @@ PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 JOB_WAIT = Histogram(
-    "dreamq_job_wait_seconds", "Time a job waited from submission to starting on a GPU worker (each start)",
-    ["tier"], buckets=WAIT_BUCKETS, registry=EVENTS,
+    "dreamq_job_wait_seconds",
+    "Time a job waited from submission to starting on a GPU worker (each start)",
+    ["tier"],
+    buckets=WAIT_BUCKETS,
+    registry=EVENTS,
 )
 JOB_OUTCOMES = Counter(
-    "dreamq_job_outcomes", "Jobs that reached a terminal state, by tier, state and reason (failure code)",
-    ["tier", "state", "reason"], registry=EVENTS,
+    "dreamq_job_outcomes",
+    "Jobs that reached a terminal state, by tier, state and reason (failure code)",
+    ["tier", "state", "reason"],
+    registry=EVENTS,
 )
 JOB_REQUEUES = Counter(
-    "dreamq_job_requeues", "Jobs sent back to the queue (worker lost, draining, publish failed, reaper)",
-    ["tier", "from_state"], registry=EVENTS,
+    "dreamq_job_requeues",
+    "Jobs sent back to the queue (worker lost, draining, publish failed, reaper)",
+    ["tier", "from_state"],
+    registry=EVENTS,
 )
 BURST_DECISIONS = Counter(
-    "dreamq_burst_decisions", "Burst controller decisions per burst pool (hold, scale_up, drain, release); "
+    "dreamq_burst_decisions",
+    "Burst controller decisions per burst pool (hold, scale_up, drain, release); "
     "the reason of each non-hold decision is in the log and in Redis dreamq:burst:<pool>:decisions",
-    ["pool", "action"], registry=EVENTS,
+    ["pool", "action"],
+    registry=EVENTS,
 )
 MODEL_LOAD = Histogram(
-    "dreamq_model_load_seconds", "Time to load a model version into a worker (cache fetch + weights)",
-    ["model"], buckets=LOAD_BUCKETS, registry=EVENTS,
+    "dreamq_model_load_seconds",
+    "Time to load a model version into a worker (cache fetch + weights)",
+    ["model"],
+    buckets=LOAD_BUCKETS,
+    registry=EVENTS,
 )
 MODEL_EVICTIONS = Counter(
-    "dreamq_model_evictions", "Model versions evicted from a worker's memory to make room", ["model"], registry=EVENTS,
+    "dreamq_model_evictions",
+    "Model versions evicted from a worker's memory to make room",
+    ["model"],
+    registry=EVENTS,
 )
 REJECTIONS = Counter(
-    "dreamq_submission_rejections", "Submissions refused with 429, by tier and reason "
-    "(rate_limited_user, rate_limited_tier, quota_exceeded)", ["tier", "reason"], registry=EVENTS,
+    "dreamq_submission_rejections",
+    "Submissions refused with 429, by tier and reason (rate_limited_user, rate_limited_tier, quota_exceeded)",
+    ["tier", "reason"],
+    registry=EVENTS,
 )
 LIMITER_UNAVAILABLE = Counter(
-    "dreamq_rate_limiter_unavailable", "Submissions accepted without a token because Redis did not answer",
+    "dreamq_rate_limiter_unavailable",
+    "Submissions accepted without a token because Redis did not answer",
     registry=EVENTS,
 )
 DISPATCH_PASSES = Counter(
-    "dreamq_dispatch_passes", "Dispatcher passes (plan + apply in one transaction)", registry=EVENTS,
+    "dreamq_dispatch_passes",
+    "Dispatcher passes (plan + apply in one transaction)",
+    registry=EVENTS,
 )
 DISPATCH_RELEASED = Counter(
-    "dreamq_dispatch_released", "Jobs released to a pool's queue by the dispatcher", ["tier"], registry=EVENTS,
+    "dreamq_dispatch_released",
+    "Jobs released to a pool's queue by the dispatcher",
+    ["tier"],
+    registry=EVENTS,
 )
 DISPATCH_DECISIONS = Counter(
-    "dreamq_dispatch_decisions", "Dispatch decisions by the policy's reason (floor: the tier's minimum share; "
+    "dreamq_dispatch_decisions",
+    "Dispatch decisions by the policy's reason (floor: the tier's minimum share; "
     "urgency; rank; fifo; affinity: releases routed to a worker holding the version, counted again)",
-    ["reason"], registry=EVENTS,
+    ["reason"],
+    registry=EVENTS,
 )
 DISPATCH_PASS_SECONDS = Histogram(
-    "dreamq_dispatch_pass_seconds", "Duration of one dispatcher pass", buckets=PASS_BUCKETS, registry=EVENTS,
+    "dreamq_dispatch_pass_seconds",
+    "Duration of one dispatcher pass",
+    buckets=PASS_BUCKETS,
+    registry=EVENTS,
 )
 DISPATCH_PUBLISH_FAILURES = Counter(
-    "dreamq_dispatch_publish_failures", "Dispatched batches the broker refused (returned to the queue)",
+    "dreamq_dispatch_publish_failures",
+    "Dispatched batches the broker refused (returned to the queue)",
     registry=EVENTS,
 )
 HTTP_REQUESTS = Counter(
-    "dreamq_http_requests", "API requests by route, method and status", ["route", "method", "status"], registry=EVENTS,
+    "dreamq_http_requests",
+    "API requests by route, method and status",
+    ["route", "method", "status"],
+    registry=EVENTS,
 )
 HTTP_SECONDS = Histogram(
-    "dreamq_http_request_seconds", "API request duration by route", ["route", "method"], buckets=REQUEST_BUCKETS,
+    "dreamq_http_request_seconds",
+    "API request duration by route",
+    ["route", "method"],
+    buckets=REQUEST_BUCKETS,
     registry=EVENTS,
 )
 
@@ -122,11 +166,13 @@ def multiprocess_dir() -> str | None:
 
 def _safe(observe):
     """Metrics never break the code path they observe (a full disk under the mmap files, say)."""
+
     def wrapper(*args, **kwargs):
         try:
             observe(*args, **kwargs)
         except Exception:
             log.warning("metric not recorded", exc_info=True)
+
     wrapper.__name__ = observe.__name__
     wrapper.__doc__ = observe.__doc__
     return wrapper
@@ -233,15 +279,23 @@ class SnapshotCollector(Collector):
         def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, labels=labels)
 
-        jobs = gauge("dreamq_jobs", "Unfinished jobs per tier and state (queued in Postgres, dispatched, running)",
-                     ["tier", "state"])
+        jobs = gauge(
+            "dreamq_jobs",
+            "Unfinished jobs per tier and state (queued in Postgres, dispatched, running)",
+            ["tier", "state"],
+        )
         depth = gauge("dreamq_queue_depth", "Jobs queued in Postgres per tier", ["tier"])
         oldest = gauge("dreamq_queue_oldest_wait_seconds", "Wait of the oldest queued job per tier", ["tier"])
-        urgency = gauge("dreamq_queue_oldest_urgency", "Oldest queued job's wait / W per tier (above 1: SLO broken)",
-                        ["tier"])
+        urgency = gauge(
+            "dreamq_queue_oldest_urgency", "Oldest queued job's wait / W per tier (above 1: SLO broken)", ["tier"]
+        )
         slo = gauge("dreamq_tier_slo_seconds", "The tier's promised worst-case wait W", ["tier"])
-        attainment = gauge("dreamq_slo_attainment_ratio", "Share of the last hour's starts (plus jobs still queued "
-                           "past W) that started within W; absent when there were none", ["tier"])
+        attainment = gauge(
+            "dreamq_slo_attainment_ratio",
+            "Share of the last hour's starts (plus jobs still queued "
+            "past W) that started within W; absent when there were none",
+            ["tier"],
+        )
         started_h = gauge("dreamq_slo_started_last_hour", "Jobs that started in the last hour", ["tier"])
         within_h = gauge("dreamq_slo_within_last_hour", "Jobs that started within W in the last hour", ["tier"])
         past = gauge("dreamq_queue_past_slo", "Queued jobs that have already waited longer than W", ["tier"])
@@ -259,27 +313,41 @@ class SnapshotCollector(Collector):
             past.add_metric([t.name], t.queued_past_slo)
         yield from (jobs, depth, oldest, urgency, slo, attainment, started_h, within_h, past)
 
-        model_depth = gauge("dreamq_model_queue_depth", "Jobs queued in Postgres per model and tier (any pool "
-                            "serving the model may take them)", ["model", "tier"])
-        model_urgency = gauge("dreamq_model_queue_oldest_urgency", "Oldest queued job's wait / W per model and tier",
-                              ["model", "tier"])
+        model_depth = gauge(
+            "dreamq_model_queue_depth",
+            "Jobs queued in Postgres per model and tier (any pool serving the model may take them)",
+            ["model", "tier"],
+        )
+        model_urgency = gauge(
+            "dreamq_model_queue_oldest_urgency", "Oldest queued job's wait / W per model and tier", ["model", "tier"]
+        )
         for q in snap.queues:
             model_depth.add_metric([q.model, q.tier], q.queued)
             model_urgency.add_metric([q.model, q.tier], q.urgency)
-        pool_depth = gauge("dreamq_pool_queue_depth", "Jobs dispatched to a pool and not started, per tier: the "
-                           "messages in its broker queue <pool>.<tier>", ["pool", "tier"])
+        pool_depth = gauge(
+            "dreamq_pool_queue_depth",
+            "Jobs dispatched to a pool and not started, per tier: the messages in its broker queue <pool>.<tier>",
+            ["pool", "tier"],
+        )
         pool_running = gauge("dreamq_pool_running_jobs", "Jobs running in a pool per tier", ["pool", "tier"])
         for q in snap.pool_queues:
             pool_depth.add_metric([q.pool, q.tier], q.dispatched)
             pool_running.add_metric([q.pool, q.tier], q.running)
         yield from (model_depth, model_urgency, pool_depth, pool_running)
 
-        limit = gauge("dreamq_pool_dispatch_limit", "A pool's dispatch limit (most jobs dispatched and not started)",
-                      ["pool", "cluster", "model"])
-        effective = gauge("dreamq_pool_effective_limit", "The limit the dispatcher applies: min(limit, "
-                          "per-worker cap x live workers), 0 when disabled", ["pool"])
-        in_flight = gauge("dreamq_pool_in_flight", "Jobs dispatched to the pool and not started (held against "
-                          "its limit)", ["pool"])
+        limit = gauge(
+            "dreamq_pool_dispatch_limit",
+            "A pool's dispatch limit (most jobs dispatched and not started)",
+            ["pool", "cluster", "model"],
+        )
+        effective = gauge(
+            "dreamq_pool_effective_limit",
+            "The limit the dispatcher applies: min(limit, per-worker cap x live workers), 0 when disabled",
+            ["pool"],
+        )
+        in_flight = gauge(
+            "dreamq_pool_in_flight", "Jobs dispatched to the pool and not started (held against its limit)", ["pool"]
+        )
         running = gauge("dreamq_pool_running", "Jobs running on the pool's workers", ["pool"])
         live = gauge("dreamq_pool_live_workers", "Workers of the pool that heartbeat and take work", ["pool"])
         enabled = gauge("dreamq_pool_enabled", "1 if the pool and its cluster are enabled", ["pool", "cluster_kind"])
@@ -292,15 +360,21 @@ class SnapshotCollector(Collector):
             enabled.add_metric([p.name, p.cluster_kind], 1 if p.enabled else 0)
         yield from (limit, effective, in_flight, running, live, enabled)
 
-        states = gauge("dreamq_workers", "Workers seen in the last hour per pool and state (stale: no heartbeat "
-                       "for WORKER_STALE_S)", ["pool", "state"])
-        info = gauge("dreamq_worker_info", "One series per worker seen in the last hour", ["worker", "pool", "device",
-                                                                                          "state"])
-        heartbeat = gauge("dreamq_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat",
-                          ["worker"])
+        states = gauge(
+            "dreamq_workers",
+            "Workers seen in the last hour per pool and state (stale: no heartbeat for WORKER_STALE_S)",
+            ["pool", "state"],
+        )
+        info = gauge(
+            "dreamq_worker_info", "One series per worker seen in the last hour", ["worker", "pool", "device", "state"]
+        )
+        heartbeat = gauge(
+            "dreamq_worker_heartbeat_age_seconds", "Seconds since the worker's last heartbeat", ["worker"]
+        )
         busy = gauge("dreamq_worker_busy", "1 if the worker is running a job", ["worker"])
-        loaded = gauge("dreamq_worker_loaded_version", "1 per model version a worker holds in memory",
-                       ["worker", "version"])
+        loaded = gauge(
+            "dreamq_worker_loaded_version", "1 per model version a worker holds in memory", ["worker", "version"]
+        )
         counts: dict[tuple[str, str], int] = {}
         for w in snap.workers:
             pool = w.pool or ""

@@ -223,43 +223,81 @@ def take_snapshot(session: Session) -> Snapshot:
     for row in session.execute(_TIERS):
         started, within = attained.get(row.name, (0, 0))
         denominator = started + row.queued_past_slo
-        snapshot.tiers.append(TierStatus(
-            name=row.name, rank=row.rank, slo_s=float(row.slo_s), queued=row.queued, dispatched=row.dispatched,
-            running=row.running, oldest_wait_s=round(float(row.oldest_wait_s), 3),
-            urgency=round(float(row.oldest_wait_s) / float(row.slo_s), 4),
-            started_last_hour=started, within_slo_last_hour=within, queued_past_slo=row.queued_past_slo,
-            attainment=round(within / denominator, 4) if denominator else None,
-        ))
+        snapshot.tiers.append(
+            TierStatus(
+                name=row.name,
+                rank=row.rank,
+                slo_s=float(row.slo_s),
+                queued=row.queued,
+                dispatched=row.dispatched,
+                running=row.running,
+                oldest_wait_s=round(float(row.oldest_wait_s), 3),
+                urgency=round(float(row.oldest_wait_s) / float(row.slo_s), 4),
+                started_last_hour=started,
+                within_slo_last_hour=within,
+                queued_past_slo=row.queued_past_slo,
+                attainment=round(within / denominator, 4) if denominator else None,
+            )
+        )
     for row in session.execute(_POOLS, {"stale": WORKER_STALE_S}):
-        snapshot.pools.append(PoolStatus(
-            id=str(row.id), name=f"{row.cluster}.{row.model}", cluster=row.cluster, cluster_kind=row.cluster_kind,
-            model=row.model, enabled=bool(row.enabled), dispatch_limit=row.dispatch_limit,
-            effective_limit=effective_dispatch_limit(row.dispatch_limit, row.live_depth, bool(row.enabled)),
-            live_workers=row.live_workers,
-            dispatched=row.dispatched, running=row.running,
-        ))
+        snapshot.pools.append(
+            PoolStatus(
+                id=str(row.id),
+                name=f"{row.cluster}.{row.model}",
+                cluster=row.cluster,
+                cluster_kind=row.cluster_kind,
+                model=row.model,
+                enabled=bool(row.enabled),
+                dispatch_limit=row.dispatch_limit,
+                effective_limit=effective_dispatch_limit(row.dispatch_limit, row.live_depth, bool(row.enabled)),
+                live_workers=row.live_workers,
+                dispatched=row.dispatched,
+                running=row.running,
+            )
+        )
     for row in session.execute(_QUEUES):
         wait = float(row.oldest_wait_s or 0)
-        snapshot.queues.append(QueueStatus(model=row.model, tier=row.tier, queued=row.queued,
-                                           oldest_wait_s=round(wait, 3), urgency=round(wait / float(row.slo_s), 4)))
+        snapshot.queues.append(
+            QueueStatus(
+                model=row.model,
+                tier=row.tier,
+                queued=row.queued,
+                oldest_wait_s=round(wait, 3),
+                urgency=round(wait / float(row.slo_s), 4),
+            )
+        )
     for row in session.execute(_POOL_QUEUES):
-        snapshot.pool_queues.append(PoolQueueStatus(pool=row.pool, tier=row.tier, dispatched=row.dispatched,
-                                                    running=row.running))
+        snapshot.pool_queues.append(
+            PoolQueueStatus(pool=row.pool, tier=row.tier, dispatched=row.dispatched, running=row.running)
+        )
     workers = session.execute(_WORKERS).all()
     digests = sorted({d for w in workers for d in w.loaded})
-    names = {r.digest: f"{r.name} v{r.number}" for r in session.execute(_VERSIONS, {"digests": digests})} if digests else {}
+    names = (
+        {r.digest: f"{r.name} v{r.number}" for r in session.execute(_VERSIONS, {"digests": digests})} if digests else {}
+    )
     for row in workers:
         age = float(row.heartbeat_age_s)
-        snapshot.workers.append(WorkerStatus(
-            id=row.id, pool=row.pool, device=row.device, state=row.state,
-            current_job_id=str(row.current_job_id) if row.current_job_id else None,
-            loaded=[names.get(d, d[:19]) for d in row.loaded], heartbeat_age_s=round(age, 1),
-            stale=age > WORKER_STALE_S,
-        ))
+        snapshot.workers.append(
+            WorkerStatus(
+                id=row.id,
+                pool=row.pool,
+                device=row.device,
+                state=row.state,
+                current_job_id=str(row.current_job_id) if row.current_job_id else None,
+                loaded=[names.get(d, d[:19]) for d in row.loaded],
+                heartbeat_age_s=round(age, 1),
+                stale=age > WORKER_STALE_S,
+            )
+        )
     for row in session.execute(_FAILURES, {"limit": RECENT_FAILURES}):
-        snapshot.failures.append(FailureStatus(
-            id=str(row.id), tier=row.tier, model=row.model, code=row.failure_code,
-            message=(row.failure_message or "")[:300] or None,
-            finished_at=row.finished_at.isoformat() if isinstance(row.finished_at, dt.datetime) else None,
-        ))
+        snapshot.failures.append(
+            FailureStatus(
+                id=str(row.id),
+                tier=row.tier,
+                model=row.model,
+                code=row.failure_code,
+                message=(row.failure_message or "")[:300] or None,
+                finished_at=row.finished_at.isoformat() if isinstance(row.finished_at, dt.datetime) else None,
+            )
+        )
     return snapshot

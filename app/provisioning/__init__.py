@@ -33,4 +33,5 @@ def get_provisioner(kind: str, **options) -> Provisioner:
         return SlurmProvisioner(**options)
     raise ValueError(f"unknown provisioner {kind!r}: local or slurm")
 
+
 __all__ = ["Provisioner", "ProvisionedWorker", "get_provisioner"]

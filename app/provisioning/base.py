@@ -82,13 +82,23 @@ def retire_worker_rows(prefix: str) -> int:
     Returns how many went back to the queue."""
     returned = 0
     with transaction() as session:
-        session.execute(text("UPDATE workers SET state = 'retiring' WHERE id LIKE :p AND state IN ('idle', 'busy', 'starting')"),
-                        {"p": f"{prefix}%"})
-        routed = session.execute(text("SELECT id, dispatch_seq, worker_id FROM jobs WHERE state = 'dispatched' "
-                                      "AND worker_id LIKE :p"), {"p": f"{prefix}%"}).all()
+        session.execute(
+            text("UPDATE workers SET state = 'retiring' WHERE id LIKE :p AND state IN ('idle', 'busy', 'starting')"),
+            {"p": f"{prefix}%"},
+        )
+        routed = session.execute(
+            text("SELECT id, dispatch_seq, worker_id FROM jobs WHERE state = 'dispatched' AND worker_id LIKE :p"),
+            {"p": f"{prefix}%"},
+        ).all()
         for job in routed:
-            if transition(session, job.id, JobState.dispatched, JobState.queued, guard={"dispatch_seq": job.dispatch_seq},
-                          detail={"reason": "routed_worker_retiring", "worker": job.worker_id}):
+            if transition(
+                session,
+                job.id,
+                JobState.dispatched,
+                JobState.queued,
+                guard={"dispatch_seq": job.dispatch_seq},
+                detail={"reason": "routed_worker_retiring", "worker": job.worker_id},
+            ):
                 returned += 1
     if returned:
         get_publisher().request_dispatch()
@@ -97,9 +107,16 @@ def retire_worker_rows(prefix: str) -> int:
 
 def worker_rows(prefix: str) -> list[dict]:
     with transaction() as session:
-        return [dict(r) for r in session.execute(text(
-            "SELECT id, state, current_job_id, EXTRACT(EPOCH FROM now() - heartbeat_at) AS age_s FROM workers "
-            "WHERE id LIKE :p"), {"p": f"{prefix}%"}).mappings()]
+        return [
+            dict(r)
+            for r in session.execute(
+                text(
+                    "SELECT id, state, current_job_id, EXTRACT(EPOCH FROM now() - heartbeat_at) AS age_s FROM workers "
+                    "WHERE id LIKE :p"
+                ),
+                {"p": f"{prefix}%"},
+            ).mappings()
+        ]
 
 
 def worker_rows_by_name(workers: list[ProvisionedWorker]) -> dict[str, list[dict]]:
@@ -109,9 +126,13 @@ def worker_rows_by_name(workers: list[ProvisionedWorker]) -> dict[str, list[dict
     prefixes = {w.node_prefix(): w.name for w in workers}
     found: dict[str, list[dict]] = {w.name: [] for w in workers}
     with transaction() as session:
-        for row in session.execute(text(
+        for row in session.execute(
+            text(
                 "SELECT id, state, current_job_id, EXTRACT(EPOCH FROM now() - heartbeat_at) AS age_s FROM workers "
-                "WHERE split_part(id, '@', 1) || '@' = ANY(:p)"), {"p": list(prefixes)}).mappings():
+                "WHERE split_part(id, '@', 1) || '@' = ANY(:p)"
+            ),
+            {"p": list(prefixes)},
+        ).mappings():
             found[prefixes[row["id"].split("@", 1)[0] + "@"]].append(dict(row))
     return found
 

@@ -21,7 +21,7 @@ import psutil
 from filelock import FileLock
 
 from app.core.config import get_settings
-from app.provisioning.base import Provisioner, ProvisionedWorker, new_worker_name
+from app.provisioning.base import ProvisionedWorker, Provisioner, new_worker_name
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,41 @@ class LocalProvisioner(Provisioner):
             for _ in range(count):
                 name = new_worker_name(cluster)
                 log_path = self.root / f"{name}.log"
-                argv = [sys.executable, "-m", "app.cli", "worker", "--cluster", cluster, "--model", model,
-                        "--gpus", self.gpus, "--name", name]
+                argv = [
+                    sys.executable,
+                    "-m",
+                    "app.cli",
+                    "worker",
+                    "--cluster",
+                    cluster,
+                    "--model",
+                    model,
+                    "--gpus",
+                    self.gpus,
+                    "--name",
+                    name,
+                ]
                 with open(log_path, "ab") as out:
-                    proc = subprocess.Popen(argv, env={**os.environ, **self.extra_env, "DREAMQ_LOG_COMPONENT": name},
-                                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, cwd=os.getcwd())
+                    proc = subprocess.Popen(
+                        argv,
+                        env={**os.environ, **self.extra_env, "DREAMQ_LOG_COMPONENT": name},
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                        cwd=os.getcwd(),
+                    )
                 _CHILDREN[proc.pid] = proc
-                entries[name] = {"pid": proc.pid, "started_at": time.time(), "cluster": cluster, "model": model,
-                                 "log": str(log_path)}
-                started.append(ProvisionedWorker(name, str(proc.pid), "starting", entries[name]["started_at"],
-                                                 cluster, model))
+                entries[name] = {
+                    "pid": proc.pid,
+                    "started_at": time.time(),
+                    "cluster": cluster,
+                    "model": model,
+                    "log": str(log_path),
+                }
+                started.append(
+                    ProvisionedWorker(name, str(proc.pid), "starting", entries[name]["started_at"], cluster, model)
+                )
                 log.info("local burst worker started", extra={"worker": name, "pid": proc.pid, "cluster": cluster})
             self._save(entries)
         return started
@@ -94,9 +118,11 @@ class LocalProvisioner(Provisioner):
             alive = {name: e for name, e in entries.items() if self._alive(e["pid"])}
             if len(alive) != len(entries):
                 self._save(alive)
-        return [ProvisionedWorker(name, str(e["pid"]), "running", e["started_at"], e["cluster"], e["model"])
-                for name, e in sorted(alive.items(), key=lambda kv: kv[1]["started_at"])
-                if e["cluster"] == cluster and (model is None or e["model"] == model)]
+        return [
+            ProvisionedWorker(name, str(e["pid"]), "running", e["started_at"], e["cluster"], e["model"])
+            for name, e in sorted(alive.items(), key=lambda kv: kv[1]["started_at"])
+            if e["cluster"] == cluster and (model is None or e["model"] == model)
+        ]
 
     def stop(self, worker: ProvisionedWorker) -> None:
         try:

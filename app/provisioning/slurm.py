@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from app.core.config import get_settings
-from app.provisioning.base import Provisioner, ProvisionedWorker, new_worker_name
+from app.provisioning.base import ProvisionedWorker, Provisioner, new_worker_name
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,13 @@ class SlurmUnavailable(RuntimeError):
 class SlurmProvisioner(Provisioner):
     kind = "slurm"
 
-    def __init__(self, partition: str = "burst", log_dir: Path | None = None, gpus_per_worker: int = 0,
-                 extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        partition: str = "burst",
+        log_dir: Path | None = None,
+        gpus_per_worker: int = 0,
+        extra_env: dict[str, str] | None = None,
+    ):
         if shutil.which("sbatch") is None:
             raise SlurmUnavailable("sbatch is not on PATH: install Slurm's client tools on the controller host")
         self.partition = partition
@@ -47,8 +52,7 @@ class SlurmProvisioner(Provisioner):
         self.extra_env = extra_env or {}
 
     def _run(self, argv: list[str]) -> str:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                             env={**os.environ, **self.extra_env})
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={**os.environ, **self.extra_env})
         if out.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed ({out.returncode}): {out.stderr.strip()[:500]}")
         return out.stdout
@@ -59,9 +63,21 @@ class SlurmProvisioner(Provisioner):
             name = new_worker_name(cluster)
             gpus = "0" if self.gpus_per_worker else "cpu"  # Slurm sets CUDA_VISIBLE_DEVICES for the job
             command = f"exec {sys.executable} -m app.cli worker --cluster {cluster} --model {model} --gpus {gpus} --name {name}"
-            argv = ["sbatch", "--parsable", "-p", self.partition, "-J", f"{JOB_PREFIX}{name}", "--export=ALL",
-                    "-D", os.getcwd(), "-o", str(self.log_dir / f"{name}-%j.log"), "--cpus-per-task=1",
-                    f"--comment=dreamq {cluster} {model}"]
+            argv = [
+                "sbatch",
+                "--parsable",
+                "-p",
+                self.partition,
+                "-J",
+                f"{JOB_PREFIX}{name}",
+                "--export=ALL",
+                "-D",
+                os.getcwd(),
+                "-o",
+                str(self.log_dir / f"{name}-%j.log"),
+                "--cpus-per-task=1",
+                f"--comment=dreamq {cluster} {model}",
+            ]
             if self.gpus_per_worker:
                 argv.append(f"--gres=gpu:{self.gpus_per_worker}")
             job_id = self._run([*argv, "--wrap", command]).strip().split(";")[0]
@@ -84,8 +100,16 @@ class SlurmProvisioner(Provisioner):
                 at = datetime.fromisoformat(submitted).timestamp()
             except ValueError:
                 at = 0.0
-            workers.append(ProvisionedWorker(job_name[len(JOB_PREFIX):], job_id,
-                                             "running" if state == "RUNNING" else "starting", at, parts[1], parts[2]))
+            workers.append(
+                ProvisionedWorker(
+                    job_name[len(JOB_PREFIX) :],
+                    job_id,
+                    "running" if state == "RUNNING" else "starting",
+                    at,
+                    parts[1],
+                    parts[2],
+                )
+            )
         return sorted(workers, key=lambda w: w.started_at)
 
     def stop(self, worker: ProvisionedWorker) -> None:

@@ -267,7 +267,10 @@ class BurstController:
                 Action.RELEASE,
                 f"cluster reclaimed ({who}): releasing all {active} workers now "
                 f"({starting} starting, {serving} serving, {draining} draining; running jobs are requeued)",
-                count=active, workers=picks, numbers=nums)
+                count=active,
+                workers=picks,
+                numbers=nums,
+            )
 
         # 2. over the cluster's limit
         if active > obs.max_workers:
@@ -276,7 +279,10 @@ class BurstController:
             return BurstDecision(
                 Action.RELEASE,
                 f"{active} burst workers over the cluster limit {obs.max_workers}: releasing {excess}",
-                count=excess, workers=picks, numbers=nums)
+                count=excess,
+                workers=picks,
+                numbers=nums,
+            )
 
         # streaks
         if pressure >= p.up_pressure:
@@ -296,8 +302,11 @@ class BurstController:
             held = now - st.pressure_since
             nums["high_for_s"] = held
             if held < p.sustain_s:
-                return BurstDecision(Action.HOLD, f"pressure {pressure:.2f} ({why}) high for {held:.0f}s, "
-                                     f"needs {p.sustain_s:.0f}s before scaling up", numbers=nums)
+                return BurstDecision(
+                    Action.HOLD,
+                    f"pressure {pressure:.2f} ({why}) high for {held:.0f}s, needs {p.sustain_s:.0f}s before scaling up",
+                    numbers=nums,
+                )
             pressed = [t for t in tiers if t["pressure"] >= p.up_pressure]
             drain_planned = max(self._drain(t, planned, mean) for t in pressed)
             nums["drain_planned_s"] = round(min(drain_planned, _BIG), 1)
@@ -306,7 +315,9 @@ class BurstController:
                     Action.HOLD,
                     f"pressure {pressure:.2f} ({why}) but the backlog drains in {_fmt_s(drain_planned)} with "
                     f"{planned} GPUs serving or starting, before new workers would be useful "
-                    f"(warm-up {obs.warmup_s:.0f}s + {p.min_useful_s:.0f}s)", numbers=nums)
+                    f"(warm-up {obs.warmup_s:.0f}s + {p.min_useful_s:.0f}s)",
+                    numbers=nums,
+                )
             want = self._target_capacity(tiers, planned, mean, obs.warmup_s, load)
             room = obs.max_workers - active
             step = max(1, math.ceil(p.max_step_fraction * obs.max_workers))
@@ -317,8 +328,10 @@ class BurstController:
                 if room <= 0:
                     msg = f"pressure {pressure:.2f} ({why}) but the burst cluster is full ({active}/{obs.max_workers})"
                 else:
-                    msg = (f"pressure {pressure:.2f} ({why}); the {planned} GPUs serving or starting already "
-                           f"meet the target ({want:.0f})")
+                    msg = (
+                        f"pressure {pressure:.2f} ({why}); the {planned} GPUs serving or starting already "
+                        f"meet the target ({want:.0f})"
+                    )
                 return BurstDecision(Action.HOLD, msg, numbers=nums)
             caps = []
             if add < need:
@@ -330,40 +343,64 @@ class BurstController:
                 f"scale up {add}: pressure {pressure:.2f} ({why}) for {held:.0f}s; drain {_fmt_s(drain_planned)} "
                 f"> warm-up {obs.warmup_s:.0f}s; target {want:.0f} GPUs for drain <= {p.target_fraction:g} W "
                 f"(have {planned})" + (f", capped by {', '.join(caps)}" if caps else ""),
-                count=add, numbers=nums)
+                count=add,
+                numbers=nums,
+            )
 
         # 4. scale down
         if st.calm_since is not None and starting + serving > 0:
             calm_for = now - st.calm_since
             nums["calm_for_s"] = calm_for
             if calm_for < p.calm_s:
-                return BurstDecision(Action.HOLD, f"calm (pressure {pressure:.2f}) for {calm_for:.0f}s, keeping "
-                                     f"{starting + serving} workers until {p.calm_s:.0f}s", numbers=nums)
+                return BurstDecision(
+                    Action.HOLD,
+                    f"calm (pressure {pressure:.2f}) for {calm_for:.0f}s, keeping "
+                    f"{starting + serving} workers until {p.calm_s:.0f}s",
+                    numbers=nums,
+                )
             if st.last_up_at is not None and now - st.last_up_at < p.min_lifetime_s:
-                return BurstDecision(Action.HOLD, f"calm, but the last scale-up was {now - st.last_up_at:.0f}s "
-                                     f"ago (< min lifetime {p.min_lifetime_s:.0f}s)", numbers=nums)
+                return BurstDecision(
+                    Action.HOLD,
+                    f"calm, but the last scale-up was {now - st.last_up_at:.0f}s "
+                    f"ago (< min lifetime {p.min_lifetime_s:.0f}s)",
+                    numbers=nums,
+                )
             if st.last_drain_at is not None and now - st.last_drain_at < p.drain_interval_s:
-                return BurstDecision(Action.HOLD, f"calm; last drain {now - st.last_drain_at:.0f}s ago "
-                                     f"(< {p.drain_interval_s:.0f}s between drains)", numbers=nums)
+                return BurstDecision(
+                    Action.HOLD,
+                    f"calm; last drain {now - st.last_drain_at:.0f}s ago (< {p.drain_interval_s:.0f}s between drains)",
+                    numbers=nums,
+                )
             keep_total = math.ceil(load / p.target_utilization - 1e-9)
             keep = max(0, keep_total - obs.standing_total)
             surplus = starting + serving - keep
             nums.update(keep=keep, surplus=max(surplus, 0))
             if surplus <= 0:
-                return BurstDecision(Action.HOLD, f"calm, but load {load:.0f} GPUs needs {keep_total} at "
-                                     f"{p.target_utilization:.0%} busy: standing {obs.standing_total} "
-                                     f"+ all {starting + serving} burst workers", numbers=nums)
+                return BurstDecision(
+                    Action.HOLD,
+                    f"calm, but load {load:.0f} GPUs needs {keep_total} at "
+                    f"{p.target_utilization:.0%} busy: standing {obs.standing_total} "
+                    f"+ all {starting + serving} burst workers",
+                    numbers=nums,
+                )
             old = [w for w in obs.workers if w.phase == SERVING and now - w.started_at >= p.min_lifetime_s]
             eligible = sum(w.count for w in old)
             n = min(surplus, eligible)
             nums["eligible"] = eligible
             if n <= 0:
-                return BurstDecision(Action.HOLD, f"calm with {surplus} surplus workers, none older than the "
-                                     f"min lifetime {p.min_lifetime_s:.0f}s", numbers=nums)
+                return BurstDecision(
+                    Action.HOLD,
+                    f"calm with {surplus} surplus workers, none older than the min lifetime {p.min_lifetime_s:.0f}s",
+                    numbers=nums,
+                )
             batch = math.ceil(p.min_drain_fraction * (starting + serving) - 1e-9)
             if n < batch and keep > 0:
-                return BurstDecision(Action.HOLD, f"calm with {n} drainable surplus workers, fewer than a batch "
-                                     f"({batch} = {p.min_drain_fraction:.0%} of {starting + serving})", numbers=nums)
+                return BurstDecision(
+                    Action.HOLD,
+                    f"calm with {n} drainable surplus workers, fewer than a batch "
+                    f"({batch} = {p.min_drain_fraction:.0%} of {starting + serving})",
+                    numbers=nums,
+                )
             st.last_drain_at = now
             picks = self._pick(old, n, release=False)
             return BurstDecision(
@@ -371,13 +408,19 @@ class BurstController:
                 f"drain {n}: calm for {calm_for:.0f}s (pressure {pressure:.2f} <= {p.calm_pressure:g}); load "
                 f"{load:.0f} GPUs needs {keep} burst workers beside {obs.standing_total} standing; "
                 f"{eligible} past min lifetime",
-                count=n, workers=picks, numbers=nums)
+                count=n,
+                workers=picks,
+                numbers=nums,
+            )
 
         if not active:
             return BurstDecision(Action.HOLD, f"pressure {pressure:.2f} ({why}); nothing borrowed", numbers=nums)
         band = "calm" if st.calm_since is not None else f"between {p.calm_pressure:g} and {p.up_pressure:g}"
-        return BurstDecision(Action.HOLD, f"pressure {pressure:.2f} ({why}) {band}: keeping "
-                             f"{starting + serving} workers ({draining} draining)", numbers=nums)
+        return BurstDecision(
+            Action.HOLD,
+            f"pressure {pressure:.2f} ({why}) {band}: keeping {starting + serving} workers ({draining} draining)",
+            numbers=nums,
+        )
 
     # ------------------------------------------------------------------------------------
     @staticmethod
@@ -414,8 +457,7 @@ class BurstController:
         net = capacity - row["load"]
         return math.inf if net <= 0 else row["backlog"] * mean / net
 
-    def _target_capacity(self, tiers: list[dict], planned: int, mean: float, warmup_s: float,
-                         load: float) -> float:
+    def _target_capacity(self, tiers: list[dict], planned: int, mean: float, warmup_s: float, load: float) -> float:
         """Capacity that carries the whole load at target_utilization and brings every tier's
         drain time under target_fraction x W once the new workers are ready (the backlog
         projected over the warm-up at the planned capacity)."""
@@ -432,13 +474,16 @@ class BurstController:
         if worst is None:
             return "no tiers"
         drain = worst["drain_s"]
-        return (f"{worst['name']}: {worst['backlog']} queued at or above it, drain {_fmt_s(min(drain, _BIG))} "
-                f"vs W {worst['slo_s']:g}s, oldest {worst['urgency']:.2f} W")
+        return (
+            f"{worst['name']}: {worst['backlog']} queued at or above it, drain {_fmt_s(min(drain, _BIG))} "
+            f"vs W {worst['slo_s']:g}s, oldest {worst['urgency']:.2f} W"
+        )
 
     @staticmethod
     def _pick(workers: Sequence[BurstWorker], n: int, *, release: bool) -> tuple[tuple[str, int], ...]:
         """Take n workers: idle before busy, oldest first (they have paid off their warm-up);
         for a release, starting ones come first (they hold no job) and busy ones last."""
+
         def idle(w: BurstWorker) -> int:
             return w.count - w.busy
 

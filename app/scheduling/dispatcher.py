@@ -72,6 +72,7 @@ AFFINITY_DEPTH = DISPATCH_PER_WORKER
 USERS_PER_TIER = 32
 JOBS_PER_USER = 2
 
+
 def worker_depth(job_s: float | None) -> int:
     """Jobs one live worker may hold queued: DISPATCH_PER_WORKER, or QUEUED_WORK_S of its
     measured job time when that is more (at most MAX_PER_WORKER). Mirrors LIVE_DEPTH_SQL."""
@@ -273,8 +274,16 @@ def load_tier_specs(session: Session) -> dict[str, TierSpec]:
 class Dispatcher:
     """Stateful only in its per-tier user cursors (rotation); safe to run several at once."""
 
-    def __init__(self, *, policy: str = "slo", max_batch: int = MAX_BATCH, ledger_store: "LedgerStore | None" = None,
-                 tier_cache_s: float = 2.0, clusters: list[str] | None = None, affinity: bool = True):
+    def __init__(
+        self,
+        *,
+        policy: str = "slo",
+        max_batch: int = MAX_BATCH,
+        ledger_store: "LedgerStore | None" = None,
+        tier_cache_s: float = 2.0,
+        clusters: list[str] | None = None,
+        affinity: bool = True,
+    ):
         self.policy = policy
         self.affinity = affinity
         # Dispatch for these clusters only (None = all): shards dispatch per cluster region.
@@ -316,14 +325,17 @@ class Dispatcher:
         # capacity never fills the heads of one that has it.
         lanes = [(model, tier) for model in sorted({r.model for r in rooms}) for tier in tier_names]
         walk_users = min(USERS_PER_TIER, max(total_room, 4))
-        heads_rows = session.execute(_HEADS_SQL, {
-            "models": [m for m, _ in lanes],
-            "tiers": [t for _, t in lanes],
-            "afters": [self.cursors.get(lane, ZERO_UUID) for lane in lanes],
-            "users": walk_users,
-            "per_user": min(JOBS_PER_USER, total_room),
-            "oldest": total_room,
-        }).all()
+        heads_rows = session.execute(
+            _HEADS_SQL,
+            {
+                "models": [m for m, _ in lanes],
+                "tiers": [t for _, t in lanes],
+                "afters": [self.cursors.get(lane, ZERO_UUID) for lane in lanes],
+                "users": walk_users,
+                "per_user": min(JOBS_PER_USER, total_room),
+                "oldest": total_room,
+            },
+        ).all()
         heads: dict[str, list[Candidate]] = {t: [] for t in tier_names}
         last_user: dict[tuple[str, str], tuple[int, str]] = {}
         for row in sorted(heads_rows, key=lambda r: r.enqueued_at):
@@ -335,26 +347,41 @@ class Dispatcher:
         inflight = {row.user_id: row.inflight for row in heads_rows if row.inflight}
         backlog = {t: TierBacklog(t, len(c), c[0].enqueued_at if c else None) for t, c in heads.items()}
         ledger = self.ledger_store.load(db_now)
-        decisions = plan_dispatch(db_now, tiers, heads, backlog, rooms, inflight, ledger,
-                                  policy=self.policy, max_decisions=total_room)
+        decisions = plan_dispatch(
+            db_now, tiers, heads, backlog, rooms, inflight, ledger, policy=self.policy, max_decisions=total_room
+        )
         reasons: dict[str, int] = {}
         for decision in decisions:
             reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
         releases: list[Release] = []
         if decisions:
-            rows = session.execute(_APPLY_SQL, {
-                "ids": [d.candidate.job_id for d in decisions],
-                "pools": [d.pool_id for d in decisions],
-                "reasons": [d.reason for d in decisions],
-                "pool_names": json.dumps(names),
-            }).all()
+            rows = session.execute(
+                _APPLY_SQL,
+                {
+                    "ids": [d.candidate.job_id for d in decisions],
+                    "pools": [d.pool_id for d in decisions],
+                    "reasons": [d.reason for d in decisions],
+                    "pool_names": json.dumps(names),
+                },
+            ).all()
             routes = self._affinity_routes(session, rows, names) if self.affinity else {}
-            releases = [Release(r.id, routes.get(r.id) or f"{names[str(r.pool_id)]}.{r.tier}", r.dispatch_seq, r.tier,
-                                r.user_id) for r in rows]
+            releases = [
+                Release(
+                    r.id, routes.get(r.id) or f"{names[str(r.pool_id)]}.{r.tier}", r.dispatch_seq, r.tier, r.user_id
+                )
+                for r in rows
+            ]
             if routes:
                 reasons["affinity"] = len(routes)
-        return PassResult(releases, total_room, sum(len(c) for c in heads.values()), reasons, len(decisions),
-                          (time.perf_counter() - started) * 1000, db_now)
+        return PassResult(
+            releases,
+            total_room,
+            sum(len(c) for c in heads.values()),
+            reasons,
+            len(decisions),
+            (time.perf_counter() - started) * 1000,
+            db_now,
+        )
 
     def _affinity_routes(self, session: Session, rows, names: dict[str, str]) -> dict[Any, str]:
         """Send a job to the queue of a worker that already holds its version in memory.
@@ -387,8 +414,9 @@ class Dispatcher:
             session.execute(_ROUTE_SQL, {"ids": list(routed_to), "workers": list(routed_to.values())})
         return routes
 
-    def _advance_cursors(self, lanes: list[tuple[str, str]], last_user: dict[tuple[str, str], tuple[int, str]],
-                         users: int) -> None:
+    def _advance_cursors(
+        self, lanes: list[tuple[str, str]], last_user: dict[tuple[str, str], tuple[int, str]], users: int
+    ) -> None:
         for lane in lanes:
             depth, user = last_user.get(lane, (0, ZERO_UUID))
             # A full walk continues after its last user next time; a short one wrapped around.

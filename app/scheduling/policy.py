@@ -308,8 +308,20 @@ def _first3(item):
 class _TierStream:
     """One tier's candidates in per-user rotation order, plus its oldest remaining job."""
 
-    __slots__ = ("name", "rank", "slo_s", "cap", "floor", "dispatched", "planned", "jobs", "ptr",
-                 "users", "oldest", "active")
+    __slots__ = (
+        "name",
+        "rank",
+        "slo_s",
+        "cap",
+        "floor",
+        "dispatched",
+        "planned",
+        "jobs",
+        "ptr",
+        "users",
+        "oldest",
+        "active",
+    )
 
     def __init__(self, name, spec: TierSpec, cands: Sequence[Candidate], user_inflight, dispatched: int):
         self.name = name

@@ -149,7 +149,8 @@ def format_table(results: Sequence[dict], tier_names: Sequence[str]) -> str:
             m = r["tiers"][name]
             cells.append(f"{_pct(m['within_slo'])} / {m['max_wait_over_slo']:.2f} / {m['starved_windows']}")
         lines.append(
-            f"| {r['trace']} | {r['policy']} | " + " | ".join(cells)
+            f"| {r['trace']} | {r['policy']} | "
+            + " | ".join(cells)
             + f" | {_pct(r['gpu_utilization'])} | {r['wall_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -159,8 +160,9 @@ def format_table(results: Sequence[dict], tier_names: Sequence[str]) -> str:
 # plot
 
 
-def plot_timeline(timeline: dict, tiers: Mapping[str, TierSpec], path: str, *, title: str = "",
-                  y_max: float | None = None) -> None:
+def plot_timeline(
+    timeline: dict, tiers: Mapping[str, TierSpec], path: str, *, title: str = "", y_max: float | None = None
+) -> None:
     """PNG of each tier's oldest queued wait / W over time (1.0 = the SLO line), with Pillow."""
     from PIL import Image, ImageDraw, ImageFont
 

@@ -144,9 +144,17 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, trace: Trace, policy: str, tiers: Mapping[str, TierSpec] | None = None, *, burst: bool = False,
-                 burst_gpus: int = BURST_MAX_GPUS, burst_warmup_s: float = BURST_WARMUP_S,
-                 burst_params: BurstParams | None = None):
+    def __init__(
+        self,
+        trace: Trace,
+        policy: str,
+        tiers: Mapping[str, TierSpec] | None = None,
+        *,
+        burst: bool = False,
+        burst_gpus: int = BURST_MAX_GPUS,
+        burst_warmup_s: float = BURST_WARMUP_S,
+        burst_params: BurstParams | None = None,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(POLICIES)}")
         self.trace = trace
@@ -339,8 +347,9 @@ class Simulator:
             for ti in range(ntiers):
                 o = oldest_ready(ti)
                 rate = (mark[ti] - m0[ti]) / span if span > 0 else None
-                tiers_obs.append(TierPressure(tnames[ti], slo[ti], dispatchable[ti],
-                                              now - o if o is not None else 0.0, rate))
+                tiers_obs.append(
+                    TierPressure(tnames[ti], slo[ti], dispatchable[ti], now - o if o is not None else 0.0, rate)
+                )
             tp = training_pools()
             tr_busy = sum(p.busy for p in tp)
             draining = sum(max(0, p.gpus - p.target) for p in tp)
@@ -358,10 +367,15 @@ class Simulator:
                 workers.append(BurstWorker("draining", DRAINING, now, draining, draining))
             standing = [p for p in pools if not p.cluster.startswith("training")]
             obs = BurstObservation(
-                now=now, tiers=tiers_obs,
-                standing_busy=sum(p.busy for p in standing), standing_total=sum(p.gpus for p in standing),
-                workers=workers, mean_job_s=done_s / done_n if done_n else MEAN_DURATION_S,
-                warmup_s=warmup, max_workers=self.burst_gpus)
+                now=now,
+                tiers=tiers_obs,
+                standing_busy=sum(p.busy for p in standing),
+                standing_total=sum(p.gpus for p in standing),
+                workers=workers,
+                mean_job_s=done_s / done_n if done_n else MEAN_DURATION_S,
+                warmup_s=warmup,
+                max_workers=self.burst_gpus,
+            )
             d = controller.decide(obs)
             burst_decisions += 1
             if d.action is Action.HOLD:
@@ -682,18 +696,34 @@ class Simulator:
         return SimResult(result, timeline)
 
 
-def simulate(trace: Trace | str, policy: str, *, burst: bool = False, seed: int = 0, scale: float = 1.0,
-             hours: float | None = None, tiers: Mapping[str, TierSpec] | None = None,
-             burst_gpus: int | None = None, burst_warmup_s: float = BURST_WARMUP_S,
-             burst_params: BurstParams | None = None) -> SimResult:
+def simulate(
+    trace: Trace | str,
+    policy: str,
+    *,
+    burst: bool = False,
+    seed: int = 0,
+    scale: float = 1.0,
+    hours: float | None = None,
+    tiers: Mapping[str, TierSpec] | None = None,
+    burst_gpus: int | None = None,
+    burst_warmup_s: float = BURST_WARMUP_S,
+    burst_params: BurstParams | None = None,
+) -> SimResult:
     """Run one policy on a trace. The burst cluster defaults to BURST_MAX_GPUS x `scale` (the
     scale of a generated trace named here; 1 for a Trace passed in)."""
     if isinstance(trace, str):
         trace = get_trace(trace, seed=seed, scale=scale, hours=hours)
     if burst_gpus is None:
         burst_gpus = max(1, round(BURST_MAX_GPUS * scale))
-    return Simulator(trace, policy, tiers, burst=burst, burst_gpus=burst_gpus, burst_warmup_s=burst_warmup_s,
-                     burst_params=burst_params).run()
+    return Simulator(
+        trace,
+        policy,
+        tiers,
+        burst=burst,
+        burst_gpus=burst_gpus,
+        burst_warmup_s=burst_warmup_s,
+        burst_params=burst_params,
+    ).run()
 
 
 def format_burst(summary: dict) -> str:
@@ -728,8 +758,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hours", type=float, help="trace length (generated traces; default 12)")
     ap.add_argument("--burst", action="store_true", help="borrow GPUs from a training cluster (burst controller)")
     ap.add_argument("--burst-gpus", type=int, help=f"training cluster size (default {BURST_MAX_GPUS} x scale)")
-    ap.add_argument("--burst-warmup", type=float, default=BURST_WARMUP_S, metavar="S",
-                    help="seconds before a burst worker serves (model load)")
+    ap.add_argument(
+        "--burst-warmup",
+        type=float,
+        default=BURST_WARMUP_S,
+        metavar="S",
+        help="seconds before a burst worker serves (model load)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--plot", metavar="PNG", help="write each tier's oldest wait / W over time")
     args = ap.parse_args(argv)
@@ -740,8 +775,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     burst_gpus = args.burst_gpus or (BURST_MAX_GPUS if args.csv else max(1, round(BURST_MAX_GPUS * args.scale)))
     res = simulate(trace, args.policy, burst=args.burst, burst_gpus=burst_gpus, burst_warmup_s=args.burst_warmup)
     if args.plot:
-        report.plot_timeline(res.timeline, DEFAULT_TIERS, args.plot,
-                             title=f"{res.summary['trace']} / {res.summary['policy']}: oldest wait / W")
+        report.plot_timeline(
+            res.timeline,
+            DEFAULT_TIERS,
+            args.plot,
+            title=f"{res.summary['trace']} / {res.summary['policy']}: oldest wait / W",
+        )
     if args.json:
         print(json.dumps(res.summary, sort_keys=False))
     else:

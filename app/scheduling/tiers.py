@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from app.core.tiers import TIER_ORDER
-
 # Sum of all floors may not exceed this: a floor is a promise taken from rank order, and rank
 # order must keep most of the capacity or the top tiers' SLO is no longer protected.
 MAX_TOTAL_MIN_SHARE = 0.5
@@ -49,7 +47,6 @@ class TierSpec:
             raise ValueError(f"tier {self.name}: min_share must be in [0, 1], got {self.min_share}")
         if self.user_concurrency_cap < 1:
             raise ValueError(f"tier {self.name}: user_concurrency_cap must be >= 1")
-
 
 
 _DEFAULTS = (

@@ -177,8 +177,9 @@ def load_csv(path: str | Path, *, gpus: int | None = None, name: str | None = No
         if r[4] and r[4] not in models:
             models.append(r[4])
     share = tuple(1.0 / len(models) for _ in models) if len(models) != len(MODELS) else MODEL_SHARE
-    return Trace.from_rows(name or path.stem, rows, gpus=int(gpus), models=models, model_gpu_share=share,
-                           description=f"CSV trace {path}")
+    return Trace.from_rows(
+        name or path.stem, rows, gpus=int(gpus), models=models, model_gpu_share=share, description=f"CSV trace {path}"
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -353,8 +353,10 @@ class EmbeddedPostgres(EmbeddedService):
             kwargs.update(user=owner[0], group=owner[1], extra_groups=[])
         argv = [
             str(self.bin_dir / "initdb"),
-            "-D", str(self.pgdata),
-            "-U", "postgres",
+            "-D",
+            str(self.pgdata),
+            "-U",
+            "postgres",
             "--auth=trust",
             "--encoding=UTF8",
             "--no-locale",
@@ -369,12 +371,19 @@ class EmbeddedPostgres(EmbeddedService):
             logf.write(f"--- dreamq initdb {self.pgdata}\n".encode())
             logf.flush()
             rc = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                cwd=self.data_dir, check=False, **kwargs,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                check=False,
+                **kwargs,
             ).returncode
         if rc != 0:
             raise ProcessStartError(
-                "initdb", f"exited with code {rc}", self.log_path,
+                "initdb",
+                f"exited with code {rc}",
+                self.log_path,
                 read_log_tail(self.log_path, start_offset=offset),
             )
 
@@ -414,9 +423,7 @@ class EmbeddedPostgres(EmbeddedService):
         from psycopg import errors, sql
 
         with psycopg.connect(self.admin_dsn(), autocommit=True, connect_timeout=5) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
-            ).fetchone()
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone()
             if exists is None:
                 try:
                     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
@@ -433,15 +440,24 @@ class EmbeddedPostgres(EmbeddedService):
         def make_process(port: int) -> ManagedProcess:
             argv = [
                 str(self.binary),
-                "-D", str(self.pgdata),
-                "-h", HOST,
-                "-p", str(port),
-                "-k", str(socket_dir),
-                "-c", f"max_connections={self.max_connections}",
-                "-c", "shared_buffers=128MB",
-                "-c", "huge_pages=off",
-                "-c", "logging_collector=off",
-                "-c", "log_line_prefix=%m [%p] ",
+                "-D",
+                str(self.pgdata),
+                "-h",
+                HOST,
+                "-p",
+                str(port),
+                "-k",
+                str(socket_dir),
+                "-c",
+                f"max_connections={self.max_connections}",
+                "-c",
+                "shared_buffers=128MB",
+                "-c",
+                "huge_pages=off",
+                "-c",
+                "logging_collector=off",
+                "-c",
+                "log_line_prefix=%m [%p] ",
             ]
             return ManagedProcess(
                 "postgres",
@@ -499,19 +515,28 @@ class EmbeddedRedis(EmbeddedService):
         def make_process(port: int) -> ManagedProcess:
             argv = [
                 str(self.binary),
-                "--bind", HOST,
-                "--port", str(port),
-                "--dir", str(self.data_dir),
+                "--bind",
+                HOST,
+                "--port",
+                str(port),
+                "--dir",
+                str(self.data_dir),
                 # AOF: queued Celery messages survive a restart or a redis crash (the AOF is
                 # written before replies go out); everysec risks the last second only on an
                 # OS crash, at a fraction of always-fsync's cost.
-                "--appendonly", "yes",
-                "--appendfsync", "everysec",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
                 # Evicting a broker key silently loses a job; fail the write instead.
-                "--maxmemory-policy", "noeviction",
-                "--save", "",
-                "--daemonize", "no",
-                "--logfile", "",
+                "--maxmemory-policy",
+                "noeviction",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
             ]
             return ManagedProcess("redis", argv, cwd=self.data_dir, log_path=self.log_path, ready=self._ready)
 
@@ -652,12 +677,17 @@ class EmbeddedSeaweedFS(EmbeddedService):
             f"-dir={self.data_dir / 'data'}",
             f"-ip={HOST}",
             f"-ip.bind={HOST}",
-            f"-master.port={p['master']}", f"-master.port.grpc={p['master'] + g}",
-            f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume'] + g}",
-            f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer'] + g}",
-            f"-s3.port={p['s3']}", f"-s3.port.grpc={p['s3'] + g}",
+            f"-master.port={p['master']}",
+            f"-master.port.grpc={p['master'] + g}",
+            f"-volume.port={p['volume']}",
+            f"-volume.port.grpc={p['volume'] + g}",
+            f"-filer.port={p['filer']}",
+            f"-filer.port.grpc={p['filer'] + g}",
+            f"-s3.port={p['s3']}",
+            f"-s3.port.grpc={p['s3'] + g}",
             # No way to switch the admin server off in mini; pin its ports so it cannot clash.
-            f"-admin.port={p['admin']}", f"-admin.port.grpc={p['admin'] + g}",
+            f"-admin.port={p['admin']}",
+            f"-admin.port.grpc={p['admin'] + g}",
             "-admin.ui=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
@@ -697,9 +727,7 @@ class EmbeddedSeaweedFS(EmbeddedService):
             return False
         # The master must know a volume server, else the first put fails ("no writable
         # volumes"); then an authenticated S3 call must succeed.
-        with urllib.request.urlopen(
-            f"http://{HOST}:{self.ports['master']}/dir/status", timeout=2
-        ) as resp:
+        with urllib.request.urlopen(f"http://{HOST}:{self.ports['master']}/dir/status", timeout=2) as resp:
             topology = json.load(resp).get("Topology", {})
         if not topology.get("DataCenters"):
             return False
@@ -722,8 +750,11 @@ class EmbeddedSeaweedFS(EmbeddedService):
                 self.port = self.ports["s3"]
                 self._save_state()
                 self.process = ManagedProcess(
-                    "seaweedfs", self._argv(identities), cwd=self.data_dir,
-                    log_path=self.log_path, ready=self._ready,
+                    "seaweedfs",
+                    self._argv(identities),
+                    cwd=self.data_dir,
+                    log_path=self.log_path,
+                    ready=self._ready,
                 )
                 self.process.start()
                 try:

@@ -36,9 +36,7 @@ class ProcessStartError(RuntimeError):
         self.reason = reason
         self.log_path = log_path
         self.log_tail = log_tail
-        super().__init__(
-            f"{name}: {reason}\n--- last {LOG_TAIL_LINES} lines of {log_path} ---\n{log_tail}"
-        )
+        super().__init__(f"{name}: {reason}\n--- last {LOG_TAIL_LINES} lines of {log_path} ---\n{log_tail}")
 
 
 class SupervisorShutdown(BaseException):
@@ -384,8 +382,14 @@ class Supervisor:
                 if len(group) == 1:
                     results[group[0].name] = group[0].stop(grace)
                     continue
-                threads = [threading.Thread(target=lambda p=p: results.__setitem__(p.name, p.stop(grace)),
-                                            name=f"stop-{p.name}", daemon=True) for p in group]
+                threads = [
+                    threading.Thread(
+                        target=lambda p=p: results.__setitem__(p.name, p.stop(grace)),
+                        name=f"stop-{p.name}",
+                        daemon=True,
+                    )
+                    for p in group
+                ]
                 for thread in threads:
                     thread.start()
                 for thread in threads:
@@ -473,9 +477,7 @@ def _can_bind(host: str, port: int) -> bool:
     return True
 
 
-def find_free_port(
-    preferred: int | None = None, host: str = "127.0.0.1", *, paired_offset: int | None = None
-) -> int:
+def find_free_port(preferred: int | None = None, host: str = "127.0.0.1", *, paired_offset: int | None = None) -> int:
     """`preferred` if it can be bound on host, else a free ephemeral port. Reserves the result.
 
     With paired_offset, port + paired_offset must be free too and is reserved as well (servers

@@ -116,11 +116,11 @@ def _key_is_valid(session, key: str | None) -> bool:
 
 
 def _migrate_and_seed(state: StackState, previous: dict) -> dict:
+    from app.admin.dream_machine import seed_mappings
+    from app.core.storage import ensure_buckets
     from app.db.migrate import upgrade
     from app.db.session import transaction
-    from app.admin.dream_machine import seed_mappings
     from app.seed import ensure_demo_model, ensure_pool, new_user_key, seed_tiers
-    from app.core.storage import ensure_buckets
 
     settings = get_settings()
     upgrade(settings.database_url)
@@ -145,8 +145,13 @@ def _migrate_and_seed(state: StackState, previous: dict) -> dict:
 
 
 def _child_env(state: StackState, component: str) -> dict[str, str]:
-    env = {**os.environ, **state.env, "DREAMQ_HOME": str(state.home), "DREAMQ_LOG_COMPONENT": component,
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        **state.env,
+        "DREAMQ_HOME": str(state.home),
+        "DREAMQ_LOG_COMPONENT": component,
+        "PYTHONUNBUFFERED": "1",
+    }
     if component == "flower":
         # Flower serves its own metrics; in the shared directory they would show up in the API's.
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -162,8 +167,14 @@ FLOWER_CONFIG = Path(__file__).resolve().parents[1] / "observability" / "flowerc
 
 def flower_command(port: int, user: str, password: str, *, address: str = "127.0.0.1") -> list[str]:
     """Flower as `dreamq up` runs it: basic auth, and the config that lists every pool queue."""
-    return _celery("flower", f"--conf={FLOWER_CONFIG}", f"--address={address}", f"--port={port}",
-                   f"--basic-auth={user}:{password}", "--persistent=False")
+    return _celery(
+        "flower",
+        f"--conf={FLOWER_CONFIG}",
+        f"--address={address}",
+        f"--port={port}",
+        f"--basic-auth={user}:{password}",
+        "--persistent=False",
+    )
 
 
 def _http_ok(url: str, **kwargs) -> Callable[[], bool]:
@@ -172,6 +183,7 @@ def _http_ok(url: str, **kwargs) -> Callable[[], bool]:
             return requests.get(url, timeout=1, **kwargs).status_code == 200
         except requests.RequestException:
             return False
+
     return check
 
 
@@ -182,16 +194,22 @@ def _gpu_worker_ready(name: str) -> Callable[[], bool]:
         from app.db.session import transaction
 
         with transaction() as session:
-            return session.execute(
-                text("SELECT 1 FROM workers WHERE id LIKE :n AND state <> 'stopped' AND heartbeat_at > now() - interval '15 seconds'"),
-                {"n": f"{name}@%"},
-            ).first() is not None
+            return (
+                session.execute(
+                    text(
+                        "SELECT 1 FROM workers WHERE id LIKE :n AND state <> 'stopped' AND heartbeat_at > now() - interval '15 seconds'"
+                    ),
+                    {"n": f"{name}@%"},
+                ).first()
+                is not None
+            )
+
     return check
 
 
 def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_when_ready: bool = False) -> int:
-    from workers.launch import visible_gpus, worker_command
     from app.core.logging_setup import configure_logging
+    from workers.launch import visible_gpus, worker_command
 
     configure_logging("up", json_logs=False, level="WARNING")
     settings = get_settings()
@@ -224,20 +242,61 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
 
         api_port = find_free_port(API_PORT)
         api_url = f"http://127.0.0.1:{api_port}"
-        supervisor.add_and_start(ManagedProcess(
-            "api", [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "-w", "2", "--threads", "4",
-                    "-b", f"127.0.0.1:{api_port}",
-                    "--graceful-timeout", str(int(grace_s)), "--access-logfile", "-", "app.api:create_app()"],
-            env={**_child_env(state, "api"), "DREAMQ_SECRET_KEY": secret_key}, cwd=str(Path.cwd()),
-            log_path=logs / "api.log",
-            ready=_http_ok(f"{api_url}/readyz")), ready_timeout=60, stage=APPS)
+        supervisor.add_and_start(
+            ManagedProcess(
+                "api",
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    "python:app.gunicorn_conf",
+                    "-w",
+                    "2",
+                    "--threads",
+                    "4",
+                    "-b",
+                    f"127.0.0.1:{api_port}",
+                    "--graceful-timeout",
+                    str(int(grace_s)),
+                    "--access-logfile",
+                    "-",
+                    "app.api:create_app()",
+                ],
+                env={**_child_env(state, "api"), "DREAMQ_SECRET_KEY": secret_key},
+                cwd=str(Path.cwd()),
+                log_path=logs / "api.log",
+                ready=_http_ok(f"{api_url}/readyz"),
+            ),
+            ready_timeout=60,
+            stage=APPS,
+        )
         _say(f"API ready at {api_url}")
 
-        supervisor.add_and_start(ManagedProcess(
-            "control-worker", _celery("worker", "-Q", "control,cpu", "-c", "2", "-n", "control@%h",
-                                      "--without-gossip", "--without-mingle", "-E", "--loglevel", "INFO"),
-            env=_child_env(state, "control-worker"), log_path=logs / "control-worker.log", signal_group=False),
-            ready_timeout=0, stage=APPS)
+        supervisor.add_and_start(
+            ManagedProcess(
+                "control-worker",
+                _celery(
+                    "worker",
+                    "-Q",
+                    "control,cpu",
+                    "-c",
+                    "2",
+                    "-n",
+                    "control@%h",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "-E",
+                    "--loglevel",
+                    "INFO",
+                ),
+                env=_child_env(state, "control-worker"),
+                log_path=logs / "control-worker.log",
+                signal_group=False,
+            ),
+            ready_timeout=0,
+            stage=APPS,
+        )
 
         visible = visible_gpus()
         count = gpu_workers if gpu_workers is not None else max(len(visible), 1)
@@ -249,21 +308,40 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
             env.update(state.env)
             # SIGTERM to the Celery main process only: a warm shutdown lets the running job finish
             # within the grace period; past it the group is killed and acks_late requeues the job.
-            supervisor.add_and_start(ManagedProcess(f"gpu-worker-{name}", argv, env=env, signal_group=False,
-                                                    log_path=logs / f"gpu-worker-{name}.log"), ready_timeout=0, stage=APPS)
+            supervisor.add_and_start(
+                ManagedProcess(
+                    f"gpu-worker-{name}", argv, env=env, signal_group=False, log_path=logs / f"gpu-worker-{name}.log"
+                ),
+                ready_timeout=0,
+                stage=APPS,
+            )
             gpu_names.append(name)
 
-        supervisor.add_and_start(ManagedProcess(
-            "beat", _celery("beat", "-s", str(home / "celerybeat-schedule"), "--loglevel", "INFO"),
-            env=_child_env(state, "beat"), log_path=logs / "beat.log"), ready_timeout=0, stage=APPS)
+        supervisor.add_and_start(
+            ManagedProcess(
+                "beat",
+                _celery("beat", "-s", str(home / "celerybeat-schedule"), "--loglevel", "INFO"),
+                env=_child_env(state, "beat"),
+                log_path=logs / "beat.log",
+            ),
+            ready_timeout=0,
+            stage=APPS,
+        )
 
         flower_port = find_free_port(FLOWER_PORT)
         flower_url = f"http://127.0.0.1:{flower_port}"
         flower_user = settings.flower_user
-        supervisor.add_and_start(ManagedProcess(
-            "flower", flower_command(flower_port, flower_user, flower_password),
-            env=_child_env(state, "flower"), log_path=logs / "flower.log",
-            ready=_http_ok(f"{flower_url}/healthcheck")), ready_timeout=60, stage=APPS)
+        supervisor.add_and_start(
+            ManagedProcess(
+                "flower",
+                flower_command(flower_port, flower_user, flower_password),
+                env=_child_env(state, "flower"),
+                log_path=logs / "flower.log",
+                ready=_http_ok(f"{flower_url}/healthcheck"),
+            ),
+            ready_timeout=60,
+            stage=APPS,
+        )
 
         deadline = time.monotonic() + 180
         for name in gpu_names:
@@ -276,12 +354,26 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
                     raise TimeoutError(f"GPU worker {name} did not heartbeat; see {logs}")
                 time.sleep(0.25)
 
-        credentials = {"api_url": api_url, "api_key": keys["api_key"], "admin_key": keys["admin_key"],
-                       "flower_url": flower_url, "flower_user": flower_user, "flower_password": flower_password,
-                       "dashboard_url": f"{api_url}/dashboard", "secret_key": secret_key}
+        credentials = {
+            "api_url": api_url,
+            "api_key": keys["api_key"],
+            "admin_key": keys["admin_key"],
+            "flower_url": flower_url,
+            "flower_user": flower_user,
+            "flower_password": flower_password,
+            "dashboard_url": f"{api_url}/dashboard",
+            "secret_key": secret_key,
+        }
         _write_private(home / "credentials.json", credentials)
-        _write_private(home / "stack.json", {"env": {k: v for k, v in state.env.items()}, "services": state.kinds,
-                                             "api_url": api_url, "flower_url": flower_url})
+        _write_private(
+            home / "stack.json",
+            {
+                "env": {k: v for k, v in state.env.items()},
+                "services": state.kinds,
+                "api_url": api_url,
+                "flower_url": flower_url,
+            },
+        )
         _print_summary(credentials, state, gpu_names, logs, time.monotonic() - started)
         if exit_when_ready:
             return 0
@@ -329,7 +421,7 @@ def _print_summary(creds: dict, state: StackState, gpu_names: list[str], logs: P
         f"  credentials  {state.home / 'credentials.json'}",
         f"  logs         {logs}",
         "",
-        "Try:  .venv/bin/dreamq generate \"a red circle moving right\" --wait --out x.mp4",
+        'Try:  .venv/bin/dreamq generate "a red circle moving right" --wait --out x.mp4',
         "Ctrl-C stops everything.",
         "",
     ]

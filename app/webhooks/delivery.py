@@ -38,7 +38,7 @@ from sqlalchemy import text
 
 from app.core.config import get_settings
 from app.db.session import transaction
-from app.webhooks.addresses import AddressRefused, CheckedURL, IPAddress
+from app.outbound.addresses import AddressRefused, CheckedURL, IPAddress
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(self._pinned_socket(), server_hostname=self.host)
 
 
-def pinned_connection(checked: CheckedURL, address: IPAddress, connect_timeout: float,
-                      read_timeout: float) -> http.client.HTTPConnection:
+def pinned_connection(
+    checked: CheckedURL, address: IPAddress, connect_timeout: float, read_timeout: float
+) -> http.client.HTTPConnection:
     """An HTTP(S) connection to `address`, one of the addresses `checked` approved, speaking to
     the URL's host (Host header, TLS name). Also used to fetch user-supplied media (app/fetch.py)."""
     cls = _PinnedHTTPSConnection if checked.scheme == "https" else _PinnedHTTPConnection
@@ -148,12 +149,16 @@ _RECORD = text(
 def attempt(delivery_id: str) -> float | None:
     """Make one attempt. Returns the seconds until the next one, or None when there is none to
     schedule (delivered, failed for good, or another task holds the row)."""
-    from app.webhooks.allowlist import check_with_allowlist
+    from app.outbound.allowlist import check_with_allowlist
 
     settings = get_settings()
     lease_s = settings.webhook_connect_timeout_s + settings.webhook_read_timeout_s * 3 + 30
     with transaction() as session:
-        row = session.execute(_CLAIM, {"id": delivery_id, "lease_s": lease_s, "early_s": EARLY_TOLERANCE_S}).mappings().first()
+        row = (
+            session.execute(_CLAIM, {"id": delivery_id, "lease_s": lease_s, "early_s": EARLY_TOLERANCE_S})
+            .mappings()
+            .first()
+        )
         if row is None:
             return None
         try:
@@ -184,12 +189,30 @@ def attempt(delivery_id: str) -> float | None:
     else:
         status, wait = "pending", backoff_s(number)
     with transaction() as session:
-        session.execute(_RECORD, {"id": delivery_id, "attempt": number, "status": status, "code": outcome.status_code,
-                                  "error": outcome.error, "wait_s": wait})
-    log.info("webhook attempt", extra={
-        "delivery_id": delivery_id, "job_id": str(row["job_id"]), "user_id": str(row["user_id"]), "tier": row["tier"],
-        "event": row["event"], "attempt": number,
-        "status_code": outcome.status_code, "outcome": status,
-        "host": checked.host if checked else None, "error": outcome.error,
-    })
+        session.execute(
+            _RECORD,
+            {
+                "id": delivery_id,
+                "attempt": number,
+                "status": status,
+                "code": outcome.status_code,
+                "error": outcome.error,
+                "wait_s": wait,
+            },
+        )
+    log.info(
+        "webhook attempt",
+        extra={
+            "delivery_id": delivery_id,
+            "job_id": str(row["job_id"]),
+            "user_id": str(row["user_id"]),
+            "tier": row["tier"],
+            "event": row["event"],
+            "attempt": number,
+            "status_code": outcome.status_code,
+            "outcome": status,
+            "host": checked.host if checked else None,
+            "error": outcome.error,
+        },
+    )
     return wait if status == "pending" else None

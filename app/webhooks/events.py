@@ -18,42 +18,21 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Sequence
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.core.errors import field_error
 from app.core.queues import CPU_QUEUE
 from app.core.signals import Transition, job_progressed, job_transitioned
 from app.db.models import TERMINAL_STATES, Job, JobState, WebhookDelivery
 from app.db.session import after_commit
 from app.dream_machine.generations import callback_payload
+from app.jobs.submit import DEFAULT_EVENTS, EVENTS  # noqa: F401 (EVENTS re-exported)
 from app.jobs.views import load_job_views
 from app.messaging import get_publisher
-from app.webhooks.addresses import AddressRefused
-from app.webhooks.allowlist import check_with_allowlist
 
 log = logging.getLogger(__name__)
-
-EVENTS = ("started", "progress", "completed")
-DEFAULT_EVENTS = ("started", "completed")
-
-
-def subscription(session: Session, callback_url: str | None, events: Sequence[str] | None) -> tuple[str | None, list[str] | None]:
-    """At submission: the URL passes the address rule (or the allow-list) and the events it gets.
-
-    Raises a 422 naming `callback_url` with the reason; nothing is stored.
-    """
-    if callback_url is None:
-        return None, None
-    try:
-        check_with_allowlist(session, callback_url)
-    except AddressRefused as exc:
-        raise field_error("callback_url", exc.reason) from None
-    chosen = set(events or DEFAULT_EVENTS)
-    return callback_url, [e for e in EVENTS if e in chosen]
 
 
 def event_for(from_state: str, to: JobState) -> str | None:
@@ -131,8 +110,9 @@ class ProgressWebhooks:
         if now - self._last < self.interval_s:
             return
         if self._subscribed is None:
-            row = session.execute(text("SELECT callback_url, webhook_events FROM jobs WHERE id = :id"),
-                                  {"id": str(self.job_id)}).first()
+            row = session.execute(
+                text("SELECT callback_url, webhook_events FROM jobs WHERE id = :id"), {"id": str(self.job_id)}
+            ).first()
             wanted = row is not None and row[0] and "progress" in (row[1] or DEFAULT_EVENTS)
             self._subscribed = row[0] if wanted else False
             if not wanted:

@@ -60,37 +60,101 @@ class ChaosStack:
         self.pg.start()
         self.redis.start()
         self.env = {
-            **os.environ, **self.stack_env.env,
-            "DATABASE_URL": self.pg.url, "CELERY_BROKER_URL": self.redis.url, "DREAMQ_REDIS_URL": self.redis.url,
-            "DREAMQ_HOME": str(self.root / "home"), "DREAMQ_MODEL_CACHE": str(self.root / "cache"),
+            **os.environ,
+            **self.stack_env.env,
+            "DATABASE_URL": self.pg.url,
+            "CELERY_BROKER_URL": self.redis.url,
+            "DREAMQ_REDIS_URL": self.redis.url,
+            "DREAMQ_HOME": str(self.root / "home"),
+            "DREAMQ_MODEL_CACHE": str(self.root / "cache"),
             "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
-            "DREAMQ_JOB_LEASE_S": "3", "DREAMQ_MAINTENANCE_INTERVAL_S": "1", "DREAMQ_RECONCILE_AFTER_S": "3",
-            "DREAMQ_HEARTBEAT_INTERVAL_S": "1", "DREAMQ_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-            "DREAMQ_TINY_STEP_S": "0.05", "DREAMQ_LOG_JSON": "1", "DREAMQ_LOG_LEVEL": "INFO",
+            "DREAMQ_JOB_LEASE_S": "3",
+            "DREAMQ_MAINTENANCE_INTERVAL_S": "1",
+            "DREAMQ_RECONCILE_AFTER_S": "3",
+            "DREAMQ_HEARTBEAT_INTERVAL_S": "1",
+            "DREAMQ_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "DREAMQ_TINY_STEP_S": "0.05",
+            "DREAMQ_LOG_JSON": "1",
+            "DREAMQ_LOG_LEVEL": "INFO",
         }
         import subprocess
 
-        out = subprocess.run([sys.executable, "-m", "tests.support.chaos_setup", MODEL, str(TINY_BUNDLE), "6", "8"],
-                             env=self.env, cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "tests.support.chaos_setup", MODEL, str(TINY_BUNDLE), "6", "8"],
+            env=self.env,
+            cwd=str(ROOT),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr[-4000:]
         self.keys = json.loads(out.stdout.strip().splitlines()[-1])["keys"]
 
         port = find_free_port(None)
         self.api_url = f"http://127.0.0.1:{port}"
-        self._start("api", [sys.executable, "-m", "gunicorn", "-w", "2", "--threads", "4", "-b", f"127.0.0.1:{port}",
-                            "app.api:create_app()"], ready=self._api_ready)
+        self._start(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-w",
+                "2",
+                "--threads",
+                "4",
+                "-b",
+                f"127.0.0.1:{port}",
+                "app.api:create_app()",
+            ],
+            ready=self._api_ready,
+        )
         for index in range(2):
             name = f"control-{index}"
-            self._start(name, [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker",
-                               "-Q", "control,cpu", "-c", "2", "-n", f"{name}@%h", "--without-gossip",
-                               "--without-mingle", "--loglevel", "INFO"])
-        self._start("beat", [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "beat",
-                             "-s", str(self.root / "celerybeat-schedule"), "--loglevel", "INFO"])
+            self._start(
+                name,
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tasks.celery_app:celery_app",
+                    "worker",
+                    "-Q",
+                    "control,cpu",
+                    "-c",
+                    "2",
+                    "-n",
+                    f"{name}@%h",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--loglevel",
+                    "INFO",
+                ],
+            )
+        self._start(
+            "beat",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks.celery_app:celery_app",
+                "beat",
+                "-s",
+                str(self.root / "celerybeat-schedule"),
+                "--loglevel",
+                "INFO",
+            ],
+        )
         for index in range(GPU_WORKERS):
             self.start_gpu(index)
         deadline = time.monotonic() + 120
-        while self.scalar("SELECT count(*) FROM workers WHERE state = 'idle' "
-                          "AND heartbeat_at > now() - interval '5 seconds'") < GPU_WORKERS:
+        while (
+            self.scalar(
+                "SELECT count(*) FROM workers WHERE state = 'idle' AND heartbeat_at > now() - interval '5 seconds'"
+            )
+            < GPU_WORKERS
+        ):
             assert time.monotonic() < deadline, self.tails()
             time.sleep(0.3)
 
@@ -101,8 +165,15 @@ class ChaosStack:
             return False
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None, ready=None) -> ManagedProcess:
-        proc = ManagedProcess(name, argv, env=env or {**self.env, "DREAMQ_LOG_COMPONENT": name}, cwd=str(ROOT),
-                              log_path=self.logs / f"{name}.log", ready=ready, signal_group=False)
+        proc = ManagedProcess(
+            name,
+            argv,
+            env=env or {**self.env, "DREAMQ_LOG_COMPONENT": name},
+            cwd=str(ROOT),
+            log_path=self.logs / f"{name}.log",
+            ready=ready,
+            signal_group=False,
+        )
         proc.start()
         if ready is not None:
             proc.wait_ready(60)
@@ -178,8 +249,12 @@ def submit(stack: ChaosStack, key: str, body: dict, results: list, errors: colle
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            response = requests.post(f"{stack.api_url}/v1/generations", json=body, timeout=10,
-                                     headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem})
+            response = requests.post(
+                f"{stack.api_url}/v1/generations",
+                json=body,
+                timeout=10,
+                headers={"Authorization": f"Bearer {key}", "Idempotency-Key": idem},
+            )
         except requests.RequestException as exc:
             errors[type(exc).__name__] += 1
             time.sleep(0.2)
@@ -233,23 +308,36 @@ def test_kills_a_wiped_broker_and_a_postgres_restart_lose_nothing_and_run_nothin
     elapsed = time.monotonic() - started
 
     outcome = dict(chaos.rows("SELECT state, count(*) FROM jobs WHERE id = ANY(%s) GROUP BY state", (accepted,)))
-    completions = dict(chaos.rows(
-        "SELECT job_id::text, count(*) FROM job_events WHERE job_id = ANY(%s) AND to_state IN ('succeeded', 'failed') "
-        "AND from_state <> to_state GROUP BY job_id", (ids,)))
+    completions = dict(
+        chaos.rows(
+            "SELECT job_id::text, count(*) FROM job_events WHERE job_id = ANY(%s) AND to_state IN ('succeeded', 'failed') "
+            "AND from_state <> to_state GROUP BY job_id",
+            (ids,),
+        )
+    )
     generated = chaos.rows(
         "SELECT count(*) FILTER (WHERE detail->>'step' = 'generated'), count(DISTINCT job_id) "
-        "FROM job_events WHERE job_id = ANY(%s)", (accepted,))[0]
-    recoveries = dict(chaos.rows(
-        "SELECT coalesce(detail->>'reason', 'redelivered'), count(*) FROM job_events WHERE job_id = ANY(%s) "
-        "AND ((to_state = 'queued' AND from_state <> 'queued') OR (from_state = 'running' AND to_state = 'running' "
-        "AND detail->>'step' IS NULL)) GROUP BY 1", (ids,)))
-    attempts = dict(chaos.rows("SELECT attempts, count(*) FROM jobs WHERE id = ANY(%s) GROUP BY attempts ORDER BY 1",
-                               (accepted,)))
+        "FROM job_events WHERE job_id = ANY(%s)",
+        (accepted,),
+    )[0]
+    recoveries = dict(
+        chaos.rows(
+            "SELECT coalesce(detail->>'reason', 'redelivered'), count(*) FROM job_events WHERE job_id = ANY(%s) "
+            "AND ((to_state = 'queued' AND from_state <> 'queued') OR (from_state = 'running' AND to_state = 'running' "
+            "AND detail->>'step' IS NULL)) GROUP BY 1",
+            (ids,),
+        )
+    )
+    attempts = dict(
+        chaos.rows("SELECT attempts, count(*) FROM jobs WHERE id = ANY(%s) GROUP BY attempts ORDER BY 1", (accepted,))
+    )
     poison_job = chaos.rows("SELECT state, failure_code, attempts FROM jobs WHERE id = %s", (poison[0],))[0]
-    print(f"\nchaos: {JOBS} jobs + 1 poison in {elapsed:.1f}s; faults {faults}; API errors retried {dict(errors)}"
-          f"\n  outcome {outcome}; completions per job {collections.Counter(completions.values())}"
-          f"\n  recoveries {recoveries}; attempts {attempts}; generate runs {generated[0]} for {generated[1]} jobs"
-          f"\n  poison job: {poison_job}")
+    print(
+        f"\nchaos: {JOBS} jobs + 1 poison in {elapsed:.1f}s; faults {faults}; API errors retried {dict(errors)}"
+        f"\n  outcome {outcome}; completions per job {collections.Counter(completions.values())}"
+        f"\n  recoveries {recoveries}; attempts {attempts}; generate runs {generated[0]} for {generated[1]} jobs"
+        f"\n  poison job: {poison_job}"
+    )
 
     assert outcome == {"succeeded": JOBS}, outcome
     assert set(errors) <= {"503", "429", "ConnectionError"}, f"the API answered {dict(errors)} while Postgres restarted"
@@ -270,9 +358,12 @@ def test_a_redelivered_message_of_a_running_job_does_not_run_it_twice(chaos):
     from app.scheduling.dispatcher import Release
 
     key = chaos.keys[1]
-    response = requests.post(f"{chaos.api_url}/v1/generations", json={"prompt": "long", "model": MODEL,
-                                                                      "num_frames": 60},
-                             headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    response = requests.post(
+        f"{chaos.api_url}/v1/generations",
+        json={"prompt": "long", "model": MODEL, "num_frames": 60},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     deadline = time.monotonic() + 30
@@ -287,18 +378,22 @@ def test_a_redelivered_message_of_a_running_job_does_not_run_it_twice(chaos):
     import subprocess
 
     assert Release  # the message is built exactly as the dispatcher builds it
-    out = subprocess.run([sys.executable, "-c", publish], env=chaos.env, cwd=str(ROOT), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", publish], env=chaos.env, cwd=str(ROOT), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     deadline = time.monotonic() + 60
     while chaos.scalar("SELECT count(*) FROM jobs WHERE id = %s AND state IN ('succeeded', 'failed')", (job_id,)) == 0:
         assert time.monotonic() < deadline, chaos.tails()
         time.sleep(0.1)
     time.sleep(1.5)  # let the duplicate be consumed, whichever worker got it
-    claims = chaos.scalar("SELECT count(*) FROM job_events WHERE job_id = %s AND to_state = 'running' "
-                          "AND detail->>'step' IS NULL", (job_id,))
-    generated = chaos.scalar("SELECT count(*) FROM job_events WHERE job_id = %s AND detail->>'step' = 'generated'",
-                             (job_id,))
+    claims = chaos.scalar(
+        "SELECT count(*) FROM job_events WHERE job_id = %s AND to_state = 'running' AND detail->>'step' IS NULL",
+        (job_id,),
+    )
+    generated = chaos.scalar(
+        "SELECT count(*) FROM job_events WHERE job_id = %s AND detail->>'step' = 'generated'", (job_id,)
+    )
     state = chaos.rows("SELECT state, attempts FROM jobs WHERE id = %s", (job_id,))[0]
     assert state == ("succeeded", 1), state
     assert (claims, generated) == (1, 1)

@@ -29,6 +29,7 @@ def admin(api_url, stack_env):
 def mapped(api_url, admin, demo_model, tiny_model):
     """ray-2 -> the demo model, ray-flash-2 -> tiny (which fails on 'please explode')."""
     for name, model in (("ray-2", "demo"), ("ray-flash-2", "tiny")):
-        response = requests.put(f"{api_url}/v1/admin/dream-machine/models/{name}", json={"model": model}, headers=admin,
-                                timeout=10)
+        response = requests.put(
+            f"{api_url}/v1/admin/dream-machine/models/{name}", json={"model": model}, headers=admin, timeout=10
+        )
         assert response.status_code == 200, response.text

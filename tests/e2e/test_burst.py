@@ -27,8 +27,10 @@ from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
 pytestmark = pytest.mark.slow
 
 STEP_S = "0.2"  # tiny model: 8 frames x 0.2 s = 1.6 s a job
-POLICY = ('{"sustain_s": 2, "calm_s": 3, "min_lifetime_s": 4, "min_useful_s": 0, "drain_interval_s": 0, '
-          '"max_step_fraction": 1.0}')
+POLICY = (
+    '{"sustain_s": 2, "calm_s": 3, "min_lifetime_s": 4, "min_useful_s": 0, "drain_interval_s": 0, '
+    '"max_step_fraction": 1.0}'
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +40,27 @@ def surge(stack_env, tmp_path_factory):
     push_fixture_model("surge", TINY_BUNDLE, dispatch_limit=4)
     with transaction() as session:
         ensure_pool(session, "training", "surge", 4)
-        session.execute(text("UPDATE clusters SET kind = 'burst', max_workers = 2, enabled = true "
-                             "WHERE name = 'training'"))
-    env = {"DREAMQ_BURST_PARAMS": POLICY, "DREAMQ_BURST_WARMUP_S": "3", "DREAMQ_BURST_STOP_GRACE_S": "20",
-           "DREAMQ_RECONCILE_AFTER_S": "2"}
+        session.execute(
+            text("UPDATE clusters SET kind = 'burst', max_workers = 2, enabled = true WHERE name = 'training'")
+        )
+    env = {
+        "DREAMQ_BURST_PARAMS": POLICY,
+        "DREAMQ_BURST_WARMUP_S": "3",
+        "DREAMQ_BURST_STOP_GRACE_S": "20",
+        "DREAMQ_RECONCILE_AFTER_S": "2",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     reload_settings()
     try:
-        with running_workers(stack_env, tmp_path_factory.mktemp("surge-logs"), models=["surge"], control=1, tag="sg",
-                             extra_env={"DREAMQ_TINY_STEP_S": STEP_S}):
+        with running_workers(
+            stack_env,
+            tmp_path_factory.mktemp("surge-logs"),
+            models=["surge"],
+            control=1,
+            tag="sg",
+            extra_env={"DREAMQ_TINY_STEP_S": STEP_S},
+        ):
             yield "surge"
     finally:
         for key, value in saved.items():
@@ -77,8 +90,12 @@ def provisioner_for(kind: str, tmp_path):
 
 def job_states(ids):
     with transaction() as session:
-        return dict(session.execute(text("SELECT state, count(*) FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) "
-                                         "GROUP BY state"), {"ids": ids}).all())
+        return dict(
+            session.execute(
+                text("SELECT state, count(*) FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) GROUP BY state"),
+                {"ids": ids},
+            ).all()
+        )
 
 
 @pytest.mark.parametrize("kind", ["local", "slurm"])
@@ -88,8 +105,12 @@ def test_a_backlog_starts_burst_workers_that_drain_it_and_are_given_back(surge, 
     provisioner = provisioner_for(kind, tmp_path)
     set_cluster_enabled(True)
     _, key = create_user("api")
-    ids = [client.post("/v1/generations", json={"prompt": f"surge {i}", "model": "surge", "num_frames": 8},
-                       headers=auth(key)).json["id"] for i in range(24)]
+    ids = [
+        client.post(
+            "/v1/generations", json={"prompt": f"surge {i}", "model": "surge", "num_frames": 8}, headers=auth(key)
+        ).json["id"]
+        for i in range(24)
+    ]
     actions: list[tuple[float, str, int, str]] = []
     started = time.monotonic()
     peak = 0
@@ -101,7 +122,9 @@ def test_a_backlog_starts_burst_workers_that_drain_it_and_are_given_back(surge, 
             reap_expired_leases()  # what beat runs beside the controller
             record = control_burst_pools(provisioner) and _last_decision()
             if record and record["action"] != "hold" and (not actions or actions[-1][0] != record["at"]):
-                actions.append((record["at"], record["action"], record["count"] or len(record["workers"]), record["reason"]))
+                actions.append(
+                    (record["at"], record["action"], record["count"] or len(record["workers"]), record["reason"])
+                )
             live = provisioner.list("training", "surge")
             peak = max(peak, len(live))
             if job_states(ids).get("succeeded", 0) == len(ids) and not live:
@@ -113,13 +136,20 @@ def test_a_backlog_starts_burst_workers_that_drain_it_and_are_given_back(surge, 
             provisioner.kill(leftover)
     elapsed = time.monotonic() - started
     with transaction() as session:
-        by_worker = dict(session.execute(text(
-            "SELECT CASE WHEN worker_id LIKE 'burst-%' THEN 'burst' ELSE 'standing' END, count(*) FROM job_events "
-            "WHERE job_id = ANY(CAST(:ids AS uuid[])) AND to_state = 'running' AND from_state <> 'running' GROUP BY 1"),
-            {"ids": ids}).all())
+        by_worker = dict(
+            session.execute(
+                text(
+                    "SELECT CASE WHEN worker_id LIKE 'burst-%' THEN 'burst' ELSE 'standing' END, count(*) FROM job_events "
+                    "WHERE job_id = ANY(CAST(:ids AS uuid[])) AND to_state = 'running' AND from_state <> 'running' GROUP BY 1"
+                ),
+                {"ids": ids},
+            ).all()
+        )
     kinds = collections.Counter(a[1] for a in actions)
-    print(f"\n{kind}: 24 jobs in {elapsed:.0f}s, peak {peak} burst workers, jobs started by {by_worker}, "
-          f"decisions {dict(kinds)}")
+    print(
+        f"\n{kind}: 24 jobs in {elapsed:.0f}s, peak {peak} burst workers, jobs started by {by_worker}, "
+        f"decisions {dict(kinds)}"
+    )
     for action in actions:
         print(f"  {action[1]:9} {action[2]}  {action[3]}")
     assert kinds["scale_up"] >= 1 and peak >= 1
@@ -144,8 +174,12 @@ def test_a_reclaim_mid_job_releases_the_workers_at_once_and_loses_nothing(surge,
     set_cluster_enabled(True)
     _, key = create_user("api")
     # Long jobs (40 steps x 0.2 s = 8 s): one on the standing worker, the rest wait.
-    ids = [client.post("/v1/generations", json={"prompt": f"long {i}", "model": "surge", "num_frames": 40},
-                       headers=auth(key)).json["id"] for i in range(10)]
+    ids = [
+        client.post(
+            "/v1/generations", json={"prompt": f"long {i}", "model": "surge", "num_frames": 40}, headers=auth(key)
+        ).json["id"]
+        for i in range(10)
+    ]
     try:
         # The scale-up decision is the other test's subject: here a burst worker is started
         # directly, and the reclaim goes through the controller.
@@ -154,11 +188,16 @@ def test_a_reclaim_mid_job_releases_the_workers_at_once_and_loses_nothing(surge,
         burst_job = None
         while burst_job is None:
             with transaction() as session:
-                burst_job = session.execute(text(
-                    "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND state = 'running' "
-                    "AND worker_id LIKE 'burst-%' LIMIT 1"), {"ids": ids}).scalar()
-            assert time.monotonic() < deadline, \
+                burst_job = session.execute(
+                    text(
+                        "SELECT id FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) AND state = 'running' "
+                        "AND worker_id LIKE 'burst-%' LIMIT 1"
+                    ),
+                    {"ids": ids},
+                ).scalar()
+            assert time.monotonic() < deadline, (
                 f"no burst worker ever ran a job: {job_states(ids)}; last decision {_last_decision()}"
+            )
             time.sleep(0.5)
         from app.admin.clusters import reclaim_cluster
 
@@ -175,9 +214,17 @@ def test_a_reclaim_mid_job_releases_the_workers_at_once_and_loses_nothing(surge,
             time.sleep(0.2)
         released_s = time.monotonic() - reclaimed_at
         with transaction() as session:
-            requeued = session.execute(text(
-                "SELECT detail->>'reason' FROM job_events WHERE job_id = :id AND to_state = 'queued' "
-                "AND from_state = 'running'"), {"id": str(burst_job)}).scalars().all()
+            requeued = (
+                session.execute(
+                    text(
+                        "SELECT detail->>'reason' FROM job_events WHERE job_id = :id AND to_state = 'queued' "
+                        "AND from_state = 'running'"
+                    ),
+                    {"id": str(burst_job)},
+                )
+                .scalars()
+                .all()
+            )
         assert "worker_draining" in requeued
         from tasks.maintenance import reap_expired_leases
 
@@ -187,8 +234,10 @@ def test_a_reclaim_mid_job_releases_the_workers_at_once_and_loses_nothing(surge,
             reap_expired_leases()
             assert time.monotonic() < deadline, job_states(ids)
             time.sleep(0.5)
-        print(f"\nreclaim: burst workers gone {released_s:.1f}s after the reclaim; the job they ran was "
-              f"requeued ({requeued}) and all {len(ids)} jobs succeeded")
+        print(
+            f"\nreclaim: burst workers gone {released_s:.1f}s after the reclaim; the job they ran was "
+            f"requeued ({requeued}) and all {len(ids)} jobs succeeded"
+        )
     finally:
         for leftover in provisioner.list("training", "surge"):
             provisioner.kill(leftover)

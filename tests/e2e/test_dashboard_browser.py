@@ -45,8 +45,10 @@ pytestmark = pytest.mark.slow
 def _require_browser() -> None:
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not os.access(path, os.X_OK):
-            pytest.skip(f"{path} not found: install Debian's {package} (`make test` does so when it runs as root "
-                        "with apt-get); this test never downloads a browser")
+            pytest.skip(
+                f"{path} not found: install Debian's {package} (`make test` does so when it runs as root "
+                "with apt-get); this test never downloads a browser"
+            )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,17 @@ def browser(server, tmp_path_factory):
     profile = tmp_path_factory.mktemp("chromium-profile")
     options = Options()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
-                "--window-size=1400,1000", "--force-device-scale-factor=1", "--lang=en-US", f"--user-data-dir={profile}"):
+    for arg in (
+        "--headless=new",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-extensions",
+        "--window-size=1400,1000",
+        "--force-device-scale-factor=1",
+        "--lang=en-US",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(arg)
     if os.geteuid() == 0:
         options.add_argument("--no-sandbox")  # Chromium's sandbox refuses to run as root
@@ -123,8 +134,10 @@ def page_numbers(driver) -> dict:
     dom = driver.execute_script(READ_DOM)
     return {
         "tiers": {t["tier"]: (int(t["queued"]), int(t["dispatched"]), int(t["running"])) for t in dom["tiers"]},
-        "pools": {p["pool"]: (int(p["dispatchLimit"]), int(p["liveWorkers"]), int(p["dispatched"]), int(p["running"]))
-                  for p in dom["pools"]},
+        "pools": {
+            p["pool"]: (int(p["dispatchLimit"]), int(p["liveWorkers"]), int(p["dispatched"]), int(p["running"]))
+            for p in dom["pools"]
+        },
         "workers": {w["worker"]: w["state"] for w in dom["workers"]},
         "failures": [(f["failure"], f["code"]) for f in dom["failures"]],
     }
@@ -133,20 +146,30 @@ def page_numbers(driver) -> dict:
 def database_numbers() -> dict:
     """The same picture, from queries written here (not snapshot.py's)."""
     with transaction() as session:
-        tiers = session.execute(text(
-            "SELECT t.name, count(j.id) FILTER (WHERE j.state = 'queued'), count(j.id) FILTER (WHERE j.state = 'dispatched'),"
-            " count(j.id) FILTER (WHERE j.state = 'running') FROM tiers t LEFT JOIN jobs j ON j.tier = t.name GROUP BY t.name"))
-        pools = session.execute(text(
-            "SELECT c.name || '.' || m.name, p.dispatch_limit,"
-            " (SELECT count(*) FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')"
-            "    AND w.heartbeat_at > now() - make_interval(secs => :stale)),"
-            " (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'dispatched'),"
-            " (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'running')"
-            " FROM pools p JOIN clusters c ON c.id = p.cluster_id JOIN models m ON m.id = p.model_id"), {"stale": WORKER_STALE_S})
+        tiers = session.execute(
+            text(
+                "SELECT t.name, count(j.id) FILTER (WHERE j.state = 'queued'), count(j.id) FILTER (WHERE j.state = 'dispatched'),"
+                " count(j.id) FILTER (WHERE j.state = 'running') FROM tiers t LEFT JOIN jobs j ON j.tier = t.name GROUP BY t.name"
+            )
+        )
+        pools = session.execute(
+            text(
+                "SELECT c.name || '.' || m.name, p.dispatch_limit,"
+                " (SELECT count(*) FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')"
+                "    AND w.heartbeat_at > now() - make_interval(secs => :stale)),"
+                " (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'dispatched'),"
+                " (SELECT count(*) FROM jobs j WHERE j.pool_id = p.id AND j.state = 'running')"
+                " FROM pools p JOIN clusters c ON c.id = p.cluster_id JOIN models m ON m.id = p.model_id"
+            ),
+            {"stale": WORKER_STALE_S},
+        )
         workers = session.execute(text("SELECT id, state FROM workers WHERE heartbeat_at > now() - interval '1 hour'"))
-        failures = session.execute(text(
-            "SELECT id::text, failure_code FROM jobs WHERE state = 'failed' AND finished_at > now() - interval '1 day'"
-            " ORDER BY finished_at DESC LIMIT 20"))
+        failures = session.execute(
+            text(
+                "SELECT id::text, failure_code FROM jobs WHERE state = 'failed' AND finished_at > now() - interval '1 day'"
+                " ORDER BY finished_at DESC LIMIT 20"
+            )
+        )
         return {
             "tiers": {name: (q, d, r) for name, q, d, r in tiers},
             "pools": {name: (limit, live, d, r) for name, limit, live, d, r in pools},
@@ -162,9 +185,11 @@ def page_matches_database(driver) -> bool | tuple:
 
 # --- jobs over HTTP, as clients make them --------------------------------------------------------
 
+
 def submit(base: str, key: str, model: str, prompt: str = "a red circle moving right", **params) -> str:
-    response = requests.post(f"{base}/v1/generations", json={"prompt": prompt, "model": model, **params},
-                             headers=auth(key), timeout=30)
+    response = requests.post(
+        f"{base}/v1/generations", json={"prompt": prompt, "model": model, **params}, headers=auth(key), timeout=30
+    )
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
@@ -173,7 +198,9 @@ def wait_terminal(base: str, key: str, job_id: str, timeout: float = 120) -> dic
     deadline = time.monotonic() + timeout
     job = None
     while time.monotonic() < deadline:
-        job = requests.get(f"{base}/v1/generations/{job_id}", headers={**auth(key), "Prefer": "wait=5"}, timeout=30).json()
+        job = requests.get(
+            f"{base}/v1/generations/{job_id}", headers={**auth(key), "Prefer": "wait=5"}, timeout=30
+        ).json()
         if job["state"] in TERMINAL:
             return job
     raise AssertionError(f"job {job_id} not finished after {timeout}s: {job}")
@@ -182,15 +209,21 @@ def wait_terminal(base: str, key: str, job_id: str, timeout: float = 120) -> dic
 def backdate(job_id: str, seconds: float) -> None:
     """Make a queued job look older, so the tiers show green, amber and red bars."""
     with transaction() as session:
-        session.execute(text("UPDATE jobs SET created_at = now() - make_interval(secs => :s) WHERE id = :id"),
-                        {"s": seconds, "id": job_id})
+        session.execute(
+            text("UPDATE jobs SET created_at = now() - make_interval(secs => :s) WHERE id = :id"),
+            {"s": seconds, "id": job_id},
+        )
 
 
 def set_parked_limit(limit: int) -> None:
     with transaction() as session:
-        session.execute(text(
-            "UPDATE pools SET dispatch_limit = :limit WHERE model_id = (SELECT id FROM models WHERE name = 'parked')"
-            " AND cluster_id = (SELECT id FROM clusters WHERE name = 'local')"), {"limit": limit})
+        session.execute(
+            text(
+                "UPDATE pools SET dispatch_limit = :limit WHERE model_id = (SELECT id FROM models WHERE name = 'parked')"
+                " AND cluster_id = (SELECT id FROM clusters WHERE name = 'local')"
+            ),
+            {"limit": limit},
+        )
 
 
 # --- the tests -------------------------------------------------------------------------------------
@@ -211,8 +244,9 @@ def test_logged_out_visitors_and_non_admin_keys_get_the_login_form(browser, serv
     assert browser.current_url == server + "/dashboard/login"
 
 
-def test_the_dashboard_shows_what_the_database_holds_and_follows_it(browser, server, workers, parked_model, tiny_model,
-                                                                    tmp_path):
+def test_the_dashboard_shows_what_the_database_holds_and_follows_it(
+    browser, server, workers, parked_model, tiny_model, tmp_path
+):
     from selenium.webdriver.common.by import By
 
     _, admin_key = create_user("api", scopes=("admin",))
@@ -229,8 +263,10 @@ def test_the_dashboard_shows_what_the_database_holds_and_follows_it(browser, ser
         # Run on tiny: two succeed, one fails with the model's own error.
         done = [submit(server, users["enterprise"], "tiny"), submit(server, users["api"], "tiny")]
         exploded = submit(server, users["api"], "tiny", prompt="please explode")
-        assert [wait_terminal(server, users["enterprise"], done[0])["state"],
-                wait_terminal(server, users["api"], done[1])["state"]] == ["succeeded", "succeeded"]
+        assert [
+            wait_terminal(server, users["enterprise"], done[0])["state"],
+            wait_terminal(server, users["api"], done[1])["state"],
+        ] == ["succeeded", "succeeded"]
         failed = wait_terminal(server, users["api"], exploded)
         assert failed["state"] == "failed" and failed["failure"]["code"] == "model_error"
 
@@ -249,7 +285,8 @@ def test_the_dashboard_shows_what_the_database_holds_and_follows_it(browser, ser
             assert int(tiers[name]["queued"]) >= sum(1 for tier, _ in parked if tier == name)
         bar_levels = browser.execute_script(
             "return Object.fromEntries(Array.from(document.querySelectorAll('#tiers tr[data-tier]'))"
-            ".map(r => [r.dataset.tier, r.querySelector('.bar .fill').className]))")
+            ".map(r => [r.dataset.tier, r.querySelector('.bar .fill').className]))"
+        )
         assert float(tiers["api"]["urgency"]) >= 1.0 and "bad" in bar_levels["api"]
         assert "ok" in bar_levels["light"] and float(tiers["light"]["urgency"]) < 0.5
         pools = {p["pool"]: p for p in dom["pools"]}
@@ -280,7 +317,9 @@ def test_the_dashboard_shows_what_the_database_holds_and_follows_it(browser, ser
             tier = ("unlimited", "enterprise")[i % 2]
             parked.append((tier, submit(server, busy[tier], "tiny", num_frames=64)))
         users.update(busy)
-        wait_for(lambda: page_numbers(browser)["pools"]["local.tiny"][3] >= 1, FOLLOW_S, "a running tiny job on the page")
+        wait_for(
+            lambda: page_numbers(browser)["pools"]["local.tiny"][3] >= 1, FOLLOW_S, "a running tiny job on the page"
+        )
         path = save_screenshot(browser, tmp_path / "dashboard.png")
         print(f"\ndashboard screenshot: {path}")
         if os.environ.get("DREAMQ_SAVE_SCREENSHOT") == "1":
@@ -303,8 +342,10 @@ def test_the_dashboard_shows_what_the_database_holds_and_follows_it(browser, ser
 def save_screenshot(driver, path: Path) -> Path:
     """The whole page, 1400 CSS px wide: the viewport is set to the page's height first."""
     height = driver.execute_script("return Math.max(document.documentElement.scrollHeight, document.body.scrollHeight)")
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
-        "width": 1400, "height": max(1000, min(int(height), 4000)), "deviceScaleFactor": 1, "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1400, "height": max(1000, min(int(height), 4000)), "deviceScaleFactor": 1, "mobile": False},
+    )
     time.sleep(0.3)
     try:
         assert driver.save_screenshot(str(path)), "Chromium returned no screenshot"

@@ -50,8 +50,12 @@ def allow(api_url, admin):
     created = []
 
     def add(port: int) -> None:
-        response = requests.post(f"{api_url}/v1/admin/webhooks/allowlist", headers=admin, timeout=10,
-                                 json={"network": "127.0.0.1/32", "port": port, "note": "dream machine e2e"})
+        response = requests.post(
+            f"{api_url}/v1/admin/webhooks/allowlist",
+            headers=admin,
+            timeout=10,
+            json={"network": "127.0.0.1/32", "port": port, "note": "dream machine e2e"},
+        )
         assert response.status_code == 201, response.text
         created.append(response.json()["id"])
 
@@ -90,8 +94,10 @@ def callbacks(receiver: Receiver, secret: str, generation_id: str, count: int, t
             if body.get("id") != generation_id:
                 continue
             timestamp = request.headers["X-Dreamq-Timestamp"]
-            expected = "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + request.body,
-                                            hashlib.sha256).hexdigest()
+            expected = (
+                "sha256="
+                + hmac.new(secret.encode(), f"{timestamp}.".encode() + request.body, hashlib.sha256).hexdigest()
+            )
             assert hmac.compare_digest(expected, request.headers["X-Dreamq-Signature"])
             assert abs(time.time() - int(timestamp)) < 300
             bodies.append(body)
@@ -104,8 +110,13 @@ def callbacks(receiver: Receiver, secret: str, generation_id: str, count: int, t
 def test_create_poll_download_and_decode_with_callbacks(luma, user, allow):
     with Receiver() as receiver:
         allow(receiver.port)
-        created = luma.generations.create(model="ray-2", prompt="a red circle moving right", aspect_ratio="16:9",
-                                          duration="2s", callback_url=receiver.url("/luma"))
+        created = luma.generations.create(
+            model="ray-2",
+            prompt="a red circle moving right",
+            aspect_ratio="16:9",
+            duration="2s",
+            callback_url=receiver.url("/luma"),
+        )
         assert created.state == "queued" and created.model == "ray-2"
         done = poll(luma, created.id)
         assert done.state == "completed", done
@@ -129,8 +140,13 @@ def test_modify_a_video_fetched_from_its_url(luma, user, allow):
     clip = moving_square_mp4(frames=16, size=64, colour=(230, 30, 30), direction="right")
     with media_server(clip, headers={"Content-Type": "video/mp4"}) as port:
         allow(port)
-        created = luma.generations.video.modify(generation_type="modify_video", model="ray-2", mode="flex_1",
-                                                media={"url": f"http://127.0.0.1:{port}/input.mp4"}, prompt="make it blue")
+        created = luma.generations.video.modify(
+            generation_type="modify_video",
+            model="ray-2",
+            mode="flex_1",
+            media={"url": f"http://127.0.0.1:{port}/input.mp4"},
+            prompt="make it blue",
+        )
     done = poll(luma, created.id)
     assert done.state == "completed", done
     assert done.request.generation_type == "modify_video" and done.request.mode == "flex_1"

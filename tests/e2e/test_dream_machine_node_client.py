@@ -34,8 +34,18 @@ NODE_DIR = ROOT / "tests" / "fixtures" / "node"
 CACHE = ROOT / ".dreamq" / "node-cache"
 PINNED = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]["lumaai"]
 # What npm prints when it cannot reach the registry (DNS, refused, reset, unreachable, offline).
-NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "EHOSTUNREACH",
-                  "ENOTCACHED", "npm error network", "npm ERR! network")
+NETWORK_ERRORS = (
+    "ENOTFOUND",
+    "EAI_AGAIN",
+    "ECONNREFUSED",
+    "ECONNRESET",
+    "ETIMEDOUT",
+    "ENETUNREACH",
+    "EHOSTUNREACH",
+    "ENOTCACHED",
+    "npm error network",
+    "npm ERR! network",
+)
 INSTALL_TIMEOUT_S = 180
 
 
@@ -55,11 +65,17 @@ def lumaai_node() -> tuple[str, Path]:
         for name in ("package.json", "package-lock.json"):
             shutil.copy(NODE_DIR / name, staging / name)
         try:
-            result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=staging, capture_output=True,
-                                    text=True, timeout=INSTALL_TIMEOUT_S)
+            result = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund"],
+                cwd=staging,
+                capture_output=True,
+                text=True,
+                timeout=INSTALL_TIMEOUT_S,
+            )
         except subprocess.TimeoutExpired:
-            pytest.skip(f"npm ci of lumaai@{PINNED} did not finish in {INSTALL_TIMEOUT_S} s: "
-                        "no network to the npm registry?")
+            pytest.skip(
+                f"npm ci of lumaai@{PINNED} did not finish in {INSTALL_TIMEOUT_S} s: no network to the npm registry?"
+            )
         output = result.stdout + result.stderr
         if result.returncode != 0:
             if any(marker in output for marker in NETWORK_ERRORS):
@@ -82,13 +98,15 @@ def run_client(node: str, install: Path, workdir: Path, **args) -> dict:
     script = workdir / "luma_client.mjs"
     shutil.copy(NODE_DIR / "luma_client.mjs", script)
     (workdir / "node_modules").symlink_to(install / "node_modules", target_is_directory=True)
-    result = subprocess.run([node, str(script), json.dumps(args)], cwd=workdir, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [node, str(script), json.dumps(args)], cwd=workdir, capture_output=True, text=True, timeout=120
+    )
     lines = result.stdout.strip().splitlines()
     assert lines, f"no output (exit {result.returncode}):\n{result.stderr[-3000:]}"
     seen = json.loads(lines[-1])
     assert result.returncode == 0 and "error" not in seen, (
-        f"exit {result.returncode}: {seen.get('error')}\nsaw: {seen}\nstderr: {result.stderr[-3000:]}")
+        f"exit {result.returncode}: {seen.get('error')}\nsaw: {seen}\nstderr: {result.stderr[-3000:]}"
+    )
     return seen
 
 
@@ -96,8 +114,15 @@ def test_the_official_typescript_client(lumaai_node, api_url, mapped, make_user,
     node, install = lumaai_node
     _, key = make_user("api")
     video = tmp_path / "video.mp4"
-    seen = run_client(node, install, tmp_path, baseURL=f"{api_url}/dream-machine/v1", authToken=key,
-                      videoPath=str(video), timeoutMs=45_000)
+    seen = run_client(
+        node,
+        install,
+        tmp_path,
+        baseURL=f"{api_url}/dream-machine/v1",
+        authToken=key,
+        videoPath=str(video),
+        timeoutMs=45_000,
+    )
     assert seen["clientVersion"] == PINNED
 
     assert seen["ping"] == {"message": "pong"}
@@ -118,8 +143,13 @@ def test_the_official_typescript_client(lumaai_node, api_url, mapped, make_user,
     data = video.read_bytes()
     info = probe_video(data)
     # 16:9 from the demo model's 128 px default short side; 2 s at its 12 fps.
-    assert (info.format, info.codec, info.width, info.height, info.frames) == ("mov,mp4,m4a,3gp,3g2,mj2", "h264", 228,
-                                                                                128, 24)
+    assert (info.format, info.codec, info.width, info.height, info.frames) == (
+        "mov,mp4,m4a,3gp,3g2,mj2",
+        "h264",
+        228,
+        128,
+        24,
+    )
     frames = decode_video(data, width=info.width, height=info.height, num_frames=info.frames)
     assert dominant_colour(frames) == "red" and motion_direction(frames) == "right"
 

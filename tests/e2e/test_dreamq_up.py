@@ -32,9 +32,19 @@ ROOT = Path(__file__).resolve().parents[2]
 DREAMQ = str(Path(sys.executable).with_name("dreamq"))
 # What the test process itself was pointed at must not leak into the stack under test: with
 # none of these set, `dreamq up` starts every service embedded, as on a fresh machine.
-SERVICE_VARS = ("DATABASE_URL", "CELERY_BROKER_URL", "DREAMQ_REDIS_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY", "DREAMQ_MODELS_BUCKET", "DREAMQ_MEDIA_BUCKET", "DREAMQ_MODEL_CACHE",
-                "DREAMQ_API_URL", "DREAMQ_API_KEY")
+SERVICE_VARS = (
+    "DATABASE_URL",
+    "CELERY_BROKER_URL",
+    "DREAMQ_REDIS_URL",
+    "S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "DREAMQ_MODELS_BUCKET",
+    "DREAMQ_MEDIA_BUCKET",
+    "DREAMQ_MODEL_CACHE",
+    "DREAMQ_API_URL",
+    "DREAMQ_API_KEY",
+)
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -49,9 +59,14 @@ class Stack:
         self.workdir = workdir
         self.home = workdir / ".dreamq"
         self.out = (workdir / f"up-{time.monotonic_ns()}.log").open("w+")
-        self.proc = subprocess.Popen([DREAMQ, "up", "--grace", "5", *args], cwd=workdir,
-                                     env=clean_env(self.home, **(env or {})),
-                                     stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [DREAMQ, "up", "--grace", "5", *args],
+            cwd=workdir,
+            env=clean_env(self.home, **(env or {})),
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         if not self.out.closed:
@@ -102,10 +117,24 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
     stack = Stack(tmp_path)
     creds = stack.wait_ready()
     try:
-        assert set(creds) == {"api_url", "api_key", "admin_key", "flower_url", "flower_user", "flower_password",
-                              "dashboard_url", "secret_key"}
+        assert set(creds) == {
+            "api_url",
+            "api_key",
+            "admin_key",
+            "flower_url",
+            "flower_user",
+            "flower_password",
+            "dashboard_url",
+            "secret_key",
+        }
         summary = stack.output()
-        for needle in (creds["api_url"], creds["flower_url"], creds["api_key"], creds["admin_key"], "GPU workers  cpu0"):
+        for needle in (
+            creds["api_url"],
+            creds["flower_url"],
+            creds["api_key"],
+            creds["admin_key"],
+            "GPU workers  cpu0",
+        ):
             assert needle in summary
         # Each service on loopback, none on the machine's own PostgreSQL/Redis/RabbitMQ ports.
         stack_json = json.loads((stack.home / "stack.json").read_text())
@@ -115,8 +144,14 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
                 assert "127.0.0.1" in url and not any(f":{p}/" in url + "/" for p in (5432, 6379, 5672))
 
         out = tmp_path / "x.mp4"
-        result = subprocess.run([DREAMQ, "generate", "a red circle moving right", "--wait", "--out", str(out)],
-                                cwd=tmp_path, env=clean_env(stack.home), capture_output=True, text=True, timeout=180)
+        result = subprocess.run(
+            [DREAMQ, "generate", "a red circle moving right", "--wait", "--out", str(out)],
+            cwd=tmp_path,
+            env=clean_env(stack.home),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert result.returncode == 0, result.stderr + result.stdout
         first_job = json.loads(result.stdout)
         assert first_job["state"] == "succeeded"
@@ -127,8 +162,11 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
         luma_generation_completes(creds, summary)
 
         assert requests.get(creds["flower_url"] + "/api/workers", timeout=10).status_code == 401
-        workers = requests.get(creds["flower_url"] + "/api/workers?refresh=1", timeout=30,
-                               auth=(creds["flower_user"], creds["flower_password"])).json()
+        workers = requests.get(
+            creds["flower_url"] + "/api/workers?refresh=1",
+            timeout=30,
+            auth=(creds["flower_user"], creds["flower_password"]),
+        ).json()
         assert any(name.startswith("cpu0@") for name in workers)
     finally:
         assert stack.stop(signal.SIGINT) == 0
@@ -145,11 +183,16 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
         assert old["state"] == "succeeded"
         video = requests.get(old["assets"]["video"], timeout=30)
         assert video.status_code == 200 and decode_bytes(video.content).shape[0] == 24
-        queued = requests.post(f"{creds2['api_url']}/v1/generations", headers=headers, timeout=10,
-                               json={"prompt": "a green square moving down", "seed": 5}).json()
+        queued = requests.post(
+            f"{creds2['api_url']}/v1/generations",
+            headers=headers,
+            timeout=10,
+            json={"prompt": "a green square moving down", "seed": 5},
+        ).json()
         time.sleep(2)
-        assert requests.get(f"{creds2['api_url']}/v1/generations/{queued['id']}", headers=headers,
-                            timeout=10).json()["state"] in ("queued", "dispatched")
+        assert requests.get(f"{creds2['api_url']}/v1/generations/{queued['id']}", headers=headers, timeout=10).json()[
+            "state"
+        ] in ("queued", "dispatched")
     finally:
         assert stack.stop(signal.SIGTERM) == 0
     assert leftovers(stack.home) == []
@@ -166,8 +209,9 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
         assert stack_json["services"] == {"postgres": "embedded", "redis": "external", "seaweedfs": "embedded"}
         assert "redis ready" not in stack.output()
         headers = {"Authorization": f"Bearer {creds3['api_key']}"}
-        job = requests.get(f"{creds3['api_url']}/v1/generations/{queued['id']}",
-                           headers={**headers, "Prefer": "wait=60"}, timeout=90).json()
+        job = requests.get(
+            f"{creds3['api_url']}/v1/generations/{queued['id']}", headers={**headers, "Prefer": "wait=60"}, timeout=90
+        ).json()
         assert job["state"] == "succeeded", job
         frames = decode_bytes(requests.get(job["assets"]["video"], timeout=30).content)
         assert dominant_colour(frames) == "green" and motion_direction(frames) == "down"

@@ -31,9 +31,16 @@ def test_flower_lists_the_running_workers_and_every_pool_queue(flower, workers, 
     assert requests.get(f"{base}/api/workers", timeout=5).status_code == 401
 
     with transaction() as session:
-        pools = session.execute(text(
-            "SELECT c.name || '.' || m.name FROM pools p JOIN clusters c ON c.id = p.cluster_id "
-            "JOIN models m ON m.id = p.model_id")).scalars().all()
+        pools = (
+            session.execute(
+                text(
+                    "SELECT c.name || '.' || m.name FROM pools p JOIN clusters c ON c.id = p.cluster_id "
+                    "JOIN models m ON m.id = p.model_id"
+                )
+            )
+            .scalars()
+            .all()
+        )
         tiers = session.execute(text("SELECT name FROM tiers ORDER BY rank")).scalars().all()
     expected = {"control", "cpu"} | {f"{pool}.{tier}" for pool in pools for tier in tiers}
     assert {"local.tiny.api", "local.demo.free", "local.parked.api"} <= expected

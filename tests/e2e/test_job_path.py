@@ -19,9 +19,9 @@ from PIL import Image
 from sqlalchemy import select, text
 
 from app.core.config import get_settings
+from app.core.storage import s3_client
 from app.db.models import JobEvent
 from app.db.session import transaction
-from app.core.storage import s3_client
 from tests.support.factories import auth
 from tests.support.frames import dominant_colour, motion_direction
 from tests.support.jobs import wait_done
@@ -44,10 +44,13 @@ def user(make_user, workers):
     return make_user("api")
 
 
-@pytest.mark.parametrize(("prompt", "colour", "direction"), [
-    ("a red circle moving right", "red", "right"),
-    ("a blue square moving up", "blue", "up"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "colour", "direction"),
+    [
+        ("a red circle moving right", "red", "right"),
+        ("a blue square moving up", "blue", "up"),
+    ],
+)
 def test_text_to_video_follows_the_prompt(client, user, prompt, colour, direction):
     _, key = user
     response = client.post("/v1/generations", json={"prompt": prompt, "model": "demo", "seed": 3}, headers=auth(key))
@@ -65,15 +68,26 @@ def test_text_to_video_follows_the_prompt(client, user, prompt, colour, directio
     timings = job["timings"]
     assert timings["created_at"] <= timings["dispatched_at"] <= timings["started_at"] <= timings["finished_at"]
     with transaction() as session:
-        states = session.scalars(select(JobEvent.to_state).where(JobEvent.job_id == uuid.UUID(job["id"])).order_by(JobEvent.id)).all()
+        states = session.scalars(
+            select(JobEvent.to_state).where(JobEvent.job_id == uuid.UUID(job["id"])).order_by(JobEvent.id)
+        ).all()
     assert states[:3] == ["queued", "dispatched", "running"] and states[-1] == "succeeded"
 
 
 def test_custom_size_and_frame_count(client, user):
     _, key = user
-    response = client.post("/v1/generations", json={"prompt": "a green triangle moving left", "model": "demo",
-                                                    "width": 96, "height": 64, "num_frames": 10, "fps": 10},
-                           headers=auth(key))
+    response = client.post(
+        "/v1/generations",
+        json={
+            "prompt": "a green triangle moving left",
+            "model": "demo",
+            "width": 96,
+            "height": 64,
+            "num_frames": 10,
+            "fps": 10,
+        },
+        headers=auth(key),
+    )
     job = wait_done(client, key, response.json["id"])
     assert job["state"] == "succeeded", job
     frames = decode(job["assets"]["video"])
@@ -86,8 +100,11 @@ def test_modify_video_recolours_the_uploaded_clip(client, user):
     clip = moving_square_mp4(frames=16, size=64, colour=(230, 30, 30), direction="right")
     upload = client.post("/v1/uploads", data=clip, headers={**auth(key), "Content-Type": "video/mp4"})
     assert upload.status_code == 201, upload.json
-    response = client.post("/v1/generations", json={"prompt": "make it blue", "model": "demo", "type": "modify_video",
-                                                    "upload_id": upload.json["id"]}, headers=auth(key))
+    response = client.post(
+        "/v1/generations",
+        json={"prompt": "make it blue", "model": "demo", "type": "modify_video", "upload_id": upload.json["id"]},
+        headers=auth(key),
+    )
     job = wait_done(client, key, response.json["id"])
     assert job["state"] == "succeeded", job
     frames = decode(job["assets"]["video"])
@@ -98,8 +115,9 @@ def test_modify_video_recolours_the_uploaded_clip(client, user):
 def test_prefer_wait_holds_the_post_until_done(client, user):
     _, key = user
     started = time.monotonic()
-    response = client.post("/v1/generations", json={"prompt": "quick", "model": "tiny"},
-                           headers={**auth(key), "Prefer": "wait=30"})
+    response = client.post(
+        "/v1/generations", json={"prompt": "quick", "model": "tiny"}, headers={**auth(key), "Prefer": "wait=30"}
+    )
     assert response.status_code == 202
     assert response.json["state"] == "succeeded", response.json
     assert time.monotonic() - started < 30
@@ -139,23 +157,32 @@ def test_a_version_whose_weights_were_corrupted_fails_with_a_clear_error(client,
     (bundle / "weights" / "own.safetensors").write_bytes(os.urandom(64))
     pushed = push_fixture_model("tiny", bundle, dispatch_limit=4, force=True)
     assert pushed["version"] > tiny_model["version"]
-    s3_client().put_object(Bucket=get_settings().models_bucket,
-                           Key=version_prefix("tiny", pushed["version"]) + "weights/own.safetensors", Body=b"\x00" * 176)
-    response = client.post("/v1/generations", json={"prompt": "x", "model": "tiny", "model_version": pushed["version"]},
-                           headers=auth(key))
+    s3_client().put_object(
+        Bucket=get_settings().models_bucket,
+        Key=version_prefix("tiny", pushed["version"]) + "weights/own.safetensors",
+        Body=b"\x00" * 176,
+    )
+    response = client.post(
+        "/v1/generations", json={"prompt": "x", "model": "tiny", "model_version": pushed["version"]}, headers=auth(key)
+    )
     job = wait_done(client, key, response.json["id"])
     assert job["state"] == "failed"
     assert job["failure"]["code"] == "model_integrity"
     assert "weights/own.safetensors has sha256" in job["failure"]["message"]
     # The intact version still serves.
-    ok = client.post("/v1/generations", json={"prompt": "x", "model": "tiny", "model_version": tiny_model["version"]},
-                     headers=auth(key)).json
+    ok = client.post(
+        "/v1/generations",
+        json={"prompt": "x", "model": "tiny", "model_version": tiny_model["version"]},
+        headers=auth(key),
+    ).json
     assert wait_done(client, key, ok["id"])["state"] == "succeeded"
 
 
 def test_cancel_a_running_job_stops_it_at_the_next_step(client, user):
     _, key = user
-    job = client.post("/v1/generations", json={"prompt": "slow", "model": "tiny", "num_frames": 64}, headers=auth(key)).json
+    job = client.post(
+        "/v1/generations", json={"prompt": "slow", "model": "tiny", "num_frames": 64}, headers=auth(key)
+    ).json
     deadline = time.monotonic() + 30
     progress_seen = []
     while time.monotonic() < deadline:
@@ -172,8 +199,9 @@ def test_cancel_a_running_job_stops_it_at_the_next_step(client, user):
     assert done["state"] == "cancelled"
     assert done["progress"] < 0.95
     with transaction() as session:
-        detail = session.execute(text("SELECT detail FROM job_events WHERE job_id = :id AND to_state = 'cancelled'"),
-                                 {"id": job["id"]}).scalar_one()
+        detail = session.execute(
+            text("SELECT detail FROM job_events WHERE job_id = :id AND to_state = 'cancelled'"), {"id": job["id"]}
+        ).scalar_one()
     assert 0 < detail["at_step"] < 64
 
 
@@ -181,8 +209,9 @@ def test_a_busy_worker_takes_the_api_queue_before_the_free_queue(client, make_us
     """GPU workers consume their pool's tier queues in tier order (kombu priority strategy)."""
     _, api_key = make_user("api")
     _, free_key = make_user("free")
-    long_job = client.post("/v1/generations", json={"prompt": "long", "model": "tiny", "num_frames": 40},
-                           headers=auth(api_key)).json
+    long_job = client.post(
+        "/v1/generations", json={"prompt": "long", "model": "tiny", "num_frames": 40}, headers=auth(api_key)
+    ).json
     deadline = time.monotonic() + 30
     while client.get(f"/v1/generations/{long_job['id']}", headers=auth(api_key)).json["state"] != "running":
         assert time.monotonic() < deadline

@@ -17,10 +17,10 @@ import pytest
 from sqlalchemy import text
 
 from app.db.session import transaction
+from app.messaging import get_publisher
 from app.scheduling.dispatcher import DISPATCH_PER_WORKER
 from tests.support.factories import auth, create_user
 from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
-from app.messaging import get_publisher
 
 pytestmark = pytest.mark.slow
 
@@ -33,22 +33,32 @@ JOBS_PER_TIER = {"api": 12, "enterprise": 12, "unlimited": 12, "light": 12, "fre
 def overload_pool(stack_env, tmp_path_factory):
     push_fixture_model("overload", TINY_BUNDLE, dispatch_limit=POOL_LIMIT)
     # Each step sleeps 0.1 s: a job takes ~0.5 s, long enough for a backlog to build.
-    with running_workers(stack_env, tmp_path_factory.mktemp("overload-logs"), models=["overload"] * WORKERS,
-                         control=2, tag="ovl", extra_env={"DREAMQ_TINY_STEP_S": "0.1"}) as handles:
+    with running_workers(
+        stack_env,
+        tmp_path_factory.mktemp("overload-logs"),
+        models=["overload"] * WORKERS,
+        control=2,
+        tag="ovl",
+        extra_env={"DREAMQ_TINY_STEP_S": "0.1"},
+    ) as handles:
         yield handles
 
 
 def set_pool_enabled(enabled: bool) -> None:
     with transaction() as session:
-        session.execute(text("UPDATE pools SET enabled = :e WHERE model_id = (SELECT id FROM models WHERE name = 'overload')"),
-                        {"e": enabled})
+        session.execute(
+            text("UPDATE pools SET enabled = :e WHERE model_id = (SELECT id FROM models WHERE name = 'overload')"),
+            {"e": enabled},
+        )
 
 
 def in_flight() -> int:
     with transaction() as session:
-        return session.execute(text(
-            "SELECT count(*) FROM jobs j JOIN models m ON m.id = j.model_id WHERE m.name = 'overload' AND j.state = 'dispatched'"
-        )).scalar_one()
+        return session.execute(
+            text(
+                "SELECT count(*) FROM jobs j JOIN models m ON m.id = j.model_id WHERE m.name = 'overload' AND j.state = 'dispatched'"
+            )
+        ).scalar_one()
 
 
 def test_overload_respects_the_limit_releases_once_and_serves_tiers_in_policy_order(client, overload_pool):
@@ -72,8 +82,9 @@ def test_overload_respects_the_limit_releases_once_and_serves_tiers_in_policy_or
         for tier in reversed(list(JOBS_PER_TIER)):
             for i in range(JOBS_PER_TIER[tier]):
                 key = keys[tier][i % len(keys[tier])]
-                response = client.post("/v1/generations", json={"prompt": f"{tier} {i}", "model": "overload"},
-                                       headers=auth(key))
+                response = client.post(
+                    "/v1/generations", json={"prompt": f"{tier} {i}", "model": "overload"}, headers=auth(key)
+                )
                 assert response.status_code == 202, response.json
                 job_ids[tier].append(response.json["id"])
         ids = [job for jobs in job_ids.values() for job in jobs]
@@ -90,8 +101,12 @@ def test_overload_respects_the_limit_releases_once_and_serves_tiers_in_policy_or
         deadline = time.monotonic() + 180
         while True:
             with transaction() as session:
-                states = dict(session.execute(text(
-                    "SELECT state, count(*) FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) GROUP BY state"), {"ids": ids}).all())
+                states = dict(
+                    session.execute(
+                        text("SELECT state, count(*) FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) GROUP BY state"),
+                        {"ids": ids},
+                    ).all()
+                )
             if states.get("succeeded", 0) == len(ids):
                 break
             assert time.monotonic() < deadline, f"not all jobs finished: {states}"
@@ -103,13 +118,23 @@ def test_overload_respects_the_limit_releases_once_and_serves_tiers_in_policy_or
     effective_limit = min(POOL_LIMIT, DISPATCH_PER_WORKER * WORKERS)
     assert samples and max(samples) <= effective_limit, f"in-flight peaked at {max(samples)} > {effective_limit}"
     with transaction() as session:
-        releases = dict(session.execute(text(
-            "SELECT job_id, count(*) FROM job_events WHERE job_id = ANY(CAST(:ids AS uuid[])) AND to_state = 'dispatched' "
-            "GROUP BY job_id"), {"ids": ids}).all())
-        rows = session.execute(text(
-            "SELECT j.tier, extract(epoch FROM j.started_at - j.created_at) AS wait, t.slo_s, j.attempts, "
-            "       rank() OVER (ORDER BY j.started_at) AS start_rank "
-            "FROM jobs j JOIN tiers t ON t.name = j.tier WHERE j.id = ANY(CAST(:ids AS uuid[]))"), {"ids": ids}).all()
+        releases = dict(
+            session.execute(
+                text(
+                    "SELECT job_id, count(*) FROM job_events WHERE job_id = ANY(CAST(:ids AS uuid[])) AND to_state = 'dispatched' "
+                    "GROUP BY job_id"
+                ),
+                {"ids": ids},
+            ).all()
+        )
+        rows = session.execute(
+            text(
+                "SELECT j.tier, extract(epoch FROM j.started_at - j.created_at) AS wait, t.slo_s, j.attempts, "
+                "       rank() OVER (ORDER BY j.started_at) AS start_rank "
+                "FROM jobs j JOIN tiers t ON t.name = j.tier WHERE j.id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": ids},
+        ).all()
     assert len(releases) == len(ids) and set(releases.values()) == {1}, "a job was released twice"
     assert {row.attempts for row in rows} == {1}
 

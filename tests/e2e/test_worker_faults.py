@@ -26,15 +26,17 @@ def job_row(job_id: str):
 
 
 def test_a_warm_shutdown_requeues_the_running_job_at_once_and_another_worker_finishes_it(
-        client, stack_env, tmp_path_factory):
+    client, stack_env, tmp_path_factory
+):
     push_fixture_model("drain", TINY_BUNDLE, dispatch_limit=2)
     _, key = create_user("api")
     logs = tmp_path_factory.mktemp("drain-logs")
     env = {"DREAMQ_TINY_STEP_S": "0.3"}
     with running_workers(stack_env, logs, models=["drain"], control=1, tag="dr1", extra_env=env) as first:
         # 60 steps of 0.3 s: 18 s of work if it ran to the end (the fixture allows 64 frames).
-        response = client.post("/v1/generations", json={"prompt": "long", "model": "drain", "num_frames": 60},
-                               headers=auth(key))
+        response = client.post(
+            "/v1/generations", json={"prompt": "long", "model": "drain", "num_frames": 60}, headers=auth(key)
+        )
         assert response.status_code == 202, response.json
         job = response.json
         deadline = time.monotonic() + 30
@@ -50,13 +52,20 @@ def test_a_warm_shutdown_requeues_the_running_job_at_once_and_another_worker_fin
         assert shutdown_s < 8, f"warm shutdown took {shutdown_s:.1f}s: it waited for the job"
         assert (row.state, row.attempts) == ("queued", 0)
         with transaction() as session:
-            detail = session.execute(text(
-                "SELECT detail FROM job_events WHERE job_id = :id AND to_state = 'queued' ORDER BY id DESC LIMIT 1"),
-                {"id": job["id"]}).scalar_one()
+            detail = session.execute(
+                text(
+                    "SELECT detail FROM job_events WHERE job_id = :id AND to_state = 'queued' ORDER BY id DESC LIMIT 1"
+                ),
+                {"id": job["id"]},
+            ).scalar_one()
         assert detail["reason"] == "worker_draining" and detail["at_step"] < 60
-    print(f"\nwarm shutdown with an 18 s job running: worker gone in {shutdown_s:.1f}s, job requeued "
-          f"at step {detail['at_step']}")
-    with running_workers(stack_env, logs, models=["drain"], control=1, tag="dr2", extra_env={"DREAMQ_TINY_STEP_S": "0"}):
+    print(
+        f"\nwarm shutdown with an 18 s job running: worker gone in {shutdown_s:.1f}s, job requeued "
+        f"at step {detail['at_step']}"
+    )
+    with running_workers(
+        stack_env, logs, models=["drain"], control=1, tag="dr2", extra_env={"DREAMQ_TINY_STEP_S": "0"}
+    ):
         deadline = time.monotonic() + 60
         while job_row(job["id"]).state not in ("succeeded", "failed"):
             assert time.monotonic() < deadline

@@ -15,10 +15,10 @@ from pathlib import Path
 
 def main(model: str, bundle: str, dispatch_limit: str, users: str) -> None:
     from app.core.config import get_settings
+    from app.core.storage import ensure_buckets
     from app.db.migrate import upgrade
     from app.db.session import transaction
     from app.seed import ensure_demo_model, ensure_pool, seed_tiers
-    from app.core.storage import ensure_buckets
 
     upgrade(get_settings().database_url)
     ensure_buckets()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 
 
-def create_user(tier: str = "api", scopes: tuple[str, ...] = ("user",), name: str | None = None) -> tuple[uuid.UUID, str]:
+def create_user(
+    tier: str = "api", scopes: tuple[str, ...] = ("user",), name: str | None = None
+) -> tuple[uuid.UUID, str]:
     from app.api.auth import create_key
     from app.db.models import User
     from app.db.session import transaction
@@ -30,8 +32,17 @@ def create_tier(**overrides) -> str:
     from app.db.session import transaction
 
     name = f"t-{uuid.uuid4().hex[:8]}"
-    values = dict(slo_s=600, rate_per_min=600, burst=100, concurrency_cap=4, min_share=0.0, monthly_quota=None,
-                  retention_days=7, tier_rate_per_min=None, tier_burst=None)
+    values = dict(
+        slo_s=600,
+        rate_per_min=600,
+        burst=100,
+        concurrency_cap=4,
+        min_share=0.0,
+        monthly_quota=None,
+        retention_days=7,
+        tier_rate_per_min=None,
+        tier_burst=None,
+    )
     values.update(overrides)
     with transaction() as session:
         rank = (session.scalar(select(func.max(Tier.rank))) or 0) + 1

@@ -23,8 +23,13 @@ def running_flower(env: dict[str, str], log: Path, user: str = "ops") -> Iterato
 
     port, password = find_free_port(), uuid.uuid4().hex
     with open(log, "wb") as out:
-        proc = subprocess.Popen(flower_command(port, user, password), cwd=ROOT, env={**os.environ, **env},
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            flower_command(port, user, password),
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -20,9 +20,16 @@ import numpy as np
 # The prompt colour names, as the demo model is trained to paint them. Matching is nearest
 # neighbour, so a clip only has to be closer to its colour than to any other.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 200, 60),
-    "cyan": (40, 210, 230), "blue": (50, 90, 240), "purple": (140, 60, 230), "magenta": (220, 50, 220),
-    "pink": (250, 140, 190), "white": (240, 240, 240),
+    "red": (230, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 200, 60),
+    "cyan": (40, 210, 230),
+    "blue": (50, 90, 240),
+    "purple": (140, 60, 230),
+    "magenta": (220, 50, 220),
+    "pink": (250, 140, 190),
+    "white": (240, 240, 240),
 }
 
 # Below this distance from the background (RGB, 0..255 units) nothing counts as an object:

@@ -15,8 +15,12 @@ def hammer_submissions(base: str, key: str, seconds: float) -> tuple[int, int, b
     deadline = time.monotonic() + seconds
     with requests.Session() as http:
         while time.monotonic() < deadline:
-            response = http.post(f"{base}/v1/generations", json={"prompt": "burst", "model": "parked"},
-                                 headers={"Authorization": f"Bearer {key}"}, timeout=10)
+            response = http.post(
+                f"{base}/v1/generations",
+                json={"prompt": "burst", "model": "parked"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=10,
+            )
             if response.status_code == 202:
                 accepted += 1
             elif response.status_code == 429:

@@ -12,14 +12,20 @@ import numpy as np
 from app.core.media import encode_mp4
 
 
-def moving_square_frames(*, frames: int = 12, size: int = 64, colour=(230, 30, 30), direction: str = "right") -> np.ndarray:
+def moving_square_frames(
+    *, frames: int = 12, size: int = 64, colour=(230, 30, 30), direction: str = "right"
+) -> np.ndarray:
     out = np.zeros((frames, size, size, 3), dtype=np.uint8)
     side = size // 4
     for t in range(frames):
         offset = int((size - side) * t / max(frames - 1, 1))
-        x, y = {"right": (offset, size // 2 - side // 2), "left": (size - side - offset, size // 2 - side // 2),
-                "down": (size // 2 - side // 2, offset), "up": (size // 2 - side // 2, size - side - offset)}[direction]
-        out[t, y:y + side, x:x + side] = colour
+        x, y = {
+            "right": (offset, size // 2 - side // 2),
+            "left": (size - side - offset, size // 2 - side // 2),
+            "down": (size // 2 - side // 2, offset),
+            "up": (size // 2 - side // 2, size - side - offset),
+        }[direction]
+        out[t, y : y + side, x : x + side] = colour
     return out
 
 

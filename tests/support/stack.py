@@ -93,10 +93,14 @@ def _worker_ready(worker_name: str) -> bool:
     from app.db.session import transaction
 
     with transaction() as session:
-        return bool(session.execute(
-            text("SELECT 1 FROM workers WHERE id LIKE :n AND state <> 'stopped' AND heartbeat_at > now() - interval '10 seconds'"),
-            {"n": f"{worker_name}@%"},
-        ).first())
+        return bool(
+            session.execute(
+                text(
+                    "SELECT 1 FROM workers WHERE id LIKE :n AND state <> 'stopped' AND heartbeat_at > now() - interval '10 seconds'"
+                ),
+                {"n": f"{worker_name}@%"},
+            ).first()
+        )
 
 
 def _wait_for_ping(prefix: str, proc, log: Path, deadline: float) -> None:
@@ -113,12 +117,19 @@ def _wait_for_ping(prefix: str, proc, log: Path, deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def running_workers(stack: StackEnv, log_dir: Path, *, models: list[str], extra_env: dict[str, str] | None = None,
-                    control: int = 1, tag: str = "t") -> Iterator[dict]:
+def running_workers(
+    stack: StackEnv,
+    log_dir: Path,
+    *,
+    models: list[str],
+    extra_env: dict[str, str] | None = None,
+    control: int = 1,
+    tag: str = "t",
+) -> Iterator[dict]:
     """Start `control` control+cpu workers and one GPU worker per entry of `models` (a model may
     repeat: several workers in its pool); stop them all at the end."""
-    from workers.launch import worker_command
     from app.stack.process import ManagedProcess
+    from workers.launch import worker_command
 
     base_env = {**os.environ, **stack.env, **(extra_env or {})}
     procs: dict[str, ManagedProcess] = {}
@@ -126,16 +137,44 @@ def running_workers(stack: StackEnv, log_dir: Path, *, models: list[str], extra_
     try:
         for index in range(control):
             name = f"cpu-{tag}-{index}"
-            argv = [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", "worker", "-Q", "control,cpu",
-                    "-c", "2", "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]
-            procs[name] = ManagedProcess(name, argv, env={**base_env, "DREAMQ_LOG_COMPONENT": name}, cwd=str(ROOT),
-                                         log_path=log_dir / f"{name}.log", signal_group=False)
+            argv = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks.celery_app:celery_app",
+                "worker",
+                "-Q",
+                "control,cpu",
+                "-c",
+                "2",
+                "-n",
+                f"{name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "INFO",
+            ]
+            procs[name] = ManagedProcess(
+                name,
+                argv,
+                env={**base_env, "DREAMQ_LOG_COMPONENT": name},
+                cwd=str(ROOT),
+                log_path=log_dir / f"{name}.log",
+                signal_group=False,
+            )
             procs[name].start()
         for index, model in enumerate(models):
             name = f"{model}-{tag}-{index}"
             argv, env = worker_command("local", model, "", name)
-            procs[name] = ManagedProcess(name, argv, env={**env, **base_env, "CUDA_VISIBLE_DEVICES": ""},
-                                         cwd=str(ROOT), log_path=log_dir / f"{name}.log", signal_group=False)
+            procs[name] = ManagedProcess(
+                name,
+                argv,
+                env={**env, **base_env, "CUDA_VISIBLE_DEVICES": ""},
+                cwd=str(ROOT),
+                log_path=log_dir / f"{name}.log",
+                signal_group=False,
+            )
             procs[name].start()
             gpu_names.append(name)
         deadline = time.monotonic() + 120
@@ -169,16 +208,32 @@ def _http_ok(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def gunicorn_api(stack: StackEnv, log_path: Path, *, workers: int = 2, threads: int = 4,
-                 extra_env: dict[str, str] | None = None) -> Iterator[str]:
+def gunicorn_api(
+    stack: StackEnv, log_path: Path, *, workers: int = 2, threads: int = 4, extra_env: dict[str, str] | None = None
+) -> Iterator[str]:
     """The API under gunicorn on a free port of 127.0.0.1, as in production; yields its base URL."""
     from app.stack.process import ManagedProcess, find_free_port
 
     port = find_free_port(None)
-    api = ManagedProcess("api", [sys.executable, "-m", "gunicorn", "-w", str(workers), "--threads", str(threads),
-                                 "-b", f"127.0.0.1:{port}", "app.api:create_app()"],
-                         env={**os.environ, **stack.env, **(extra_env or {})}, cwd=str(ROOT), log_path=log_path,
-                         ready=lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"))
+    api = ManagedProcess(
+        "api",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-w",
+            str(workers),
+            "--threads",
+            str(threads),
+            "-b",
+            f"127.0.0.1:{port}",
+            "app.api:create_app()",
+        ],
+        env={**os.environ, **stack.env, **(extra_env or {})},
+        cwd=str(ROOT),
+        log_path=log_path,
+        ready=lambda: _http_ok(f"http://127.0.0.1:{port}/healthz"),
+    )
     api.start()
     try:
         api.wait_ready(60)

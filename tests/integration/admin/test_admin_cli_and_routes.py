@@ -46,6 +46,7 @@ def run():
         if ok:
             assert result.exit_code == 0, result.output
         return result
+
     return invoke
 
 
@@ -58,10 +59,14 @@ def cluster(run, own_model):
     workers = [f"adm-fake-{uuid.uuid4().hex[:6]}@h" for _ in range(2)]
     with transaction() as session:
         for worker in workers:
-            session.execute(text(
-                "INSERT INTO workers (id, pool_id, hostname, pid, device, state, info, heartbeat_at) VALUES (:id, "
-                "(SELECT p.id FROM pools p JOIN clusters c ON c.id = p.cluster_id WHERE c.name = :c), "
-                "'h', 1, 'cpu', 'idle', '{}'::jsonb, now())"), {"id": worker, "c": name})
+            session.execute(
+                text(
+                    "INSERT INTO workers (id, pool_id, hostname, pid, device, state, info, heartbeat_at) VALUES (:id, "
+                    "(SELECT p.id FROM pools p JOIN clusters c ON c.id = p.cluster_id WHERE c.name = :c), "
+                    "'h', 1, 'cpu', 'idle', '{}'::jsonb, now())"
+                ),
+                {"id": worker, "c": name},
+            )
     yield name, workers
     with transaction() as session:
         session.execute(text("DELETE FROM workers WHERE id = ANY(:ids)"), {"ids": workers})
@@ -69,9 +74,13 @@ def cluster(run, own_model):
 
 def pool_row(cluster: str, model: str):
     with transaction() as session:
-        return session.execute(text(
-            "SELECT p.dispatch_limit, p.enabled FROM pools p JOIN clusters c ON c.id = p.cluster_id "
-            "JOIN models m ON m.id = p.model_id WHERE c.name = :c AND m.name = :m"), {"c": cluster, "m": model}).one()
+        return session.execute(
+            text(
+                "SELECT p.dispatch_limit, p.enabled FROM pools p JOIN clusters c ON c.id = p.cluster_id "
+                "JOIN models m ON m.id = p.model_id WHERE c.name = :c AND m.name = :m"
+            ),
+            {"c": cluster, "m": model},
+        ).one()
 
 
 def snapshot_pool(name: str):
@@ -138,11 +147,16 @@ def test_routes_create_a_user_and_key_shown_once_and_revoke_fails_at_once(client
     bad_tier = client.post("/v1/admin/users", json={"name": name + "x", "tier": "gold"}, headers=auth(admin_key))
     assert bad_tier.status_code == 422 and bad_tier.json["error"]["fields"][0]["field"] == "tier"
 
-    extra = client.post(f"/v1/admin/users/{name}/keys", json={"scopes": ["user"], "name": "ci"}, headers=auth(admin_key))
+    extra = client.post(
+        f"/v1/admin/users/{name}/keys", json={"scopes": ["user"], "name": "ci"}, headers=auth(admin_key)
+    )
     assert extra.status_code == 201 and extra.json["key"].startswith("dq_")
     keys = client.get(f"/v1/admin/users/{name}/keys", headers=auth(admin_key))
     assert {k["prefix"] for k in keys.json["data"]} == {key[:11], extra.json["key"][:11]}
-    for text_ in (keys.get_data(as_text=True), client.get(f"/v1/admin/users/{name}", headers=auth(admin_key)).get_data(as_text=True)):
+    for text_ in (
+        keys.get_data(as_text=True),
+        client.get(f"/v1/admin/users/{name}", headers=auth(admin_key)).get_data(as_text=True),
+    ):
         assert key[11:] not in text_ and extra.json["key"][11:] not in text_
 
     revoked = client.post(f"/v1/admin/keys/{key[:11]}/revoke", headers=auth(admin_key))
@@ -186,8 +200,11 @@ def test_tier_routes_and_cli_cover_slo_and_limits(client, run, admin_key):
         assert (after["slo_s"], after["rate_per_min"], after["concurrency_cap"]) == (1700, 19, 4)
         assert "light" in run("tiers", "list").output
     finally:
-        restored = client.patch("/v1/admin/tiers/light", headers=auth(admin_key), json={
-            k: light[k] for k in ("slo_s", "rate_per_min", "concurrency_cap")})
+        restored = client.patch(
+            "/v1/admin/tiers/light",
+            headers=auth(admin_key),
+            json={k: light[k] for k in ("slo_s", "rate_per_min", "concurrency_cap")},
+        )
         assert restored.status_code == 200
 
 
@@ -205,21 +222,39 @@ def test_cluster_add_validates_kind_and_names(client, run, admin_key):
     dotted = client.post("/v1/admin/clusters", json={"name": "a.b", "kind": "burst"}, headers=auth(admin_key))
     assert dotted.status_code == 422 and dotted.json["error"]["fields"][0]["field"] == "name"
 
-    made = client.post("/v1/admin/clusters", json={"name": name, "kind": "burst", "max_workers": 8},
-                       headers=auth(admin_key))
-    assert made.status_code == 201 and (made.json["kind"], made.json["max_workers"], made.json["enabled"]) == ("burst", 8, True)
-    assert client.post("/v1/admin/clusters", json={"name": name, "kind": "burst"}, headers=auth(admin_key)).status_code == 409
+    made = client.post(
+        "/v1/admin/clusters", json={"name": name, "kind": "burst", "max_workers": 8}, headers=auth(admin_key)
+    )
+    assert made.status_code == 201 and (made.json["kind"], made.json["max_workers"], made.json["enabled"]) == (
+        "burst",
+        8,
+        True,
+    )
+    assert (
+        client.post("/v1/admin/clusters", json={"name": name, "kind": "burst"}, headers=auth(admin_key)).status_code
+        == 409
+    )
     assert name in run("clusters", "list").output
-    assert client.patch(f"/v1/admin/clusters/{name}", json={"max_workers": None}, headers=auth(admin_key)).json["max_workers"] is None
+    assert (
+        client.patch(f"/v1/admin/clusters/{name}", json={"max_workers": None}, headers=auth(admin_key)).json[
+            "max_workers"
+        ]
+        is None
+    )
 
-    no_cluster = client.post("/v1/admin/pools", json={"cluster": "nope-" + name, "model": "parked", "dispatch_limit": 1},
-                             headers=auth(admin_key))
+    no_cluster = client.post(
+        "/v1/admin/pools",
+        json={"cluster": "nope-" + name, "model": "parked", "dispatch_limit": 1},
+        headers=auth(admin_key),
+    )
     assert no_cluster.status_code == 422 and no_cluster.json["error"]["fields"][0]["field"] == "cluster"
-    no_model = client.post("/v1/admin/pools", json={"cluster": name, "model": "nope", "dispatch_limit": 1},
-                           headers=auth(admin_key))
+    no_model = client.post(
+        "/v1/admin/pools", json={"cluster": name, "model": "nope", "dispatch_limit": 1}, headers=auth(admin_key)
+    )
     assert no_model.status_code == 422 and no_model.json["error"]["fields"][0]["field"] == "model"
-    negative = client.post("/v1/admin/pools", json={"cluster": name, "model": "parked", "dispatch_limit": -1},
-                           headers=auth(admin_key))
+    negative = client.post(
+        "/v1/admin/pools", json={"cluster": name, "model": "parked", "dispatch_limit": -1}, headers=auth(admin_key)
+    )
     assert negative.status_code == 422 and negative.json["error"]["fields"][0]["field"] == "dispatch_limit"
 
 
@@ -243,7 +278,10 @@ def test_pool_set_changes_the_limit_in_the_database_and_the_snapshot(client, run
 
     bad = client.patch(f"/v1/admin/pools/{name}/{own_model}", json={"dispatch_limit": "many"}, headers=auth(admin_key))
     assert bad.status_code == 422 and bad.json["error"]["fields"][0]["field"] == "dispatch_limit"
-    assert client.patch(f"/v1/admin/pools/{name}/nope", json={"dispatch_limit": 1}, headers=auth(admin_key)).status_code == 404
+    assert (
+        client.patch(f"/v1/admin/pools/{name}/nope", json={"dispatch_limit": 1}, headers=auth(admin_key)).status_code
+        == 404
+    )
     cli_bad = run("pools", "set", name, own_model, "--dispatch-limit", "-2", ok=False)
     assert cli_bad.exit_code != 0 and "dispatch_limit" in cli_bad.output
 
@@ -273,14 +311,16 @@ def test_pool_and_cluster_drain_stop_dispatch_and_enable_resumes_it(client, run,
     now = json.loads(run("clusters", "drain", name, "--now").output)
     assert now["workers_marked_draining"] == 2 and now["live_workers"] == 0 and now["draining_workers"] == 2
     with transaction() as session:
-        states = session.execute(text("SELECT state, info ->> 'drained_by' FROM workers WHERE id = ANY(:ids)"),
-                                 {"ids": workers}).all()
+        states = session.execute(
+            text("SELECT state, info ->> 'drained_by' FROM workers WHERE id = ANY(:ids)"), {"ids": workers}
+        ).all()
     assert {s for s, _ in states} == {"draining"} and all(by and by.startswith("cli:") for _, by in states)
 
     run("clusters", "enable", name)
     with transaction() as session:
-        assert set(session.execute(text("SELECT state FROM workers WHERE id = ANY(:ids)"),
-                                   {"ids": workers}).scalars()) == {"idle"}
+        assert set(
+            session.execute(text("SELECT state FROM workers WHERE id = ANY(:ids)"), {"ids": workers}).scalars()
+        ) == {"idle"}
     assert snapshot_pool(f"{name}.{own_model}").effective_limit > 0
     missing = client.post("/v1/admin/clusters/no-such-cluster/drain", headers=auth(admin_key))
     assert missing.status_code == 404 and missing.json["error"]["fields"][0]["field"] == "name"

@@ -40,8 +40,18 @@ def submitter(stack_env):
     name = f"bulk-{uuid.uuid4().hex[:6]}"
     with transaction() as session:
         rank = (session.scalar(select(func.max(Tier.rank))) or 0) + 1
-        session.add(Tier(name=name, rank=rank, slo_s=600, rate_per_min=10**6, burst=10**5, concurrency_cap=1,
-                         min_share=0, retention_days=1))
+        session.add(
+            Tier(
+                name=name,
+                rank=rank,
+                slo_s=600,
+                rate_per_min=10**6,
+                burst=10**5,
+                concurrency_cap=1,
+                min_share=0,
+                retention_days=1,
+            )
+        )
     return create_user(name)[1]
 
 
@@ -108,7 +118,10 @@ def test_model_routes_need_the_admin_scope(client, make_user, model_name):
 def test_verify_rehashes_storage(client, admin, model_name):
     url = f"/v1/admin/models/{model_name}/versions/2/verify"
     assert client.post(url, headers=auth(admin)).json["ok"] is True
-    s3_client().put_object(Bucket=get_settings().models_bucket,
-                           Key=version_prefix(model_name, 2) + "weights/tiny.safetensors", Body=b"\x01" * 176)
+    s3_client().put_object(
+        Bucket=get_settings().models_bucket,
+        Key=version_prefix(model_name, 2) + "weights/tiny.safetensors",
+        Body=b"\x01" * 176,
+    )
     result = client.post(url, headers=auth(admin)).json
     assert result["ok"] is False and result["problems"][0].startswith("weights/tiny.safetensors")

@@ -34,8 +34,9 @@ def admin_key(make_user):
 @pytest.fixture()
 def mapped(client, admin_key, parked_model):
     """ray-2 -> parked (jobs stay queued), through the admin route."""
-    response = client.put("/v1/admin/dream-machine/models/ray-2", json={"model": "parked", "note": "tests"},
-                          headers=auth(admin_key))
+    response = client.put(
+        "/v1/admin/dream-machine/models/ray-2", json={"model": "parked", "note": "tests"}, headers=auth(admin_key)
+    )
     assert response.status_code == 200, response.json
     return response.json
 
@@ -80,8 +81,9 @@ def test_ping_and_credits(luma, user, make_user, mapped):
 
 def test_create_get_list_delete(luma, user, mapped, client):
     luma_client = luma(user[1])
-    created = luma_client.generations.create(model="ray-2", prompt="a red circle moving right", aspect_ratio="16:9",
-                                             resolution="32p", duration="2s")
+    created = luma_client.generations.create(
+        model="ray-2", prompt="a red circle moving right", aspect_ratio="16:9", resolution="32p", duration="2s"
+    )
     assert isinstance(created, lumaai.types.Generation)
     assert created.state == "queued" and created.generation_type == "video" and created.model == "ray-2"
     assert created.assets is None and created.failure_reason is None and created.created_at is not None
@@ -128,23 +130,40 @@ def _error(excinfo) -> str:
     return body["detail"]
 
 
-@pytest.mark.parametrize(("options", "field", "words"), [
-    ({"model": "ray-9"}, "model", "'ray-9' is not a model this server serves"),
-    ({"loop": True}, "loop", "looping videos are not supported by model 'ray-2' (dreamq model 'parked')"),
-    ({"keyframes": {"frame0": {"type": "image", "url": "https://example.com/a.jpg"}}}, "keyframes", "not supported"),
-    ({"keyframes": {"frame1": {"type": "generation", "id": "7b0e6a4c-5b8c-4f5e-9d7a-2c1b3a4d5e6f"}}}, "keyframes",
-     "not supported"),
-    ({"concepts": [{"key": "dolly_zoom"}]}, "concepts", "not supported"),
-    ({"prompt": None}, "prompt", "a prompt is required"),
-    ({"prompt": "ab"}, "prompt", "too short"),
-    # The parked (tiny) model allows at most 256 px and 64 frames.
-    ({"resolution": "720p", "aspect_ratio": "16:9"}, "resolution", "720p at 16:9 is 1280x720 pixels; model 'ray-2' "
-     "(dreamq model 'parked') needs width must be at most 256 for this model (got 1280)"),
-    ({"aspect_ratio": "21:9", "resolution": "200p"}, "resolution", "is 466x200 pixels"),
-    ({"duration": "9s"}, "duration", "9s at 8 fps is 72 frames; model 'ray-2' (dreamq model 'parked') needs num_frames "
-     "must be at most 64"),
-    ({"callback_url": "http://127.0.0.1:9/hook"}, "callback_url", "loopback"),
-])
+@pytest.mark.parametrize(
+    ("options", "field", "words"),
+    [
+        ({"model": "ray-9"}, "model", "'ray-9' is not a model this server serves"),
+        ({"loop": True}, "loop", "looping videos are not supported by model 'ray-2' (dreamq model 'parked')"),
+        (
+            {"keyframes": {"frame0": {"type": "image", "url": "https://example.com/a.jpg"}}},
+            "keyframes",
+            "not supported",
+        ),
+        (
+            {"keyframes": {"frame1": {"type": "generation", "id": "7b0e6a4c-5b8c-4f5e-9d7a-2c1b3a4d5e6f"}}},
+            "keyframes",
+            "not supported",
+        ),
+        ({"concepts": [{"key": "dolly_zoom"}]}, "concepts", "not supported"),
+        ({"prompt": None}, "prompt", "a prompt is required"),
+        ({"prompt": "ab"}, "prompt", "too short"),
+        # The parked (tiny) model allows at most 256 px and 64 frames.
+        (
+            {"resolution": "720p", "aspect_ratio": "16:9"},
+            "resolution",
+            "720p at 16:9 is 1280x720 pixels; model 'ray-2' "
+            "(dreamq model 'parked') needs width must be at most 256 for this model (got 1280)",
+        ),
+        ({"aspect_ratio": "21:9", "resolution": "200p"}, "resolution", "is 466x200 pixels"),
+        (
+            {"duration": "9s"},
+            "duration",
+            "9s at 8 fps is 72 frames; model 'ray-2' (dreamq model 'parked') needs num_frames must be at most 64",
+        ),
+        ({"callback_url": "http://127.0.0.1:9/hook"}, "callback_url", "loopback"),
+    ],
+)
 def test_options_the_model_cannot_honour_are_400s_naming_them(luma, user, mapped, options, field, words):
     request = {"model": "ray-2", "prompt": "a red circle moving right", **options}
     with pytest.raises(lumaai.BadRequestError) as excinfo:
@@ -156,16 +175,19 @@ def test_options_the_model_cannot_honour_are_400s_naming_them(luma, user, mapped
         assert session.scalar(select(Job).where(Job.user_id == user[0])) is None, "nothing was stored"
 
 
-@pytest.mark.parametrize("options", [
-    {"aspect_ratio": "2:1"},
-    {"resolution": "big"},
-    {"duration": "forever"},
-    {"duration": "0s"},
-    {"loop": "sometimes"},
-    {"keyframes": {"frame0": {"type": "video", "url": "https://example.com/a.mp4"}}},
-    {"generation_type": "image"},
-    {"callback_url": "ftp://example.com/hook"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"aspect_ratio": "2:1"},
+        {"resolution": "big"},
+        {"duration": "forever"},
+        {"duration": "0s"},
+        {"loop": "sometimes"},
+        {"keyframes": {"frame0": {"type": "video", "url": "https://example.com/a.mp4"}}},
+        {"generation_type": "image"},
+        {"callback_url": "ftp://example.com/hook"},
+    ],
+)
 def test_malformed_requests_are_422s(luma, user, mapped, options):
     with pytest.raises(lumaai.UnprocessableEntityError) as excinfo:
         luma(user[1]).generations.create(model="ray-2", prompt="a red circle moving right", **options)
@@ -176,8 +198,9 @@ def test_unknown_fields_and_bad_json_are_refused(luma, user, mapped, client):
     with pytest.raises(lumaai.UnprocessableEntityError) as excinfo:
         luma(user[1]).generations.create(model="ray-2", prompt="a red circle", extra_body={"negative_prompt": "x"})
     assert "unknown field" in _error(excinfo)
-    response = client.post("/dream-machine/v1/generations/video", data=b"{", headers={**auth(user[1]),
-                                                                                    "Content-Type": "application/json"})
+    response = client.post(
+        "/dream-machine/v1/generations/video", data=b"{", headers={**auth(user[1]), "Content-Type": "application/json"}
+    )
     assert response.status_code == 400 and response.json["detail"].startswith("request body is not valid JSON")
 
 
@@ -223,15 +246,23 @@ def allow(client, admin_key):
 
 
 def modify(client: lumaai.LumaAI, url: str, **options):
-    return client.generations.video.modify(generation_type="modify_video", media={"url": url}, mode="adhere_1",
-                                           model="ray-2", prompt="make it blue", **options)
+    return client.generations.video.modify(
+        generation_type="modify_video",
+        media={"url": url},
+        mode="adhere_1",
+        model="ray-2",
+        prompt="make it blue",
+        **options,
+    )
 
 
 def test_media_urls_obey_the_address_and_size_rules_of_uploads(luma, user, mapped, allow):
     client = luma(user[1])
-    for url, words in [("http://169.254.169.254/latest/meta-data", "link-local"),
-                       ("http://10.0.0.8/clip.mp4", "private"),
-                       ("http://[::ffff:127.0.0.1]/clip.mp4", "loopback")]:
+    for url, words in [
+        ("http://169.254.169.254/latest/meta-data", "link-local"),
+        ("http://10.0.0.8/clip.mp4", "private"),
+        ("http://[::ffff:127.0.0.1]/clip.mp4", "loopback"),
+    ]:
         with pytest.raises(lumaai.BadRequestError) as excinfo:
             modify(client, url)
         assert _error(excinfo).startswith("media.url: ") and words in _error(excinfo)
@@ -270,8 +301,16 @@ def test_media_urls_obey_the_address_and_size_rules_of_uploads(luma, user, mappe
 def test_admin_routes_edit_the_model_table(client, admin_key, user, parked_model, luma, mapped):
     headers = auth(admin_key)
     name = f"ray-test-{uuid.uuid4().hex[:6]}"
-    assert client.put(f"/v1/admin/dream-machine/models/{name}", json={"model": "no-such"}, headers=headers).status_code == 422
-    assert client.put(f"/v1/admin/dream-machine/models/{name}", json={"model": "parked"}, headers=auth(user[1])).status_code == 403
+    assert (
+        client.put(f"/v1/admin/dream-machine/models/{name}", json={"model": "no-such"}, headers=headers).status_code
+        == 422
+    )
+    assert (
+        client.put(
+            f"/v1/admin/dream-machine/models/{name}", json={"model": "parked"}, headers=auth(user[1])
+        ).status_code
+        == 403
+    )
     made = client.put(f"/v1/admin/dream-machine/models/{name}", json={"model": "parked", "note": "n"}, headers=headers)
     assert made.status_code == 200 and made.json["model"] == "parked" and made.json["updated_by"].endswith(")")
     listed = client.get("/v1/admin/dream-machine/models", headers=headers).json["data"]
@@ -332,8 +371,8 @@ def test_a_fresh_stack_is_seeded_once_and_a_removed_name_stays_removed(parked_mo
 
 def test_a_modify_refused_after_the_download_leaves_no_upload_behind(luma, make_user, mapped, allow):
     from app.core.config import get_settings
-    from app.db.models import Upload
     from app.core.storage import s3_client
+    from app.db.models import Upload
 
     user_id, key = make_user(create_tier(monthly_quota=1))
     client = luma(key)
@@ -357,21 +396,50 @@ def test_no_body_makes_a_server_error(client, user, mapped):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63), st.floats(allow_nan=False),
-                        st.text(max_size=30), st.sampled_from(["ray-2", "16:9", "540p", "5s", "4k", "9:21", "0s",
-                                                               "http://127.0.0.1/", "http://10.0.0.1/a.mp4"]))
-    values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                           st.dictionaries(st.sampled_from(["type", "url", "id", "key"]),
-                                                                           inner, max_size=3)), max_leaves=6)
-    keys = ["model", "prompt", "aspect_ratio", "resolution", "duration", "loop", "keyframes", "concepts",
-            "callback_url", "generation_type", "media", "mode", "first_frame"]
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63),
+        st.floats(allow_nan=False),
+        st.text(max_size=30),
+        st.sampled_from(
+            ["ray-2", "16:9", "540p", "5s", "4k", "9:21", "0s", "http://127.0.0.1/", "http://10.0.0.1/a.mp4"]
+        ),
+    )
+    values = st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(st.sampled_from(["type", "url", "id", "key"]), inner, max_size=3),
+        ),
+        max_leaves=6,
+    )
+    keys = [
+        "model",
+        "prompt",
+        "aspect_ratio",
+        "resolution",
+        "duration",
+        "loop",
+        "keyframes",
+        "concepts",
+        "callback_url",
+        "generation_type",
+        "media",
+        "mode",
+        "first_frame",
+    ]
     bodies = st.dictionaries(st.sampled_from(keys), values, max_size=6)
-    paths = st.sampled_from(["/dream-machine/v1/generations/video", "/dream-machine/v1/generations/video/modify",
-                             "/dream-machine/v1/generations"])
+    paths = st.sampled_from(
+        [
+            "/dream-machine/v1/generations/video",
+            "/dream-machine/v1/generations/video/modify",
+            "/dream-machine/v1/generations",
+        ]
+    )
     seen = []
 
-    @settings(max_examples=150, derandomize=True, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(path=paths, body=bodies)
     def run(path, body):
         body.setdefault("model", "ray-2")

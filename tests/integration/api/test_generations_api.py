@@ -69,8 +69,16 @@ BAD_BODIES = [
     ({"prompt": "x", "model": "Tiny Model!"}, "model", "should match pattern"),
     ({"prompt": "x", "model": "parked", "model_version": 999}, "model_version", "no version 999"),
     ({"prompt": "x", "model": "parked", "type": "modify_video"}, "body", "upload_id is required"),
-    ({"prompt": "x", "model": "parked", "upload_id": str(uuid.uuid4())}, "body", "only allowed when type is modify_video"),
-    ({"prompt": "x", "model": "parked", "type": "modify_video", "upload_id": str(uuid.uuid4())}, "upload_id", "no such upload"),
+    (
+        {"prompt": "x", "model": "parked", "upload_id": str(uuid.uuid4())},
+        "body",
+        "only allowed when type is modify_video",
+    ),
+    (
+        {"prompt": "x", "model": "parked", "type": "modify_video", "upload_id": str(uuid.uuid4())},
+        "upload_id",
+        "no such upload",
+    ),
     ({"prompt": "x", "model": "parked", "type": "image"}, "type", "Input should be"),
 ]
 
@@ -91,7 +99,9 @@ def test_bad_fields_are_422_naming_the_field_and_change_nothing(client, user, bo
 
 def test_malformed_json_is_400(client, user):
     user_id, key = user
-    response = client.post("/v1/generations", data=b'{"prompt": "x",', headers={**auth(key), "Content-Type": "application/json"})
+    response = client.post(
+        "/v1/generations", data=b'{"prompt": "x",', headers={**auth(key), "Content-Type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json["error"]["code"] == "malformed_json"
     assert job_count(user_id) == 0
@@ -107,7 +117,9 @@ def test_json_that_is_not_an_object_is_422(client, user):
 
 def test_wrong_content_type_is_415(client, user):
     user_id, key = user
-    response = client.post("/v1/generations", data="prompt=x", headers={**auth(key), "Content-Type": "application/x-www-form-urlencoded"})
+    response = client.post(
+        "/v1/generations", data="prompt=x", headers={**auth(key), "Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert response.status_code == 415
     assert response.json["error"]["fields"][0]["field"] == "Content-Type"
     assert job_count(user_id) == 0
@@ -179,9 +191,16 @@ def test_list_pages_with_a_cursor_and_filters_by_state(client, user):
     assert [job["id"] for job in cancelled] == [ids[0]]
 
 
-@pytest.mark.parametrize(("query", "field"), [({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
-                                                ({"state": "done"}, "state"), ({"cursor": "garbage"}, "cursor"),
-                                                ({"colour": "red"}, "colour")])
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"state": "done"}, "state"),
+        ({"cursor": "garbage"}, "cursor"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
 def test_bad_list_queries_are_422(client, user, query, field):
     _, key = user
     response = client.get("/v1/generations", query_string=query, headers=auth(key))

@@ -57,8 +57,12 @@ def test_dropped_connections_answer_503_once_then_the_pool_reconnects(client, pa
     user_id, key = create_user("api")
     assert submit(client, key).status_code == 202
     with transaction() as session:
-        session.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                             "AND application_name = 'dreamq' AND pid <> pg_backend_pid()"))
+        session.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'dreamq' AND pid <> pg_backend_pid()"
+            )
+        )
     codes = [submit(client, key).status_code for _ in range(3)]
     # A connection used within the last second is not pinged: its request may see the restart
     # (503, never a 500); the pool then drops every older connection and the next ones succeed.

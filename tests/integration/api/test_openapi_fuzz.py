@@ -91,25 +91,48 @@ def _check(operation, case, headers: dict[str, str], label: str, failures: dict,
             failures.setdefault(key, f"{label}: {failure.title}: {failure.message}\n  {case.as_curl_command(headers)}")
 
 
-def _coverage(operation, headers: dict[str, str], failures: dict, counter: list, statuses: Counter,
-              path_parameters: dict | None = None) -> None:
+def _coverage(
+    operation,
+    headers: dict[str, str],
+    failures: dict,
+    counter: list,
+    statuses: Counter,
+    path_parameters: dict | None = None,
+) -> None:
     """schemathesis' coverage phase: boundary values, missing/extra fields, wrong types, deterministically."""
     generator = CoverageGenerator(
-        operation=operation, generation_modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+        operation=operation,
+        generation_modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
         generation_config=operation.schema.config.generation_for(operation=operation, phase="coverage"),
-        auth_storage=None, override=Override(path_parameters=path_parameters or {}), feedback=FeedbackSources(),
+        auth_storage=None,
+        override=Override(path_parameters=path_parameters or {}),
+        feedback=FeedbackSources(),
     )
     for case in itertools.islice(generator, COVERAGE_CASES):
         counter[0] += 1
         _check(operation, case, headers, "coverage", failures, statuses)
 
 
-def _run(operation, headers: dict[str, str], mode: GenerationMode, examples: int, failures: dict, counter: list,
-         statuses: Counter, path_parameters: dict | None = None) -> None:
+def _run(
+    operation,
+    headers: dict[str, str],
+    mode: GenerationMode,
+    examples: int,
+    failures: dict,
+    counter: list,
+    statuses: Counter,
+    path_parameters: dict | None = None,
+) -> None:
     strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
 
-    @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy)
     def run(case):
         counter[0] += 1
@@ -122,15 +145,19 @@ def _run(operation, headers: dict[str, str], mode: GenerationMode, examples: int
         assert mode is GenerationMode.NEGATIVE, operation.label
 
 
-def test_every_operation_conforms_to_the_schema(flask_app, stack_env, parked_model, fuzz_model, restore_tiers,
-                                                monkeypatch):
+def test_every_operation_conforms_to_the_schema(
+    flask_app, stack_env, parked_model, fuzz_model, restore_tiers, monkeypatch
+):
     # Submissions that name no model get `parked` (a pool, no worker): valid bodies create real jobs.
     monkeypatch.setattr(config, "_settings", dataclasses.replace(config.get_settings(), default_model="parked"))
     schema = schemathesis.openapi.from_wsgi("/v1/openapi.json", flask_app)
     _, user_key = create_user("api")
     _, admin_key = create_user("api", scopes=("admin",))
-    job_id = flask_app.test_client().post(
-        "/v1/generations", json={"prompt": "fuzz seed job", "model": "parked"}, headers=auth(user_key)).json["id"]
+    job_id = (
+        flask_app.test_client()
+        .post("/v1/generations", json={"prompt": "fuzz seed job", "model": "parked"}, headers=auth(user_key))
+        .json["id"]
+    )
     known = {"job_id": job_id, "name": fuzz_model}
 
     failures: dict = {}
@@ -158,6 +185,8 @@ def test_every_operation_conforms_to_the_schema(flask_app, stack_env, parked_mod
         if params and not fixed:
             _run(operation, headers, GenerationMode.POSITIVE, KNOWN_ID_EXAMPLES, failures, counter, statuses, params)
     elapsed = time.perf_counter() - started
-    print(f"\nschemathesis: {counter[0]} cases over {operations} operations in {elapsed:.1f} s, "
-          f"{len(failures)} distinct failures; statuses {dict(sorted(statuses.items()))}")
+    print(
+        f"\nschemathesis: {counter[0]} cases over {operations} operations in {elapsed:.1f} s, "
+        f"{len(failures)} distinct failures; statuses {dict(sorted(statuses.items()))}"
+    )
     assert not failures, "\n\n".join(f"{k[0]}: {v}" for k, v in failures.items())

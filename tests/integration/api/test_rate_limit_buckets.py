@@ -177,11 +177,16 @@ def test_cost_above_one(r, ns):
 
 def test_submission_buckets_and_one_script_per_client(r, ns):
     limiter = RateLimiter(r, prefix=ns)
-    both = limiter.submission_buckets(user_id="42", tier="pro", user_rate_per_min=30, user_burst=5,
-                                      tier_rate_per_min=600, tier_burst=100)
+    both = limiter.submission_buckets(
+        user_id="42", tier="pro", user_rate_per_min=30, user_burst=5, tier_rate_per_min=600, tier_burst=100
+    )
     assert both == [Bucket(ns + "user:42", 0.5, 5), Bucket(ns + "tier:pro", 10.0, 100)]
-    assert limiter.submission_buckets(user_id="42", tier="pro", user_rate_per_min=30, user_burst=5,
-                                      tier_rate_per_min=None, tier_burst=None) == both[:1]
+    assert (
+        limiter.submission_buckets(
+            user_id="42", tier="pro", user_rate_per_min=30, user_burst=5, tier_rate_per_min=None, tier_burst=None
+        )
+        == both[:1]
+    )
     assert limiter.take(both).allowed
     # The API builds a limiter per request: the script is still registered once per client.
     assert RateLimiter(r, prefix=ns)._script is limiter._script
@@ -237,8 +242,9 @@ def _closed_port() -> int:
 @pytest.fixture
 def dead_client():
     # retry=None: the default retries would only make each call slower to fail.
-    client = redis.Redis(host="127.0.0.1", port=_closed_port(), socket_connect_timeout=0.5,
-                         socket_timeout=0.5, retry=None)
+    client = redis.Redis(
+        host="127.0.0.1", port=_closed_port(), socket_connect_timeout=0.5, socket_timeout=0.5, retry=None
+    )
     yield client
     client.close()
 
@@ -279,8 +285,9 @@ def test_bad_take_rejected_before_redis(dead_client):
     with pytest.raises(ValueError):
         limiter.take([ok, Bucket(ok.key, 2.0, 9)])
     with pytest.raises(ValueError):
-        limiter.submission_buckets(user_id="u", tier="t", user_rate_per_min=0, user_burst=5,
-                                   tier_rate_per_min=None, tier_burst=None)
+        limiter.submission_buckets(
+            user_id="u", tier="t", user_rate_per_min=0, user_burst=5, tier_rate_per_min=None, tier_burst=None
+        )
     assert limiter.take([]).allowed
 
 
@@ -332,8 +339,13 @@ def _hammer(r, ns: str, specs: list[dict], run_s: float, before_start=None) -> t
     ready_key, go_key = ns + "ready", ns + "go"
     specs = [{**spec, "ready_key": ready_key, "go_key": go_key, "run_s": run_s} for spec in specs]
     procs = [
-        subprocess.Popen([sys.executable, "-c", HAMMER, json.dumps(spec)], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", HAMMER, json.dumps(spec)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for spec in specs
     ]
     try:
@@ -375,8 +387,10 @@ def test_one_bucket_never_over_granted_across_processes(r, redis_url, ns):
     elapsed = max(x["last"] for x in results) - min(x["first"] for x in results)
     ceiling = cap + rate * elapsed
     late = max(x["first"] for x in results) - start
-    print(f"\n{N_PROCS} procs: {calls} calls, {allowed} allowed, elapsed {elapsed:.3f}s, "
-          f"ceiling {ceiling:.2f}, last start {late:.3f}s late")
+    print(
+        f"\n{N_PROCS} procs: {calls} calls, {allowed} allowed, elapsed {elapsed:.3f}s, "
+        f"ceiling {ceiling:.2f}, last start {late:.3f}s late"
+    )
     assert calls > 10 * allowed, "the processes must really contend"
     assert allowed <= ceiling + 1e-6
     assert allowed >= cap
@@ -399,9 +413,17 @@ def test_tier_bucket_shared_by_users_never_exceeded(r, redis_url, ns):
             r.hset(key, mapping={"tokens": tokens, "ts": f"{start:.6f}"})
 
     specs = [
-        {"url": redis_url, "user_key": f"{ns}user:{user}", "user_rate": user_rate, "user_cap": user_cap,
-         "tier_key": tier_key, "tier_rate": tier_rate, "tier_cap": tier_cap}
-        for user in users for _ in range(2)  # two API processes serving each user
+        {
+            "url": redis_url,
+            "user_key": f"{ns}user:{user}",
+            "user_rate": user_rate,
+            "user_cap": user_cap,
+            "tier_key": tier_key,
+            "tier_rate": tier_rate,
+            "tier_cap": tier_cap,
+        }
+        for user in users
+        for _ in range(2)  # two API processes serving each user
     ]
     start, results = _hammer(r, ns, specs, run_s=2.0, before_start=seed)
 
@@ -409,8 +431,7 @@ def test_tier_bucket_shared_by_users_never_exceeded(r, redis_url, ns):
     elapsed = max(x["last"] for x in results) - start
     late = max(x["first"] for x in results) - start
     total = sum(x["allowed"] for x in results)
-    per_user = {u: sum(x["allowed"] for x, s in zip(results, specs) if s["user_key"] == f"{ns}user:{u}")
-                for u in users}
+    per_user = {u: sum(x["allowed"] for x, s in zip(results, specs) if s["user_key"] == f"{ns}user:{u}") for u in users}
     print(f"\nper user {per_user}, tier total {total}, elapsed {elapsed:.3f}s, last start {late:.3f}s late")
     assert total <= tier_seed + tier_rate * elapsed + 1e-6
     assert total >= tier_seed

@@ -45,7 +45,13 @@ def admin_key(stack_env):
 def test_admin_lists_and_edits_tiers_and_new_jobs_see_the_change(client, admin_key, parked_model):
     tiers = client.get("/v1/admin/tiers", headers=auth(admin_key)).json["data"]
     by_name = {t["name"]: t for t in tiers}
-    assert [by_name[n]["slo_s"] for n in ("api", "enterprise", "unlimited", "light", "free")] == [60, 120, 600, 1800, 7200]
+    assert [by_name[n]["slo_s"] for n in ("api", "enterprise", "unlimited", "light", "free")] == [
+        60,
+        120,
+        600,
+        1800,
+        7200,
+    ]
     name = make_tier()
     response = client.patch(f"/v1/admin/tiers/{name}", json={"slo_s": 90, "monthly_quota": 50}, headers=auth(admin_key))
     assert response.status_code == 200, response.json
@@ -57,10 +63,18 @@ def test_admin_lists_and_edits_tiers_and_new_jobs_see_the_change(client, admin_k
     assert cleared.json["monthly_quota"] is None
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"slo_s": 0}, "slo_s"), ({"min_share": 1.5}, "min_share"), ({"burst": 0}, "burst"),
-    ({"rank": 0}, "rank"), ({"slo_s": None}, "body"), ({}, "body"), ({"concurrency_cap": "many"}, "concurrency_cap"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"slo_s": 0}, "slo_s"),
+        ({"min_share": 1.5}, "min_share"),
+        ({"burst": 0}, "burst"),
+        ({"rank": 0}, "rank"),
+        ({"slo_s": None}, "body"),
+        ({}, "body"),
+        ({"concurrency_cap": "many"}, "concurrency_cap"),
+    ],
+)
 def test_bad_tier_changes_are_422_and_change_nothing(client, admin_key, body, field):
     name = make_tier()
     response = client.patch(f"/v1/admin/tiers/{name}", json=body, headers=auth(admin_key))
@@ -120,9 +134,14 @@ def test_concurrent_submissions_through_gunicorn_never_exceed_the_bucket(stack_e
     from app.stack.process import ManagedProcess, find_free_port
 
     port = find_free_port(None)
-    api = ManagedProcess("api", [sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"127.0.0.1:{port}", "app.api:create_app()"],
-                         env={**os.environ, **stack_env.env}, cwd=str(ROOT), log_path=tmp_path / "api.log",
-                         ready=lambda: _ok(f"http://127.0.0.1:{port}/healthz"))
+    api = ManagedProcess(
+        "api",
+        [sys.executable, "-m", "gunicorn", "-w", "3", "-b", f"127.0.0.1:{port}", "app.api:create_app()"],
+        env={**os.environ, **stack_env.env},
+        cwd=str(ROOT),
+        log_path=tmp_path / "api.log",
+        ready=lambda: _ok(f"http://127.0.0.1:{port}/healthz"),
+    )
     api.start()
     try:
         api.wait_ready(30)

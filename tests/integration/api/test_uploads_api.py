@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import func, select
 
 from app.core import config
+from app.core.storage import get_bytes
 from app.db.models import Upload
 from app.db.session import transaction
-from app.core.storage import get_bytes
 from tests.support.factories import auth
 from tests.support.media import moving_square_mp4
 
@@ -30,6 +30,7 @@ def user(make_user, parked_model):
 def limits(monkeypatch):
     def apply(**changes):
         monkeypatch.setattr(config, "_settings", dataclasses.replace(config.get_settings(), **changes))
+
     return apply
 
 
@@ -45,8 +46,11 @@ def test_raw_video_upload_is_probed_stored_and_usable_by_a_modify_job(client, us
     with transaction() as session:
         row = session.get(Upload, body["id"])
         assert get_bytes(config.get_settings().media_bucket, row.object_key) == data
-    job = client.post("/v1/generations", json={"prompt": "make it blue", "model": "parked", "type": "modify_video",
-                                               "upload_id": body["id"]}, headers=auth(key))
+    job = client.post(
+        "/v1/generations",
+        json={"prompt": "make it blue", "model": "parked", "type": "modify_video", "upload_id": body["id"]},
+        headers=auth(key),
+    )
     assert job.status_code == 202, job.json
     assert job.json["type"] == "modify_video" and job.json["upload_id"] == body["id"]
 
@@ -54,17 +58,24 @@ def test_raw_video_upload_is_probed_stored_and_usable_by_a_modify_job(client, us
 def test_multipart_upload_works_too(client, user):
     _, key = user
     data = moving_square_mp4(frames=6)
-    response = client.post("/v1/uploads", data={"file": (io.BytesIO(data), "clip.mp4", "video/mp4")},
-                           headers=auth(key), content_type="multipart/form-data")
+    response = client.post(
+        "/v1/uploads",
+        data={"file": (io.BytesIO(data), "clip.mp4", "video/mp4")},
+        headers=auth(key),
+        content_type="multipart/form-data",
+    )
     assert response.status_code == 201, response.json
     assert response.json["frames"] == 6
 
 
-@pytest.mark.parametrize(("content_type", "data", "status", "field"), [
-    ("image/png", b"\x89PNG\r\n\x1a\n" + b"0" * 100, 415, "Content-Type"),
-    ("video/mp4", b"this is not a video at all" * 20, 415, "file"),
-    ("video/mp4", b"", 422, "file"),
-])
+@pytest.mark.parametrize(
+    ("content_type", "data", "status", "field"),
+    [
+        ("image/png", b"\x89PNG\r\n\x1a\n" + b"0" * 100, 415, "Content-Type"),
+        ("video/mp4", b"this is not a video at all" * 20, 415, "file"),
+        ("video/mp4", b"", 422, "file"),
+    ],
+)
 def test_non_videos_are_refused_and_store_nothing(client, user, content_type, data, status, field):
     user_id, key = user
     response = client.post("/v1/uploads", data=data, headers={**auth(key), "Content-Type": content_type})
@@ -76,7 +87,9 @@ def test_non_videos_are_refused_and_store_nothing(client, user, content_type, da
 def test_truncated_mp4_is_refused(client, user):
     user_id, key = user
     data = moving_square_mp4(frames=12)
-    response = client.post("/v1/uploads", data=data[: len(data) // 3], headers={**auth(key), "Content-Type": "video/mp4"})
+    response = client.post(
+        "/v1/uploads", data=data[: len(data) // 3], headers={**auth(key), "Content-Type": "video/mp4"}
+    )
     assert response.status_code == 415
     assert response.json["error"]["code"] == "invalid_media"
     assert upload_count(user_id) == 0
@@ -85,7 +98,9 @@ def test_truncated_mp4_is_refused(client, user):
 def test_oversized_upload_is_413(client, user, limits):
     user_id, key = user
     limits(max_upload_bytes=2000)
-    response = client.post("/v1/uploads", data=moving_square_mp4(frames=24), headers={**auth(key), "Content-Type": "video/mp4"})
+    response = client.post(
+        "/v1/uploads", data=moving_square_mp4(frames=24), headers={**auth(key), "Content-Type": "video/mp4"}
+    )
     assert response.status_code == 413
     assert response.json["error"]["code"] == "payload_too_large"
     assert upload_count(user_id) == 0
@@ -94,7 +109,9 @@ def test_oversized_upload_is_413(client, user, limits):
 def test_too_long_video_is_422(client, user, limits):
     user_id, key = user
     limits(max_upload_duration_s=0.5)
-    response = client.post("/v1/uploads", data=moving_square_mp4(frames=12), headers={**auth(key), "Content-Type": "video/mp4"})
+    response = client.post(
+        "/v1/uploads", data=moving_square_mp4(frames=12), headers={**auth(key), "Content-Type": "video/mp4"}
+    )
     assert response.status_code == 422
     assert "longer than 0.5 s" in response.json["error"]["message"]
     assert upload_count(user_id) == 0

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from app.core.config import get_settings
-from app.db.session import transaction
 from app.core.storage import put_bytes, s3_client
+from app.db.session import transaction
 from tests.support.factories import auth
 
 pytestmark = pytest.mark.usefixtures("parked_model")
@@ -45,8 +45,13 @@ def job(job_id: str):
 
 def events(job_id: str) -> list[dict]:
     with transaction() as session:
-        return [dict(r) for r in session.execute(text(
-            "SELECT from_state, to_state, detail FROM job_events WHERE job_id = :id ORDER BY id"), {"id": job_id}).mappings()]
+        return [
+            dict(r)
+            for r in session.execute(
+                text("SELECT from_state, to_state, detail FROM job_events WHERE job_id = :id ORDER BY id"),
+                {"id": job_id},
+            ).mappings()
+        ]
 
 
 def test_a_second_run_while_one_holds_the_lock_skips(submit):
@@ -67,8 +72,13 @@ def test_reaper_requeues_lost_jobs_fails_spent_ones_and_leaves_live_leases(submi
 
     lost, spent, live, handoff = submit(), submit(), submit(), submit()
     set_job(lost, state="'running'", attempts="1", worker_id="'gone@host'", updated_at="now() - interval '10 minutes'")
-    set_job(spent, state="'running'", attempts="max_attempts", worker_id="'gone@host'",
-            updated_at="now() - interval '10 minutes'")
+    set_job(
+        spent,
+        state="'running'",
+        attempts="max_attempts",
+        worker_id="'gone@host'",
+        updated_at="now() - interval '10 minutes'",
+    )
     set_job(live, state="'running'", attempts="1", worker_id="'alive@host'", updated_at="now()")
     # Generated and waiting for the cpu queue: it gets ten leases, not one.
     set_job(handoff, state="'running'", attempts="1", progress="0.95", updated_at="now() - interval '2 minutes'")
@@ -94,10 +104,14 @@ def test_jobs_routed_to_a_worker_that_went_quiet_go_back_to_the_queue(submit):
     stale_worker, live_worker = f"quiet-{uuid.uuid4().hex[:6]}@h", f"live-{uuid.uuid4().hex[:6]}@h"
     with transaction() as session:
         for worker, age in ((stale_worker, "10 minutes"), (live_worker, "0 seconds")):
-            session.execute(text(
-                "INSERT INTO workers (id, pool_id, hostname, pid, device, state, info, heartbeat_at) "
-                f"VALUES (:id, NULL, 'h', 1, 'cpu', 'busy', '{{}}', "
-                f"now() - interval '{age}')"), {"id": worker})
+            session.execute(
+                text(
+                    "INSERT INTO workers (id, pool_id, hostname, pid, device, state, info, heartbeat_at) "
+                    f"VALUES (:id, NULL, 'h', 1, 'cpu', 'busy', '{{}}', "
+                    f"now() - interval '{age}')"
+                ),
+                {"id": worker},
+            )
     set_job(routed, state="'dispatched'", worker_id=f"'{stale_worker}'", dispatched_at="now()")
     set_job(healthy, state="'dispatched'", worker_id=f"'{live_worker}'", dispatched_at="now()")
     assert reap_expired_leases()["unrouted"] >= 1
@@ -108,8 +122,8 @@ def test_jobs_routed_to_a_worker_that_went_quiet_go_back_to_the_queue(submit):
 
 
 def test_reconciler_requeues_what_the_broker_lost_and_keeps_what_it_holds(submit):
-    from app.scheduling.dispatcher import Release
     from app.messaging import get_publisher
+    from app.scheduling.dispatcher import Release
     from tasks.maintenance import broker_task_ids, reconcile_broker
 
     lost, held, recent = submit(), submit(), submit()
@@ -131,8 +145,13 @@ def test_overdue_running_jobs_fail_with_timeout(submit):
 
     overdue, fine = submit(), submit()
     limit = get_settings().job_hard_time_limit_s + get_settings().job_lease_s
-    set_job(overdue, state="'running'", attempts="1", started_at=f"now() - interval '{int(limit) + 60} seconds'",
-            updated_at="now()")
+    set_job(
+        overdue,
+        state="'running'",
+        attempts="1",
+        started_at=f"now() - interval '{int(limit) + 60} seconds'",
+        updated_at="now()",
+    )
     set_job(fine, state="'running'", attempts="1", started_at="now()", updated_at="now()")
     assert time_out_overdue()["timed_out"] >= 1
     assert (job(overdue)["state"], job(overdue)["failure_code"]) == ("failed", "timeout")
@@ -149,8 +168,13 @@ def test_retention_deletes_expired_outputs_and_uploads_but_not_what_is_in_use(su
     for job_id, age_days in ((old, retention + 1), (young, 0)):
         put_bytes(bucket, f"outputs/{job_id}/1/video.mp4", b"v")
         put_bytes(bucket, f"outputs/{job_id}/1/thumbnail.jpg", b"t")
-        set_job(job_id, state="'succeeded'", finished_at=f"now() - interval '{age_days} days'",
-                video_key=f"'outputs/{job_id}/1/video.mp4'", thumbnail_key=f"'outputs/{job_id}/1/thumbnail.jpg'")
+        set_job(
+            job_id,
+            state="'succeeded'",
+            finished_at=f"now() - interval '{age_days} days'",
+            video_key=f"'outputs/{job_id}/1/video.mp4'",
+            thumbnail_key=f"'outputs/{job_id}/1/thumbnail.jpg'",
+        )
     # Uploads: one expired and unused, one expired but needed by a queued job.
     user_id = job(old)["user_id"]
     uploads = {}
@@ -158,10 +182,17 @@ def test_retention_deletes_expired_outputs_and_uploads_but_not_what_is_in_use(su
         for name in ("unused", "needed"):
             key = f"uploads/{uuid.uuid4()}.mp4"
             put_bytes(bucket, key, b"u")
-            uploads[name] = (session.execute(text(
-                "INSERT INTO uploads (id, user_id, object_key, content_type, size_bytes, sha256, duration_s, width, "
-                "height, frames, expires_at) VALUES (gen_random_uuid(), :u, :k, 'video/mp4', 1, 'x', 1, 8, 8, 1, "
-                "now() - interval '1 day') RETURNING id"), {"u": user_id, "k": key}).scalar_one(), key)
+            uploads[name] = (
+                session.execute(
+                    text(
+                        "INSERT INTO uploads (id, user_id, object_key, content_type, size_bytes, sha256, duration_s, width, "
+                        "height, frames, expires_at) VALUES (gen_random_uuid(), :u, :k, 'video/mp4', 1, 'x', 1, 8, 8, 1, "
+                        "now() - interval '1 day') RETURNING id"
+                    ),
+                    {"u": user_id, "k": key},
+                ).scalar_one(),
+                key,
+            )
     needing = submit()
     set_job(needing, upload_id=f"'{uploads['needed'][0]}'")
 
@@ -169,12 +200,18 @@ def test_retention_deletes_expired_outputs_and_uploads_but_not_what_is_in_use(su
     assert counts["outputs"] >= 1 and counts["uploads"] >= 1
     expired = job(old)
     assert expired["video_key"] is None and expired["thumbnail_key"] is None and expired["state"] == "succeeded"
-    listed = {o["Key"] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix=f"outputs/{old}/").get("Contents", [])}
+    listed = {
+        o["Key"] for o in s3_client().list_objects_v2(Bucket=bucket, Prefix=f"outputs/{old}/").get("Contents", [])
+    }
     assert listed == set()
     assert job(young)["video_key"] == f"outputs/{young}/1/video.mp4"
     with transaction() as session:
-        remaining = {r[0] for r in session.execute(text("SELECT id FROM uploads WHERE id = ANY(:ids)"),
-                                                   {"ids": [u[0] for u in uploads.values()]})}
+        remaining = {
+            r[0]
+            for r in session.execute(
+                text("SELECT id FROM uploads WHERE id = ANY(:ids)"), {"ids": [u[0] for u in uploads.values()]}
+            )
+        }
     assert remaining == {uploads["needed"][0]}
     assert "Contents" not in s3_client().list_objects_v2(Bucket=bucket, Prefix=uploads["unused"][1])
     # The API no longer offers URLs for expired outputs.
@@ -208,7 +245,15 @@ def test_beat_schedule_declares_every_maintenance_task_on_the_control_queue():
 
     schedule = celery_app.conf.beat_schedule
     names = {entry["task"] for entry in schedule.values()}
-    assert {"dreamq.maintenance.reap_expired_leases", "dreamq.maintenance.reconcile_broker",
-            "dreamq.maintenance.time_out_overdue", "dreamq.maintenance.expire_retention", "dreamq.dispatch"} <= names
-    assert all(entry["options"]["queue"] == "control" for entry in schedule.values()
-               if entry["task"].startswith(("dreamq.maintenance.", "dreamq.dispatch")))
+    assert {
+        "dreamq.maintenance.reap_expired_leases",
+        "dreamq.maintenance.reconcile_broker",
+        "dreamq.maintenance.time_out_overdue",
+        "dreamq.maintenance.expire_retention",
+        "dreamq.dispatch",
+    } <= names
+    assert all(
+        entry["options"]["queue"] == "control"
+        for entry in schedule.values()
+        if entry["task"].startswith(("dreamq.maintenance.", "dreamq.dispatch"))
+    )

@@ -73,22 +73,31 @@ def test_status_answers_a_bearer_admin_key_and_refuses_a_user_key(client, admin_
 
 def test_login_refuses_user_keys_unknown_keys_and_cross_site_posts(dashboard, admin_key, make_user):
     _, user_key = make_user("api")
-    for key, status, says in [(user_key, 403, "no admin scope"), ("dq_" + "x" * 43, 401, "not valid"), ("", 401, "not valid")]:
+    for key, status, says in [
+        (user_key, 403, "no admin scope"),
+        ("dq_" + "x" * 43, 401, "not valid"),
+        ("", 401, "not valid"),
+    ]:
         response = login(dashboard, key)
         assert response.status_code == status and says in response.text
         assert "Set-Cookie" not in response.headers
     for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}):
         response = login(dashboard, admin_key, **headers)
         assert response.status_code == 403 and "Set-Cookie" not in response.headers, headers
-    assert login(dashboard, admin_key, Origin="http://localhost", **{"Sec-Fetch-Site": "same-origin"}).status_code == 303
+    assert (
+        login(dashboard, admin_key, Origin="http://localhost", **{"Sec-Fetch-Site": "same-origin"}).status_code == 303
+    )
 
 
 def test_revoking_the_key_ends_its_session_at_the_next_request(dashboard, admin_key):
     assert login(dashboard, admin_key).status_code == 303
     assert dashboard.get("/v1/admin/status").status_code == 200
     with transaction() as session:
-        session.execute(ApiKey.__table__.update().where(ApiKey.key_hash == hash_key(admin_key))
-                        .values(revoked_at=dt.datetime.now(dt.timezone.utc)))
+        session.execute(
+            ApiKey.__table__.update()
+            .where(ApiKey.key_hash == hash_key(admin_key))
+            .values(revoked_at=dt.datetime.now(dt.timezone.utc))
+        )
     response = dashboard.get("/v1/admin/status")
     assert response.status_code == 401 and "session has ended" in response.json["error"]["message"]
     assert dashboard.get("/dashboard").status_code == 303
@@ -112,14 +121,22 @@ def test_without_a_secret_login_is_off_but_bearer_keys_still_work(client, flask_
 def test_status_json_is_the_snapshot(client, admin_key, make_user, parked_model):
     _, user_key = make_user("light")
     for _ in range(2):
-        assert client.post("/v1/generations", json={"prompt": "p", "model": "parked"}, headers=auth(user_key)).status_code == 202
+        assert (
+            client.post("/v1/generations", json={"prompt": "p", "model": "parked"}, headers=auth(user_key)).status_code
+            == 202
+        )
     body = client.get("/v1/admin/status", headers=auth(admin_key)).json
     assert set(body) == set(StatusOut.model_fields)  # the documented schema names every field
     with transaction() as session:
-        queued = session.execute(text("SELECT count(*) FROM jobs WHERE tier = 'light' AND state = 'queued'")).scalar_one()
-        limit = session.execute(text(
-            "SELECT p.dispatch_limit FROM pools p JOIN models m ON m.id = p.model_id "
-            "JOIN clusters c ON c.id = p.cluster_id WHERE m.name = 'parked' AND c.name = 'local'")).scalar_one()
+        queued = session.execute(
+            text("SELECT count(*) FROM jobs WHERE tier = 'light' AND state = 'queued'")
+        ).scalar_one()
+        limit = session.execute(
+            text(
+                "SELECT p.dispatch_limit FROM pools p JOIN models m ON m.id = p.model_id "
+                "JOIN clusters c ON c.id = p.cluster_id WHERE m.name = 'parked' AND c.name = 'local'"
+            )
+        ).scalar_one()
     light = next(t for t in body["tiers"] if t["name"] == "light")
     assert light["queued"] == queued >= 2 and light["oldest_wait_s"] >= 0
     parked = next(p for p in body["pools"] if p["name"] == "local.parked")

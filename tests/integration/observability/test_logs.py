@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import text
 
 from app.core.config import get_settings
-from app.db.session import transaction
 from app.core.logging_setup import JsonFormatter, job_context
-from app.scheduling.dispatcher import Release
 from app.core.storage import put_bytes
+from app.db.session import transaction
+from app.scheduling.dispatcher import Release
 from tests.support.factories import auth, create_user
 
 pytestmark = pytest.mark.usefixtures("parked_model")
@@ -64,10 +64,14 @@ def assert_job_lines(lines: list[dict], job_id: str, user_id, tier: str, at_leas
 
 def make_running(job_id: str, *, state: str = "running", attempts: int = 1) -> int:
     with transaction() as session:
-        return session.execute(text(
-            "UPDATE jobs SET state = :s, attempts = :a, dispatch_seq = dispatch_seq + 1, started_at = now(), "
-            "pool_id = (SELECT p.id FROM pools p JOIN models m ON m.id = p.model_id WHERE m.name = 'parked') "
-            "WHERE id = :id RETURNING dispatch_seq"), {"s": state, "a": attempts, "id": job_id}).scalar_one()
+        return session.execute(
+            text(
+                "UPDATE jobs SET state = :s, attempts = :a, dispatch_seq = dispatch_seq + 1, started_at = now(), "
+                "pool_id = (SELECT p.id FROM pools p JOIN models m ON m.id = p.model_id WHERE m.name = 'parked') "
+                "WHERE id = :id RETURNING dispatch_seq"
+            ),
+            {"s": state, "a": attempts, "id": job_id},
+        ).scalar_one()
 
 
 def test_api_request_lines_carry_the_job_its_user_and_tier(client, make_user):
@@ -87,8 +91,11 @@ def test_api_request_lines_carry_the_job_its_user_and_tier(client, make_user):
     assert created["status"] == 202 and created["request_id"]
     about = assert_job_lines(lines, job_id, user_id, "light", at_least=4)
     assert created in about
-    assert {r["path"] for r in about if r["msg"] == "request"} == {f"/v1/generations/{job_id}",
-                                                                   f"/v1/generations/{job_id}/cancel", "/v1/generations"}
+    assert {r["path"] for r in about if r["msg"] == "request"} == {
+        f"/v1/generations/{job_id}",
+        f"/v1/generations/{job_id}/cancel",
+        "/v1/generations",
+    }
     listed = next(r for r in requests if r["method"] == "GET" and r["path"] == "/v1/generations")
     assert listed["user_id"] == str(user_id) and listed["tier"] == "light" and "job_id" not in listed
     # Nothing bound by one request reaches the next one, or a line outside any request.
@@ -114,9 +121,9 @@ def test_dispatcher_lines_about_a_returned_job_carry_its_user_and_tier(client, m
 
 def test_worker_lines_carry_the_job_its_user_and_tier(client, make_user):
     """The claim (GPU task) and finalize (CPU task) bind user and tier as soon as they read the job."""
-    from tasks.finalize import finalize
     from app.jobs.execution import claim
     from app.jobs.outputs import staging_key
+    from tasks.finalize import finalize
 
     user_id, key = make_user("unlimited")
     lost = submit(client, key)

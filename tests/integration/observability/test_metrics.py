@@ -52,15 +52,21 @@ def scrape(client, key: str) -> Scrape:
 
 
 def submit(client, key: str, model: str = "parked", **headers):
-    return client.post("/v1/generations", json={"prompt": "a red circle", "model": model},
-                       headers={**auth(key), **headers})
+    return client.post(
+        "/v1/generations", json={"prompt": "a red circle", "model": model}, headers={**auth(key), **headers}
+    )
 
 
 def finish(job_ids) -> None:
     """Take a test's parked jobs out of every gauge (they would never run)."""
     with transaction() as session:
-        session.execute(text("UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = ANY(:ids) "
-                             "AND state IN ('queued', 'dispatched', 'running')"), {"ids": [str(i) for i in job_ids]})
+        session.execute(
+            text(
+                "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = ANY(:ids) "
+                "AND state IN ('queued', 'dispatched', 'running')"
+            ),
+            {"ids": [str(i) for i in job_ids]},
+        )
 
 
 @pytest.fixture()
@@ -93,8 +99,9 @@ def test_queue_depth_and_oldest_urgency_follow_the_jobs(client, admin_key, parke
         assert body.value("dreamq_queue_oldest_urgency", tier=tier) < 1
 
         with transaction() as session:
-            session.execute(text("UPDATE jobs SET created_at = now() - interval '200 seconds' WHERE id = :id"),
-                            {"id": ids[0]})
+            session.execute(
+                text("UPDATE jobs SET created_at = now() - interval '200 seconds' WHERE id = :id"), {"id": ids[0]}
+            )
         body = scrape(client, admin_key)
         assert body.value("dreamq_queue_oldest_urgency", tier=tier) >= 2
         assert body.value("dreamq_queue_oldest_wait_seconds", tier=tier) >= 200
@@ -119,9 +126,12 @@ def test_pool_gauges_are_the_database_values(client, admin_key, parked_model):
     _, key = create_user(tier)
     job_id = submit(client, key).json["id"]
     with transaction() as session:
-        pool_id, limit = session.execute(text(
-            "SELECT p.id, p.dispatch_limit FROM pools p JOIN models m ON m.id = p.model_id "
-            "JOIN clusters c ON c.id = p.cluster_id WHERE m.name = 'parked' AND c.name = 'local'")).one()
+        pool_id, limit = session.execute(
+            text(
+                "SELECT p.id, p.dispatch_limit FROM pools p JOIN models m ON m.id = p.model_id "
+                "JOIN clusters c ON c.id = p.cluster_id WHERE m.name = 'parked' AND c.name = 'local'"
+            )
+        ).one()
     before = scrape(client, admin_key)
     try:
         assert before.value("dreamq_pool_dispatch_limit", pool="local.parked", cluster="local", model="parked") == limit
@@ -130,13 +140,20 @@ def test_pool_gauges_are_the_database_values(client, admin_key, parked_model):
         with transaction() as session:
             session.execute(text("UPDATE pools SET dispatch_limit = :l WHERE id = :p"), {"l": limit + 5, "p": pool_id})
             # As the dispatcher leaves it: dispatched to the pool, its message in <pool>.<tier>.
-            session.execute(text("UPDATE jobs SET state = 'dispatched', pool_id = :p, dispatched_at = now(), "
-                                 "dispatch_seq = dispatch_seq + 1 WHERE id = :id"), {"p": pool_id, "id": job_id})
+            session.execute(
+                text(
+                    "UPDATE jobs SET state = 'dispatched', pool_id = :p, dispatched_at = now(), "
+                    "dispatch_seq = dispatch_seq + 1 WHERE id = :id"
+                ),
+                {"p": pool_id, "id": job_id},
+            )
         after = scrape(client, admin_key)
         assert after.value("dreamq_pool_dispatch_limit", pool="local.parked") == limit + 5
         assert after.value("dreamq_pool_queue_depth", pool="local.parked", tier=tier) == 1
-        assert after.value("dreamq_pool_in_flight", pool="local.parked") == before.value(
-            "dreamq_pool_in_flight", pool="local.parked") + 1
+        assert (
+            after.value("dreamq_pool_in_flight", pool="local.parked")
+            == before.value("dreamq_pool_in_flight", pool="local.parked") + 1
+        )
         assert after.value("dreamq_jobs", tier=tier, state="dispatched") == 1
     finally:
         with transaction() as session:
@@ -158,8 +175,11 @@ def test_rate_limit_and_quota_refusals_are_counted(client, admin_key, parked_mod
     assert after.value(name, tier=limited, reason="rate_limited_user") - before.value(name, tier=limited) == 2
     assert after.value(name, tier=quota, reason="quota_exceeded") - before.value(name, tier=quota) == 1
     # The refused requests are in the request counter by route and status, never by path.
-    assert after.value("dreamq_http_requests_total", route="/v1/generations", method="POST", status="429") - \
-        before.value("dreamq_http_requests_total", route="/v1/generations", method="POST", status="429") == 3
+    assert (
+        after.value("dreamq_http_requests_total", route="/v1/generations", method="POST", status="429")
+        - before.value("dreamq_http_requests_total", route="/v1/generations", method="POST", status="429")
+        == 3
+    )
     routes = {lab["route"] for n, lab, _ in after.samples if n == "dreamq_http_requests_total"}
     assert "/v1/generations" in routes and not any(re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-", r) for r in routes)
     with transaction() as session:
@@ -175,12 +195,27 @@ def test_outcomes_are_counted_once_per_winning_transition(client, admin_key, par
     before = scrape(client, admin_key)
     for _ in range(2):  # the second call loses (the job is no longer queued) and counts nothing
         with transaction() as session:
-            transition(session, failed, JobState.queued, JobState.failed, failure_code="model_error",
-                       failure_message="boom", finished_at=NOW)
+            transition(
+                session,
+                failed,
+                JobState.queued,
+                JobState.failed,
+                failure_code="model_error",
+                failure_message="boom",
+                finished_at=NOW,
+            )
     assert client.post(f"/v1/generations/{cancelled}/cancel", headers=auth(key)).status_code == 202
     after = scrape(client, admin_key)
-    assert after.value(name, tier=tier, state="failed", reason="model_error") - before.value(name, tier=tier, state="failed") == 1
-    assert after.value(name, tier=tier, state="cancelled", reason="none") - before.value(name, tier=tier, state="cancelled") == 1
+    assert (
+        after.value(name, tier=tier, state="failed", reason="model_error")
+        - before.value(name, tier=tier, state="failed")
+        == 1
+    )
+    assert (
+        after.value(name, tier=tier, state="cancelled", reason="none")
+        - before.value(name, tier=tier, state="cancelled")
+        == 1
+    )
     assert after.value(name, tier=tier, state="succeeded") == before.value(name, tier=tier, state="succeeded")
 
 
@@ -197,8 +232,11 @@ def test_a_finished_job_counts_its_wait_outcome_dispatch_and_model_load(client, 
     while True:
         after = scrape(client, admin_key)
         name = "dreamq_job_outcomes_total"
-        if after.value(name, tier="enterprise", state="succeeded") > before.value(name, tier="enterprise", state="succeeded") \
-                or time.monotonic() > deadline:
+        if (
+            after.value(name, tier="enterprise", state="succeeded")
+            > before.value(name, tier="enterprise", state="succeeded")
+            or time.monotonic() > deadline
+        ):
             break
         time.sleep(0.2)
 
@@ -217,12 +255,15 @@ def test_a_finished_job_counts_its_wait_outcome_dispatch_and_model_load(client, 
     assert after.value("dreamq_model_load_seconds_count", model="tiny") >= 1  # the worker's preload
     # The workers as the snapshot sees them: live, in their pool, with the version they hold.
     assert after.value("dreamq_pool_live_workers", pool="local.tiny") >= 1
-    tiny_workers = [lab["worker"] for n, lab, _ in after.samples if n == "dreamq_worker_info" and lab["pool"] == "local.tiny"]
+    tiny_workers = [
+        lab["worker"] for n, lab, _ in after.samples if n == "dreamq_worker_info" and lab["pool"] == "local.tiny"
+    ]
     assert tiny_workers
     assert any(after.has("dreamq_worker_loaded_version", worker=w) for w in tiny_workers)
     assert after.value("dreamq_jobs", tier="enterprise", state="running") == sum(
         after.value("dreamq_pool_running_jobs", pool=p, tier="enterprise")
-        for p in {lab["pool"] for n, lab, _ in after.samples if n == "dreamq_pool_running_jobs"})
+        for p in {lab["pool"] for n, lab, _ in after.samples if n == "dreamq_pool_running_jobs"}
+    )
 
 
 def _healthz(url: str) -> int:
@@ -242,8 +283,12 @@ def _per_process(directory: Path, tmp: Path) -> dict[str, float]:
         shutil.copy(file, alone / file.name)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(alone))
-        counts[file.stem] = registry.get_sample_value(
-            "dreamq_http_requests_total", {"route": "/healthz", "method": "GET", "status": "200"}) or 0
+        counts[file.stem] = (
+            registry.get_sample_value(
+                "dreamq_http_requests_total", {"route": "/healthz", "method": "GET", "status": "200"}
+            )
+            or 0
+        )
     return counts
 
 
@@ -258,10 +303,24 @@ def test_gunicorn_workers_counters_are_summed_in_every_scrape(stack_env, admin_k
     port = find_free_port(None)
     base = f"http://127.0.0.1:{port}"
     api = ManagedProcess(
-        "api", [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "-w", "2", "-b",
-                f"127.0.0.1:{port}", "app.api:create_app()"],
-        env={**os.environ, **stack_env.env, "PROMETHEUS_MULTIPROC_DIR": str(directory)}, cwd=str(ROOT),
-        log_path=tmp_path / "api.log", ready=lambda: _ok(f"{base}/healthz"))
+        "api",
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:app.gunicorn_conf",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "app.api:create_app()",
+        ],
+        env={**os.environ, **stack_env.env, "PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        cwd=str(ROOT),
+        log_path=tmp_path / "api.log",
+        ready=lambda: _ok(f"{base}/healthz"),
+    )
     api.start()
     try:
         api.wait_ready(60)
@@ -281,8 +340,7 @@ def test_gunicorn_workers_counters_are_summed_in_every_scrape(stack_env, admin_k
             per_process = _per_process(directory, tmp_path / f"after-{served}")
             if len([c for c in per_process.values() if c > 0]) == 2:
                 break
-        totals = {_scrape_http(base, admin_key).value("dreamq_http_requests_total", route="/healthz")
-                  for _ in range(6)}
+        totals = {_scrape_http(base, admin_key).value("dreamq_http_requests_total", route="/healthz") for _ in range(6)}
     finally:
         api.stop(5)
     assert totals == {baseline + served}

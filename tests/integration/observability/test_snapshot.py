@@ -22,18 +22,31 @@ def test_tier_counts_urgency_and_attainment_follow_the_jobs(client, make_user):
     ids = {}
     for tier in ("api", "free"):
         _, key = make_user(tier)
-        ids[tier] = [client.post("/v1/generations", json={"prompt": "x", "model": "parked"}, headers=auth(key)).json["id"]
-                     for _ in range(3)]
+        ids[tier] = [
+            client.post("/v1/generations", json={"prompt": "x", "model": "parked"}, headers=auth(key)).json["id"]
+            for _ in range(3)
+        ]
     with transaction() as session:
         slo = dict(session.execute(text("SELECT name, slo_s FROM tiers")).all())
         # One api job has waited twice its W; one started within W, one started late.
-        session.execute(text("UPDATE jobs SET created_at = now() - make_interval(secs => :s) WHERE id = :id"),
-                        {"s": 2 * slo["api"], "id": ids["api"][0]})
-        session.execute(text("UPDATE jobs SET state = 'running', attempts = 1, started_at = now(), "
-                             "created_at = now() - interval '1 second' WHERE id = :id"), {"id": ids["api"][1]})
-        session.execute(text("UPDATE jobs SET state = 'running', attempts = 1, started_at = now(), "
-                             "created_at = now() - make_interval(secs => :s) WHERE id = :id"),
-                        {"s": 3 * slo["api"], "id": ids["api"][2]})
+        session.execute(
+            text("UPDATE jobs SET created_at = now() - make_interval(secs => :s) WHERE id = :id"),
+            {"s": 2 * slo["api"], "id": ids["api"][0]},
+        )
+        session.execute(
+            text(
+                "UPDATE jobs SET state = 'running', attempts = 1, started_at = now(), "
+                "created_at = now() - interval '1 second' WHERE id = :id"
+            ),
+            {"id": ids["api"][1]},
+        )
+        session.execute(
+            text(
+                "UPDATE jobs SET state = 'running', attempts = 1, started_at = now(), "
+                "created_at = now() - make_interval(secs => :s) WHERE id = :id"
+            ),
+            {"s": 3 * slo["api"], "id": ids["api"][2]},
+        )
     after = {t.name: t for t in snap().tiers}
     api, free = after["api"], after["free"]
     assert api.queued - before["api"].queued == 1 and api.running - before["api"].running == 2
@@ -50,16 +63,28 @@ def test_pools_workers_and_failures(client, make_user):
     _, key = make_user("api")
     job_id = client.post("/v1/generations", json={"prompt": "x", "model": "parked"}, headers=auth(key)).json["id"]
     with transaction() as session:
-        session.execute(text("UPDATE jobs SET state = 'failed', failure_code = 'model_error', "
-                             "failure_message = 'boom', finished_at = now() WHERE id = :id"), {"id": job_id})
-        digest = session.execute(text(
-            "SELECT v.digest FROM model_versions v JOIN models m ON m.id = v.model_id WHERE m.name = 'parked' "
-            "ORDER BY v.number LIMIT 1")).scalar_one()
-        session.execute(text(
-            "INSERT INTO workers (id, pool_id, hostname, pid, device, state, info, heartbeat_at) VALUES "
-            "('snap-w@h', (SELECT p.id FROM pools p JOIN models m ON m.id = p.model_id WHERE m.name = 'parked'), "
-            "'h', 1, 'cuda:0 H100', 'draining', jsonb_build_object('loaded', jsonb_build_array(CAST(:d AS text))), now()) "
-            "ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'draining'"), {"d": digest})
+        session.execute(
+            text(
+                "UPDATE jobs SET state = 'failed', failure_code = 'model_error', "
+                "failure_message = 'boom', finished_at = now() WHERE id = :id"
+            ),
+            {"id": job_id},
+        )
+        digest = session.execute(
+            text(
+                "SELECT v.digest FROM model_versions v JOIN models m ON m.id = v.model_id WHERE m.name = 'parked' "
+                "ORDER BY v.number LIMIT 1"
+            )
+        ).scalar_one()
+        session.execute(
+            text(
+                "INSERT INTO workers (id, pool_id, hostname, pid, device, state, info, heartbeat_at) VALUES "
+                "('snap-w@h', (SELECT p.id FROM pools p JOIN models m ON m.id = p.model_id WHERE m.name = 'parked'), "
+                "'h', 1, 'cuda:0 H100', 'draining', jsonb_build_object('loaded', jsonb_build_array(CAST(:d AS text))), now()) "
+                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), state = 'draining'"
+            ),
+            {"d": digest},
+        )
     snapshot = snap()
     pool = next(p for p in snapshot.pools if p.model == "parked")
     # Draining: listed, but not capacity (a live fake worker would let the dispatcher release

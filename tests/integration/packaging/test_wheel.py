@@ -40,7 +40,7 @@ NOT_PACKAGES = ("workers/demo_models/",)
 # Modules in the wheel that cannot be imported outside their host program, each with the reason.
 IMPORT_SKIP = {
     "migrations.env": "alembic's env script: reads alembic.context.config at import, which exists "
-                      "only while alembic runs a migration (imported under alembic by tests/integration/db)",
+    "only while alembic runs a migration (imported under alembic by tests/integration/db)",
 }
 
 TIMEOUT_S = 180
@@ -95,8 +95,11 @@ def _run(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.Comple
 
 def _clean_env(venv_bin: Path | None = None) -> dict[str, str]:
     env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith("PIP_") and k not in {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__"}
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PIP_")
+        and k
+        not in {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONSAFEPATH", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__"}
     }
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env["PIP_NO_INPUT"] = "1"
@@ -112,7 +115,10 @@ def _source_files(root: Path) -> list[str]:
         pytest.skip("not a git checkout: the files to build from are the ones git lists")
     out = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=root, capture_output=True, check=True, timeout=60,
+        cwd=root,
+        capture_output=True,
+        check=True,
+        timeout=60,
     ).stdout.decode()
     return sorted(f for f in set(out.split("\0")) if f and (root / f).is_file())
 
@@ -132,7 +138,12 @@ def _module_name(rel: str) -> str:
 
 
 def _in_packages(rel: str) -> bool:
-    return rel.split("/", 1)[0] in PACKAGES and "/" in rel and not rel.startswith(NOT_PACKAGES) and "__pycache__/" not in rel
+    return (
+        rel.split("/", 1)[0] in PACKAGES
+        and "/" in rel
+        and not rel.startswith(NOT_PACKAGES)
+        and "__pycache__/" not in rel
+    )
 
 
 def _package_data_patterns(src: Path) -> list[str]:
@@ -156,8 +167,22 @@ def check_wheel(src: Path, work: Path) -> None:
 
     # Build: pip's in-tree build, in the staged copy; setuptools and its bdist_wheel are in the dev env.
     dist = work / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(dist), str(src)],
-         cwd=work, env=env)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        cwd=work,
+        env=env,
+    )
     (wheel,) = dist.glob("dreamq-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = [n for n in zf.namelist() if not n.endswith("/")]
@@ -185,10 +210,27 @@ def check_wheel(src: Path, work: Path) -> None:
     venv_bin = venv / "bin"
     python = venv_bin / "python"
     env = _clean_env(venv_bin)
-    purelib = Path(_run([str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                        cwd=work, env=env).stdout.strip())
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
-         cwd=work, env=env)
+    purelib = Path(
+        _run(
+            [str(python), "-I", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=work, env=env
+        ).stdout.strip()
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            str(wheel),
+        ],
+        cwd=work,
+        env=env,
+    )
 
     # The dev env's installed dependencies, less dreamq's editable install.
     deps = work / "deps"
@@ -196,14 +238,20 @@ def check_wheel(src: Path, work: Path) -> None:
     for site_dir in {Path(sysconfig.get_path("purelib")), Path(sysconfig.get_path("platlib"))}:
         for entry in site_dir.iterdir():
             name = entry.name
-            if name.startswith("__editable__") or re.match(r"dreamq([-.]|$)", name, re.IGNORECASE) or (deps / name).exists():
+            if (
+                name.startswith("__editable__")
+                or re.match(r"dreamq([-.]|$)", name, re.IGNORECASE)
+                or (deps / name).exists()
+            ):
                 continue
             (deps / name).symlink_to(entry)
     (purelib / "_dreamq_test_dependencies.pth").write_text(f"{deps}\n")
 
     cwd = work / "cwd"
     cwd.mkdir()
-    proc = _run([str(python), "-I", "-c", _CHECK_IMPORTS, json.dumps([list(PACKAGES), sorted(IMPORT_SKIP)])], cwd=cwd, env=env)
+    proc = _run(
+        [str(python), "-I", "-c", _CHECK_IMPORTS, json.dumps([list(PACKAGES), sorted(IMPORT_SKIP)])], cwd=cwd, env=env
+    )
     report = json.loads(proc.stdout)
 
     assert not report["failed"], "modules that failed to import from the installed wheel:\n" + "\n".join(

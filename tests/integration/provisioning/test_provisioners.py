@@ -51,8 +51,9 @@ def _exercise(provisioner, cluster: str, client, tmp_path) -> dict:
     started = time.monotonic()
     [worker] = provisioner.start(cluster, "bursty", 1)
     assert [w.name for w in provisioner.list(cluster, "bursty")] == [worker.name]
-    assert wait_until(lambda: any(r["state"] == "idle" for r in worker_rows(worker.node_prefix())), 120), \
+    assert wait_until(lambda: any(r["state"] == "idle" for r in worker_rows(worker.node_prefix())), 120), (
         f"burst worker never heartbeated; log in {tmp_path}"
+    )
     ready_s = time.monotonic() - started
     _, key = create_user("api")
     job = client.post("/v1/generations", json={"prompt": "burst", "model": "bursty"}, headers=auth(key)).json

@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 from app.core.config import get_settings
-from app.db.session import transaction
 from app.core.storage import s3_client
+from app.db.session import transaction
 from workers.cache import CacheFull, ModelCache
 from workers.repository import IntegrityError, fetch_manifest, push_version, version_prefix
 
@@ -59,8 +59,14 @@ print(json.dumps([str(cache.ensure(*version)) for version in spec["versions"]]),
 
 def spawn(**spec) -> subprocess.Popen:
     spec = {"delay": 0.0, "max_bytes": 10**9, "action": "ensure", **spec}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=ROOT, env=os.environ.copy(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(spec)],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc
 
 
@@ -210,8 +216,12 @@ def test_workers_racing_for_versions_download_each_file_once(name, tmp_path):
     first, second = push(name, bundle), push(name, bundle)
     root, log, go = tmp_path / "cache", tmp_path / "downloads.log", tmp_path / "go"
     plan = [[first], [first], [second]]
-    procs = [spawn(root=str(root), log=str(log), go=str(go), delay=0.3,
-                   versions=[[name, v.number, v.digest] for v in versions]) for versions in plan]
+    procs = [
+        spawn(
+            root=str(root), log=str(log), go=str(go), delay=0.3, versions=[[name, v.number, v.digest] for v in versions]
+        )
+        for versions in plan
+    ]
     for proc in procs:
         wait_for_line(proc, "ready")
     go.touch()
@@ -238,17 +248,30 @@ def lru_versions(stack_env, tmp_path_factory):
     name = f"lru-{uuid.uuid4().hex[:8]}"
     root = tmp_path_factory.mktemp("lru-bundles")
     pushed = [
-        push(name, make_bundle(root, f"v{i}", extra={"weights/own.safetensors": random.Random(10 + i).randbytes(32 * 1024)}))
+        push(
+            name,
+            make_bundle(root, f"v{i}", extra={"weights/own.safetensors": random.Random(10 + i).randbytes(32 * 1024)}),
+        )
         for i in range(1, 5)
     ]
     manifest = fetch_manifest(name, 1, pushed[0].digest)
     own = {f["path"]: f for f in manifest["files"]}.pop("weights/own.safetensors")
     shared = sum(f["size"] for f in manifest["files"]) - own["size"]
-    own_sha = {v.number: {f["path"]: f["sha256"] for f in fetch_manifest(name, v.number, v.digest)["files"]}
-               ["weights/own.safetensors"] for v in pushed}
+    own_sha = {
+        v.number: {f["path"]: f["sha256"] for f in fetch_manifest(name, v.number, v.digest)["files"]}[
+            "weights/own.safetensors"
+        ]
+        for v in pushed
+    }
     shared_shas = [f["sha256"] for f in manifest["files"] if f["path"] != "weights/own.safetensors"]
-    return {"name": name, "versions": pushed, "shared": shared, "own": own["size"], "own_sha": own_sha,
-            "shared_shas": shared_shas}
+    return {
+        "name": name,
+        "versions": pushed,
+        "shared": shared,
+        "own": own["size"],
+        "own_sha": own_sha,
+        "shared_shas": shared_shas,
+    }
 
 
 def test_lru_evicts_the_least_recently_used_version_that_is_not_in_use(lru_versions, tmp_path):
@@ -260,7 +283,9 @@ def test_lru_evicts_the_least_recently_used_version_that_is_not_in_use(lru_versi
         held = {v.number for v in versions}
         for v in (v1, v2, v3, v4):
             assert cache.path_for(v.digest).exists() == (v.number in held), f"v{v.number}"
-            assert cache.blob_path(lru_versions["own_sha"][v.number]).exists() == (v.number in held), f"v{v.number} blob"
+            assert cache.blob_path(lru_versions["own_sha"][v.number]).exists() == (v.number in held), (
+                f"v{v.number} blob"
+            )
         for sha in lru_versions["shared_shas"]:
             assert cache.blob_path(sha).exists()  # shared by whatever remains: never evicted
         assert cache.stats()["bytes"] <= max_bytes

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import select
 
 from app.core.config import get_settings
+from app.core.storage import s3_client
 from app.db.models import Model, ModelAlias, ModelVersion
 from app.db.session import transaction
-from app.core.storage import s3_client
 from workers.cache import ModelCache
 from workers.repository import (
     BundleError,
@@ -41,15 +41,22 @@ def push(name: str, bundle: Path = TINY):
 
 def objects(prefix: str) -> list[str]:
     listing = s3_client().list_objects_v2(Bucket=get_settings().models_bucket, Prefix=prefix)
-    return sorted(obj["Key"][len(prefix):] for obj in listing.get("Contents", []))
+    return sorted(obj["Key"][len(prefix) :] for obj in listing.get("Contents", []))
 
 
 def test_push_writes_every_file_and_a_manifest_of_their_digests(model_name):
     pushed = push(model_name)
     assert pushed.number == 1 and pushed.digest.startswith("sha256:")
     keys = objects(version_prefix(model_name, 1))
-    assert keys == sorted(["manifest.json", "model.json", "code/tiny_model/__init__.py",
-                           "weights/tiny.safetensors", "env/requirements.lock"])
+    assert keys == sorted(
+        [
+            "manifest.json",
+            "model.json",
+            "code/tiny_model/__init__.py",
+            "weights/tiny.safetensors",
+            "env/requirements.lock",
+        ]
+    )
     manifest = fetch_manifest(model_name, 1, pushed.digest)
     assert {f["path"] for f in manifest["files"]} == set(keys) - {"manifest.json"}
     assert manifest["environment"]["torch"] == "2.13.0"
@@ -67,7 +74,9 @@ def test_versions_are_numbered_and_never_written_twice(model_name):
     assert push(model_name).number == 2
     # Someone wrote version 3's manifest behind the registry's back: the push refuses to
     # overwrite it rather than replace an existing version.
-    s3_client().put_object(Bucket=get_settings().models_bucket, Key=version_prefix(model_name, 3) + "manifest.json", Body=b"{}")
+    s3_client().put_object(
+        Bucket=get_settings().models_bucket, Key=version_prefix(model_name, 3) + "manifest.json", Body=b"{}"
+    )
     with pytest.raises(VersionExists, match="immutable"):
         push(model_name)
     with transaction() as session:
@@ -146,7 +155,7 @@ def test_two_versions_of_one_package_load_side_by_side(model_name, tmp_path):
     assert type(a.model).__module__ != type(b.model).__module__
     import sys
 
-    assert getattr(sys.modules[type(b.model).__module__], "VERSION_MARK") == 2
+    assert sys.modules[type(b.model).__module__].VERSION_MARK == 2
     assert not hasattr(sys.modules[type(a.model).__module__], "VERSION_MARK")
     frames = a.model.generate("x", width=16, height=16, num_frames=2, seed=0)
     assert frames.shape == (2, 16, 16, 3)
@@ -163,8 +172,9 @@ def test_concurrent_pushes_of_the_same_version_one_wins(model_name, stack_env):
     spawn = multiprocessing.get_context("spawn")
     start_at = time.time() + 3  # both processes are up (torch imported) before either pushes
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
-        results = list(pool.map(push_in_process, [stack_env.env] * 2, [str(TINY)] * 2, [model_name] * 2, [7, 7],
-                                [start_at] * 2))
+        results = list(
+            pool.map(push_in_process, [stack_env.env] * 2, [str(TINY)] * 2, [model_name] * 2, [7, 7], [start_at] * 2)
+        )
     assert sorted(r.split(":")[0] for r in results) == ["VersionExists", "ok"], results
     with transaction() as session:
         rows = session.scalars(select(ModelVersion).join(Model).where(Model.name == model_name)).all()

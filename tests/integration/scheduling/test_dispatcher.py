@@ -23,52 +23,76 @@ class Lane:
         suffix = uuid.uuid4().hex[:8]
         self.cluster, self.model = f"c-{suffix}", f"m-{suffix}"
         with transaction() as session:
-            self.cluster_id = session.execute(text("INSERT INTO clusters (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"),
-                                              {"n": self.cluster}).scalar_one()
-            self.model_id = session.execute(text("INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"),
-                                            {"n": self.model}).scalar_one()
-            self.version_id = session.execute(text(
-                "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
-                "VALUES (gen_random_uuid(), :m, 1, :d, '{}'::jsonb, 0) RETURNING id"),
-                {"m": self.model_id, "d": f"sha256:{uuid.uuid4().hex}"}).scalar_one()
-            self.pool_id = session.execute(text(
-                "INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) VALUES (gen_random_uuid(), :c, :m, :l) RETURNING id"),
-                {"c": self.cluster_id, "m": self.model_id, "l": dispatch_limit}).scalar_one()
+            self.cluster_id = session.execute(
+                text("INSERT INTO clusters (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": self.cluster}
+            ).scalar_one()
+            self.model_id = session.execute(
+                text("INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": self.model}
+            ).scalar_one()
+            self.version_id = session.execute(
+                text(
+                    "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
+                    "VALUES (gen_random_uuid(), :m, 1, :d, '{}'::jsonb, 0) RETURNING id"
+                ),
+                {"m": self.model_id, "d": f"sha256:{uuid.uuid4().hex}"},
+            ).scalar_one()
+            self.pool_id = session.execute(
+                text(
+                    "INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) VALUES (gen_random_uuid(), :c, :m, :l) RETURNING id"
+                ),
+                {"c": self.cluster_id, "m": self.model_id, "l": dispatch_limit},
+            ).scalar_one()
 
     def workers(self, n: int, *, age_s: float = 0, state: str = "idle") -> None:
         with transaction() as session:
             for _ in range(n):
-                session.execute(text(
-                    "INSERT INTO workers (id, pool_id, hostname, pid, device, state, heartbeat_at) "
-                    "VALUES (:id, :p, 'test', 1, 'cpu', :s, now() - make_interval(secs => :age))"),
-                    {"id": f"w-{uuid.uuid4().hex[:8]}@test", "p": self.pool_id, "s": state, "age": age_s})
+                session.execute(
+                    text(
+                        "INSERT INTO workers (id, pool_id, hostname, pid, device, state, heartbeat_at) "
+                        "VALUES (:id, :p, 'test', 1, 'cpu', :s, now() - make_interval(secs => :age))"
+                    ),
+                    {"id": f"w-{uuid.uuid4().hex[:8]}@test", "p": self.pool_id, "s": state, "age": age_s},
+                )
 
     def jobs(self, user_id, tier: str, n: int, *, age_s: float = 0) -> list[uuid.UUID]:
         with transaction() as session:
-            return list(session.execute(text(
-                "INSERT INTO jobs (id, user_id, tier, kind, prompt, params, model_id, model_version_id, max_attempts, created_at) "
-                "SELECT gen_random_uuid(), :u, :t, 'text_to_video', 'p', '{}'::jsonb, :m, :v, 3, "
-                "       now() - make_interval(secs => :age) + g * interval '1 millisecond' "
-                "FROM generate_series(1, :n) g RETURNING id"),
-                {"u": user_id, "t": tier, "m": self.model_id, "v": self.version_id, "n": n, "age": age_s}).scalars())
+            return list(
+                session.execute(
+                    text(
+                        "INSERT INTO jobs (id, user_id, tier, kind, prompt, params, model_id, model_version_id, max_attempts, created_at) "
+                        "SELECT gen_random_uuid(), :u, :t, 'text_to_video', 'p', '{}'::jsonb, :m, :v, 3, "
+                        "       now() - make_interval(secs => :age) + g * interval '1 millisecond' "
+                        "FROM generate_series(1, :n) g RETURNING id"
+                    ),
+                    {"u": user_id, "t": tier, "m": self.model_id, "v": self.version_id, "n": n, "age": age_s},
+                ).scalars()
+            )
 
     def count(self, state: str) -> int:
         with transaction() as session:
-            return session.execute(text("SELECT count(*) FROM jobs WHERE model_id = :m AND state = :s"),
-                                   {"m": self.model_id, "s": state}).scalar_one()
+            return session.execute(
+                text("SELECT count(*) FROM jobs WHERE model_id = :m AND state = :s"), {"m": self.model_id, "s": state}
+            ).scalar_one()
 
     def start(self, n: int) -> None:
         """What a worker's claim does: dispatched -> running."""
         with transaction() as session:
-            session.execute(text(
-                "UPDATE jobs SET state = 'running', started_at = now() WHERE id IN "
-                "(SELECT id FROM jobs WHERE model_id = :m AND state = 'dispatched' ORDER BY dispatched_at LIMIT :n)"),
-                {"m": self.model_id, "n": n})
+            session.execute(
+                text(
+                    "UPDATE jobs SET state = 'running', started_at = now() WHERE id IN "
+                    "(SELECT id FROM jobs WHERE model_id = :m AND state = 'dispatched' ORDER BY dispatched_at LIMIT :n)"
+                ),
+                {"m": self.model_id, "n": n},
+            )
 
     def finish_running(self) -> None:
         with transaction() as session:
-            session.execute(text("UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE model_id = :m AND state = 'running'"),
-                            {"m": self.model_id})
+            session.execute(
+                text(
+                    "UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE model_id = :m AND state = 'running'"
+                ),
+                {"m": self.model_id},
+            )
 
     def dispatcher(self, **kwargs) -> Dispatcher:
         return Dispatcher(clusters=[self.cluster], ledger_store=LedgerStore(None), **kwargs)
@@ -105,7 +129,7 @@ def test_a_pool_without_live_workers_receives_nothing(users):
     lane.jobs(user, "api", 10)
     dispatcher = lane.dispatcher()
     assert run_pass(dispatcher).releases == []
-    lane.workers(2, age_s=120)          # heartbeats too old: gone
+    lane.workers(2, age_s=120)  # heartbeats too old: gone
     lane.workers(1, state="draining")  # draining takes nothing new
     assert run_pass(dispatcher).releases == []
     lane.workers(1)
@@ -122,8 +146,10 @@ def test_a_worker_with_short_jobs_is_given_half_a_second_of_them(users):
     # No job time reported yet: DISPATCH_PER_WORKER each.
     assert len(run_pass(dispatcher).releases) == 2 * DISPATCH_PER_WORKER
     with transaction() as session:
-        session.execute(text("UPDATE workers SET info = info || CAST(:i AS jsonb) WHERE pool_id = :p"),
-                        {"i": '{"job_s": 0.02}', "p": lane.pool_id})
+        session.execute(
+            text("UPDATE workers SET info = info || CAST(:i AS jsonb) WHERE pool_id = :p"),
+            {"i": '{"job_s": 0.02}', "p": lane.pool_id},
+        )
     # 20 ms jobs: QUEUED_WORK_S / 0.02 = 25 each, 50 for the pool, 4 of them already out.
     assert worker_depth(0.02) == 25 and worker_depth(60.0) == DISPATCH_PER_WORKER
     assert worker_depth(0.0001) == MAX_PER_WORKER and worker_depth(None) == DISPATCH_PER_WORKER
@@ -224,10 +250,13 @@ def test_two_dispatchers_at_once_never_release_a_job_twice_or_exceed_the_limit(u
     assert over_limit == []
     assert len(released) == len(set(released)) == 300
     with transaction() as session:
-        doubled = session.execute(text(
-            "SELECT e.job_id FROM job_events e JOIN jobs j ON j.id = e.job_id "
-            "WHERE j.model_id = :m AND e.to_state = 'dispatched' GROUP BY e.job_id HAVING count(*) > 1"),
-            {"m": lane.model_id}).all()
+        doubled = session.execute(
+            text(
+                "SELECT e.job_id FROM job_events e JOIN jobs j ON j.id = e.job_id "
+                "WHERE j.model_id = :m AND e.to_state = 'dispatched' GROUP BY e.job_id HAVING count(*) > 1"
+            ),
+            {"m": lane.model_id},
+        ).all()
     assert doubled == []
 
 
@@ -261,7 +290,15 @@ def test_a_failed_publish_returns_the_batch_to_the_queue(users, monkeypatch):
     # Committed as dispatched, then put back by the after-commit handler: nothing holds room.
     assert lane.count("dispatched") == 0 and lane.count("queued") == 6
     with transaction() as session:
-        reasons = session.execute(text(
-            "SELECT e.detail->>'reason' FROM job_events e JOIN jobs j ON j.id = e.job_id "
-            "WHERE j.model_id = :m AND e.from_state = 'dispatched' AND e.to_state = 'queued'"), {"m": lane.model_id}).scalars().all()
+        reasons = (
+            session.execute(
+                text(
+                    "SELECT e.detail->>'reason' FROM job_events e JOIN jobs j ON j.id = e.job_id "
+                    "WHERE j.model_id = :m AND e.from_state = 'dispatched' AND e.to_state = 'queued'"
+                ),
+                {"m": lane.model_id},
+            )
+            .scalars()
+            .all()
+        )
     assert reasons == ["publish_failed"] * 4

@@ -21,13 +21,13 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from app.core import config
 from app.api.auth import display_prefix, hash_key
 from app.api.routing import REGISTRY
-from app.db.models import ApiKey
-from app.db.session import transaction
+from app.core import config
 from app.core.logging_setup import JsonFormatter
 from app.core.storage import presign_get, put_bytes
+from app.db.models import ApiKey
+from app.db.session import transaction
 from tests.support.factories import auth
 from tests.support.media import moving_square_mp4
 
@@ -43,7 +43,9 @@ def bob(make_user, parked_model):
 
 
 def submit(client, key, **body):
-    response = client.post("/v1/generations", json={"prompt": "a red circle", "model": "parked", **body}, headers=auth(key))
+    response = client.post(
+        "/v1/generations", json={"prompt": "a red circle", "model": "parked", **body}, headers=auth(key)
+    )
     assert response.status_code == 202, response.json
     return response.json["id"]
 
@@ -54,6 +56,7 @@ def without_request_id(body: dict) -> dict:
 
 def sample_path(rule: str, job_id: str) -> str:
     """A concrete URL for a Flask rule: job ids get `job_id`, other parameters a plausible value."""
+
     def value(match: re.Match) -> str:
         name = match.group(1)
         if name == "job_id":
@@ -63,6 +66,7 @@ def sample_path(rule: str, job_id: str) -> str:
         if name.endswith("_id"):
             return str(uuid.uuid4())
         return "parked"
+
     return re.sub(r"<(?:[a-z]+(?:\([^)]*\))?:)?([a-z_]+)>", value, rule)
 
 
@@ -91,12 +95,17 @@ def test_another_tenants_job_answers_exactly_like_a_missing_one(client, alice, b
 def test_another_tenants_upload_cannot_be_used(client, alice, bob):
     _, alice_key = alice
     _, bob_key = bob
-    upload = client.post("/v1/uploads", data=moving_square_mp4(frames=6), headers={**auth(alice_key), "Content-Type": "video/mp4"})
+    upload = client.post(
+        "/v1/uploads", data=moving_square_mp4(frames=6), headers={**auth(alice_key), "Content-Type": "video/mp4"}
+    )
     assert upload.status_code == 201, upload.json
 
     def modify(upload_id: str):
-        return client.post("/v1/generations", headers=auth(bob_key), json={
-            "prompt": "make it blue", "model": "parked", "type": "modify_video", "upload_id": upload_id})
+        return client.post(
+            "/v1/generations",
+            headers=auth(bob_key),
+            json={"prompt": "make it blue", "model": "parked", "type": "modify_video", "upload_id": upload_id},
+        )
 
     foreign, absent = modify(upload.json["id"]), modify(str(uuid.uuid4()))
     assert foreign.status_code == absent.status_code == 422
@@ -123,10 +132,18 @@ def test_every_route_refuses_missing_bad_or_revoked_keys_and_admin_routes_refuse
     user_id, user_key = alice
     _, revoked_key = make_user("api")
     with transaction() as session:
-        session.execute(ApiKey.__table__.update().where(ApiKey.key_hash == hash_key(revoked_key))
-                        .values(revoked_at=dt.datetime.now(dt.timezone.utc)))
-    bad_headers = [{}, auth("dq_" + "A" * 43), {"Authorization": f"Basic {user_key}"}, {"Authorization": "Bearer "},
-                   auth(revoked_key)]
+        session.execute(
+            ApiKey.__table__.update()
+            .where(ApiKey.key_hash == hash_key(revoked_key))
+            .values(revoked_at=dt.datetime.now(dt.timezone.utc))
+        )
+    bad_headers = [
+        {},
+        auth("dq_" + "A" * 43),
+        {"Authorization": f"Basic {user_key}"},
+        {"Authorization": "Bearer "},
+        auth(revoked_key),
+    ]
     checked = 0
     for spec in REGISTRY:
         if spec.auth == "public":
@@ -157,8 +174,11 @@ def test_a_dashboard_login_cookie_opens_only_the_admin_reads_that_declare_it(cli
     login = client.post("/dashboard/login", data={"key": admin_key})
     assert login.status_code == 303, login.text
     assert client.get("/v1/admin/status").status_code == 200
-    assert all(spec.session_auth == (spec.auth == "admin" and spec.methods == ["GET"] and spec.rule in
-                                     {"/dashboard", "/v1/admin/status"}) for spec in REGISTRY)
+    assert all(
+        spec.session_auth
+        == (spec.auth == "admin" and spec.methods == ["GET"] and spec.rule in {"/dashboard", "/v1/admin/status"})
+        for spec in REGISTRY
+    )
     checked = 0
     for spec in REGISTRY:
         if spec.auth == "public" or spec.session_auth:
@@ -175,10 +195,11 @@ def test_a_dashboard_login_cookie_opens_only_the_admin_reads_that_declare_it(cli
 
 def test_api_keys_are_stored_only_as_hashes(alice):
     user_id, key = alice
-    secret_part = key[len(display_prefix(key)):]
+    secret_part = key[len(display_prefix(key)) :]
     with transaction() as session:
-        rows = session.execute(text("SELECT k::text AS row, k.key_hash, k.prefix FROM api_keys k WHERE user_id = :u"),
-                               {"u": user_id}).all()
+        rows = session.execute(
+            text("SELECT k::text AS row, k.key_hash, k.prefix FROM api_keys k WHERE user_id = :u"), {"u": user_id}
+        ).all()
         whole_table = session.execute(text("SELECT string_agg(k::text, '|') FROM api_keys k")).scalar_one()
     assert len(rows) == 1
     row, key_hash, prefix = rows[0]
@@ -218,8 +239,15 @@ def test_a_pickled_message_reaches_a_real_worker_and_is_never_deserialized(stack
     queue = f"security-{stack_env.run_id}"
     marker = tmp_path / "unpickled"
     # The threads pool: solo would send worker_process_init here, which drops this process's DB pool.
-    with start_worker(celery_app, queues=[queue], pool="threads", concurrency=1, perform_ping_check=False,
-                      loglevel="WARNING", shutdown_timeout=10):
+    with start_worker(
+        celery_app,
+        queues=[queue],
+        pool="threads",
+        concurrency=1,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=10,
+    ):
         celery_app.send_task("dreamq.dispatch", args=[_Exploit(marker)], serializer="pickle", queue=queue)
         with celery_app.connection_for_write() as conn:
             client = conn.default_channel.client
@@ -238,6 +266,7 @@ def test_a_pickled_message_reaches_a_real_worker_and_is_never_deserialized(stack
 def limits(monkeypatch):
     def apply(**changes):
         monkeypatch.setattr(config, "_settings", dataclasses.replace(config.get_settings(), **changes))
+
     return apply
 
 
@@ -251,8 +280,12 @@ def test_body_over_the_servers_hard_cap_is_a_json_413(client, alice, flask_app):
 
 def test_multipart_part_with_a_non_video_type_is_415(client, alice):
     _, key = alice
-    response = client.post("/v1/uploads", data={"file": (io.BytesIO(b"GIF89a" + b"0" * 50), "x.gif", "image/gif")},
-                           headers=auth(key), content_type="multipart/form-data")
+    response = client.post(
+        "/v1/uploads",
+        data={"file": (io.BytesIO(b"GIF89a" + b"0" * 50), "x.gif", "image/gif")},
+        headers=auth(key),
+        content_type="multipart/form-data",
+    )
     assert response.status_code == 415
     assert response.json["error"]["fields"][0]["field"] == "Content-Type"
 
@@ -260,8 +293,12 @@ def test_multipart_part_with_a_non_video_type_is_415(client, alice):
 def test_multipart_upload_over_the_limit_is_413_and_stores_nothing(client, alice, limits):
     _, key = alice
     limits(max_upload_bytes=2000)
-    response = client.post("/v1/uploads", data={"file": (io.BytesIO(moving_square_mp4(frames=24)), "x.mp4", "video/mp4")},
-                           headers=auth(key), content_type="multipart/form-data")
+    response = client.post(
+        "/v1/uploads",
+        data={"file": (io.BytesIO(moving_square_mp4(frames=24)), "x.mp4", "video/mp4")},
+        headers=auth(key),
+        content_type="multipart/form-data",
+    )
     assert response.status_code == 413
     assert response.json["error"]["code"] == "payload_too_large"
 

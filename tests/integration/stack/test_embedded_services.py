@@ -260,7 +260,9 @@ def test_seaweedfs_s3_roundtrip_presign_restart(tmp_path: Path) -> None:
                 big = tmp_path / "video.mp4"
                 big.write_bytes(os.urandom(6 * 1024 * 1024))
                 s3.upload_file(
-                    str(big), "dreamq-models", "out/video.mp4",
+                    str(big),
+                    "dreamq-models",
+                    "out/video.mp4",
                     Config=TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024),
                 )
                 etag = s3.head_object(Bucket="dreamq-models", Key="out/video.mp4")["ETag"]
@@ -328,7 +330,9 @@ STUBBORN = textwrap.dedent(
 def test_process_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
     log_path = tmp_path / "stubborn.log"
     proc = ManagedProcess(
-        "stubborn", [PY, "-c", STUBBORN], log_path=log_path,
+        "stubborn",
+        [PY, "-c", STUBBORN],
+        log_path=log_path,
         ready=lambda: "UPNOW" in log_path.read_text(),
     )
     proc.start()
@@ -350,7 +354,9 @@ def test_process_ignoring_sigterm_is_killed_after_grace(tmp_path: Path) -> None:
 
 def test_wait_ready_fails_fast_with_log_tail(tmp_path: Path) -> None:
     proc = ManagedProcess(
-        "crasher", ["sh", "-c", "echo 'FATAL: boom'; exit 3"], log_path=tmp_path / "c.log",
+        "crasher",
+        ["sh", "-c", "echo 'FATAL: boom'; exit 3"],
+        log_path=tmp_path / "c.log",
         ready=lambda: False,
     )
     proc.start()

@@ -60,8 +60,10 @@ def fake_dns(monkeypatch):
 
     def getaddrinfo(host, port, *args, **kwargs):
         if isinstance(host, str) and host in table:
-            return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
-                    for a in table[host]]
+            return [
+                (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                for a in table[host]
+            ]
         return real(host, port, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
@@ -87,25 +89,29 @@ def assert_refused(response, words: str) -> None:
 
 # --- address checks at submission ------------------------------------------------------------
 
-@pytest.mark.parametrize(("url", "words"), [
-    ("http://127.0.0.1/hook", "loopback"),
-    ("http://127.0.0.1:8080/hook", "loopback"),
-    ("http://localhost/hook", "loopback"),
-    ("http://0x7f.1/hook", "loopback"),
-    ("http://10.1.2.3/hook", "private"),
-    ("http://192.168.0.10/hook", "private"),
-    ("http://169.254.169.254/latest/meta-data/", "link-local"),
-    ("http://[::1]/hook", "loopback"),
-    ("http://[::ffff:127.0.0.1]/hook", "IPv6 form of 127.0.0.1, a loopback"),
-    ("http://[::ffff:169.254.169.254]/hook", "link-local"),
-    ("http://[fe80::1]/hook", "link-local"),
-    ("http://0.0.0.0/hook", "unspecified"),
-    ("http://224.0.0.1/hook", "multicast"),
-    ("ftp://example.com/hook", "http or https"),
-    ("file:///etc/passwd", "http or https"),
-    ("http://user:pass@example.com/hook", "credentials"),
-    ("http://user@example.com/hook", "credentials"),
-])
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://127.0.0.1/hook", "loopback"),
+        ("http://127.0.0.1:8080/hook", "loopback"),
+        ("http://localhost/hook", "loopback"),
+        ("http://0x7f.1/hook", "loopback"),
+        ("http://10.1.2.3/hook", "private"),
+        ("http://192.168.0.10/hook", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[::1]/hook", "loopback"),
+        ("http://[::ffff:127.0.0.1]/hook", "IPv6 form of 127.0.0.1, a loopback"),
+        ("http://[::ffff:169.254.169.254]/hook", "link-local"),
+        ("http://[fe80::1]/hook", "link-local"),
+        ("http://0.0.0.0/hook", "unspecified"),
+        ("http://224.0.0.1/hook", "multicast"),
+        ("ftp://example.com/hook", "http or https"),
+        ("file:///etc/passwd", "http or https"),
+        ("http://user:pass@example.com/hook", "credentials"),
+        ("http://user@example.com/hook", "credentials"),
+    ],
+)
 def test_callback_urls_that_reach_inside_are_refused_and_nothing_is_stored(client, user, parked_model, url, words):
     user_id, key = user
     assert_refused(submit(client, key, "parked", callback_url=url), words)
@@ -115,8 +121,10 @@ def test_callback_urls_that_reach_inside_are_refused_and_nothing_is_stored(clien
 def test_a_name_that_resolves_to_loopback_is_refused(client, user, parked_model, fake_dns):
     user_id, key = user
     fake_dns["rebind.dreamq.test"] = ["127.0.0.1"]
-    assert_refused(submit(client, key, "parked", callback_url="https://rebind.dreamq.test/hook"),
-                   "host 'rebind.dreamq.test' resolves to 127.0.0.1, a loopback address")
+    assert_refused(
+        submit(client, key, "parked", callback_url="https://rebind.dreamq.test/hook"),
+        "host 'rebind.dreamq.test' resolves to 127.0.0.1, a loopback address",
+    )
     # Every address must pass: one public address does not excuse a private one.
     fake_dns["mixed.dreamq.test"] = [PUBLIC_IP, "10.0.0.7"]
     assert_refused(submit(client, key, "parked", callback_url="https://mixed.dreamq.test/hook"), "10.0.0.7, a private")
@@ -135,8 +143,13 @@ def test_events_filter_is_validated(client, user, parked_model, fake_dns):
     assert bad.status_code == 422 and bad.json["error"]["fields"][0]["field"].startswith("webhook_events")
     orphan = submit(client, key, "parked", webhook_events=["started"])
     assert orphan.status_code == 422 and "needs a callback_url" in orphan.json["error"]["message"]
-    ok = submit(client, key, "parked", callback_url="https://public.dreamq.test/h",
-                webhook_events=["completed", "progress", "completed"])
+    ok = submit(
+        client,
+        key,
+        "parked",
+        callback_url="https://public.dreamq.test/h",
+        webhook_events=["completed", "progress", "completed"],
+    )
     assert ok.status_code == 202 and ok.json["webhook_events"] == ["progress", "completed"]
 
 
@@ -145,7 +158,9 @@ def test_admin_allowlist_lets_one_loopback_port_through(client, user, admin_key,
     assert client.get("/v1/admin/webhooks/allowlist", headers=auth(key)).status_code == 403
     refused = client.post("/v1/admin/webhooks/allowlist", json={"network": "not-a-network"}, headers=auth(admin_key))
     assert refused.status_code == 422 and refused.json["error"]["fields"][0]["field"] == "network"
-    both = client.post("/v1/admin/webhooks/allowlist", json={"network": "10.0.0.0/8", "host": "x"}, headers=auth(admin_key))
+    both = client.post(
+        "/v1/admin/webhooks/allowlist", json={"network": "10.0.0.0/8", "host": "x"}, headers=auth(admin_key)
+    )
     assert both.status_code == 422
 
     with socket.socket() as s:  # a port nothing else in this test allow-lists
@@ -160,8 +175,9 @@ def test_admin_allowlist_lets_one_loopback_port_through(client, user, admin_key,
     assert entry["id"] in {e["id"] for e in listed}
     assert submit(client, key, "parked", callback_url=url).status_code == 202
     # Only that port: the rest of the host stays closed.
-    assert_refused(submit(client, key, "parked", callback_url=f"http://127.0.0.1:{port + 1 if port < 65535 else 1}/"),
-                   "loopback")
+    assert_refused(
+        submit(client, key, "parked", callback_url=f"http://127.0.0.1:{port + 1 if port < 65535 else 1}/"), "loopback"
+    )
 
     assert client.delete(f"/v1/admin/webhooks/allowlist/{entry['id']}", headers=auth(admin_key)).status_code == 204
     assert client.delete(f"/v1/admin/webhooks/allowlist/{entry['id']}", headers=auth(admin_key)).status_code == 404
@@ -181,14 +197,22 @@ def test_each_user_has_a_secret_and_can_rotate_it(client, user, make_user):
 
 # --- delivery-time checks (in process: one attempt, no worker) --------------------------------
 
+
 def _queued_delivery(client, key, url: str) -> str:
     """A parked job with a callback and one pending delivery row whose task is never published."""
     response = submit(client, key, "parked", callback_url=url)
     assert response.status_code == 202, response.json
     delivery_id = uuid.uuid4()
     with transaction() as session:
-        session.add(WebhookDelivery(id=delivery_id, job_id=uuid.UUID(response.json["id"]), event="started", url=url,
-                                    payload={"event": "started", "job": response.json}))
+        session.add(
+            WebhookDelivery(
+                id=delivery_id,
+                job_id=uuid.UUID(response.json["id"]),
+                event="started",
+                url=url,
+                payload={"event": "started", "job": response.json},
+            )
+        )
     return str(delivery_id)
 
 
@@ -233,6 +257,7 @@ def test_delivery_connects_to_the_checked_address_with_the_urls_host(client, use
 
 # --- end to end through real workers ----------------------------------------------------------
 
+
 def wait_deliveries(client, key, job_id, timeout=60) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
@@ -247,7 +272,9 @@ def wait_deliveries(client, key, job_id, timeout=60) -> list[dict]:
 def verify(secret: str, request) -> dict:
     """What a receiver does: recompute the HMAC over '<timestamp>.<body>', check freshness."""
     timestamp = request.headers["X-Dreamq-Timestamp"]
-    expected = "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + request.body, hashlib.sha256).hexdigest()
+    expected = (
+        "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + request.body, hashlib.sha256).hexdigest()
+    )
     assert hmac.compare_digest(expected, request.headers["X-Dreamq-Signature"])
     assert abs(time.time() - int(timestamp)) < 300
     return json.loads(request.body)
@@ -270,8 +297,14 @@ def test_signed_events_reach_a_receiver_through_real_workers(client, user, worke
     secret = client.get("/v1/webhooks/secret", headers=auth(key)).json["secret"]
     with receiver_for() as receiver:
         # 40 steps of 50 ms: about 2 s of running, so progress is throttled several times.
-        response = submit(client, key, "tiny", num_frames=40, callback_url=receiver.url(),
-                          webhook_events=["started", "progress", "completed"])
+        response = submit(
+            client,
+            key,
+            "tiny",
+            num_frames=40,
+            callback_url=receiver.url(),
+            webhook_events=["started", "progress", "completed"],
+        )
         assert response.status_code == 202, response.json
         job_id = response.json["id"]
         job = wait_done(client, key, job_id)
@@ -323,8 +356,12 @@ def test_a_failing_receiver_is_retried_with_backoff_until_it_answers(client, use
         log = wait_deliveries(client, key, job_id)
     assert len(log) == 1
     delivery = log[0]
-    assert (delivery["event"], delivery["status"], delivery["attempts"], delivery["last_status_code"]) == \
-        ("completed", "delivered", 3, 200)
+    assert (delivery["event"], delivery["status"], delivery["attempts"], delivery["last_status_code"]) == (
+        "completed",
+        "delivered",
+        3,
+        200,
+    )
     assert delivery["last_error"] is None
     assert [r.headers["X-Dreamq-Delivery"] for r in receiver.requests] == [delivery["id"]] * 3
     # Backoff: the waits grow (0.2 s, then 0.4 s in the test schedule).
@@ -337,8 +374,9 @@ def test_a_failing_receiver_is_retried_with_backoff_until_it_answers(client, use
 def test_a_receiver_that_always_fails_ends_failed_after_max_attempts(client, user, workers, receiver_for):
     _, key = user
     with receiver_for(lambda n: 503) as receiver:
-        response = submit(client, key, "tiny", prompt="explode", callback_url=receiver.url(),
-                          webhook_events=["completed"])
+        response = submit(
+            client, key, "tiny", prompt="explode", callback_url=receiver.url(), webhook_events=["completed"]
+        )
         job_id = response.json["id"]
         assert wait_done(client, key, job_id)["state"] == "failed"
         log = wait_deliveries(client, key, job_id)
@@ -359,8 +397,10 @@ def test_the_sweep_republishes_a_delivery_whose_message_was_lost(client, user, w
     with receiver_for() as receiver:
         delivery_id = _queued_delivery(client, key, receiver.url())  # a row whose task was never published
         with transaction() as session:
-            session.execute(text("UPDATE webhook_deliveries SET next_attempt_at = now() - interval '5 minutes' "
-                                 "WHERE id = :id"), {"id": delivery_id})
+            session.execute(
+                text("UPDATE webhook_deliveries SET next_attempt_at = now() - interval '5 minutes' WHERE id = :id"),
+                {"id": delivery_id},
+            )
         assert sweep() >= 1
         deadline = time.monotonic() + 30
         while _row(delivery_id).status == "pending" and time.monotonic() < deadline:

@@ -7,9 +7,8 @@ bundle's extra dependency is a wheel built by hand here from tests/fixtures/whee
 
 from __future__ import annotations
 
-import contextlib
-
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -66,8 +65,16 @@ def build_wheel(source: Path, out: Path, tag: str = "py3-none-any") -> Path:
     return wheel
 
 
-def make_version(bundle: Path, dest: Path, name: str, number: int, *, wheels: tuple[Path, ...] = (),
-                 lock: list[str] | None = None, python: str | None = None) -> tuple[Path, dict]:
+def make_version(
+    bundle: Path,
+    dest: Path,
+    name: str,
+    number: int,
+    *,
+    wheels: tuple[Path, ...] = (),
+    lock: list[str] | None = None,
+    python: str | None = None,
+) -> tuple[Path, dict]:
     """A version directory as the cache lays it out: the bundle's files plus manifest.json."""
     shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns("__pycache__"))
     for wheel in wheels:
@@ -132,8 +139,13 @@ def built(env_version, env_root):
 def proxy(env_version, built):
     version_dir, manifest = env_version
     plan, env = built
-    model = ModelProcess(python=env.python, version_dir=version_dir, entrypoint=manifest["model"]["entrypoint"],
-                         device="cpu", label="tiny_env v1")
+    model = ModelProcess(
+        python=env.python,
+        version_dir=version_dir,
+        entrypoint=manifest["model"]["entrypoint"],
+        device="cpu",
+        label="tiny_env v1",
+    )
     model.start()
     yield model
     model.close()
@@ -163,20 +175,29 @@ def test_a_conflicting_pin_without_a_wheel_names_the_requirement_and_what_the_wo
 
 def test_a_package_the_worker_lacks_and_the_bundle_does_not_carry_is_refused(work):
     version_dir, manifest = make_version(BUNDLES / "tiny_env", work / "tiny_env-nowheel", "tiny_env", 2)
-    with pytest.raises(ModelEnvironmentError, match=r"model tiny_env v2 needs dreamq-fixture-dep==2\.0, the worker has "
-                                                    r"nothing and the bundle carries no wheel for it"):
+    with pytest.raises(
+        ModelEnvironmentError,
+        match=r"model tiny_env v2 needs dreamq-fixture-dep==2\.0, the worker has "
+        r"nothing and the bundle carries no wheel for it",
+    ):
         plan_for(manifest, version_dir, root=work / "unused")
 
 
 def test_a_wheel_for_another_platform_or_version_does_not_count(work):
     foreign = build_wheel(DEP_SOURCE, work / "foreign", tag="cp27-cp27mu-win32")
-    version_dir, manifest = make_version(BUNDLES / "tiny_env", work / "tiny_env-foreign", "tiny_env", 3, wheels=(foreign,))
-    with pytest.raises(ModelEnvironmentError, match=r"needs dreamq-fixture-dep==2\.0, the worker has nothing; the "
-                                                    r"bundle's dreamq_fixture_dep-2\.0-cp27-cp27mu-win32\.whl do not fit"):
+    version_dir, manifest = make_version(
+        BUNDLES / "tiny_env", work / "tiny_env-foreign", "tiny_env", 3, wheels=(foreign,)
+    )
+    with pytest.raises(
+        ModelEnvironmentError,
+        match=r"needs dreamq-fixture-dep==2\.0, the worker has nothing; the "
+        r"bundle's dreamq_fixture_dep-2\.0-cp27-cp27mu-win32\.whl do not fit",
+    ):
         plan_for(manifest, version_dir, root=work / "unused")
     lock = ["dreamq-fixture-dep>=3,<4"]
-    version_dir, manifest = make_version(BUNDLES / "tiny_env", work / "tiny_env-range", "tiny_env", 4,
-                                         wheels=(foreign,), lock=lock)
+    version_dir, manifest = make_version(
+        BUNDLES / "tiny_env", work / "tiny_env-range", "tiny_env", 4, wheels=(foreign,), lock=lock
+    )
     with pytest.raises(ModelEnvironmentError, match=r"needs dreamq-fixture-dep<4,>=3|needs dreamq-fixture-dep>=3,<4"):
         plan_for(manifest, version_dir, root=work / "unused")
 
@@ -203,12 +224,14 @@ def test_without_packaging_exact_pins_and_pure_python_wheels_still_work(work, wh
     try:
         version_dir, manifest = make_version(BUNDLES / "tiny", work / "tiny-fallback", "tiny", 11)
         assert plan_for(manifest, version_dir, root=work / "unused").in_process  # torch 2.13.0+cpu == 2.13.0
-        version_dir, manifest = make_version(BUNDLES / "tiny_env", work / "tiny_env-fallback", "tiny_env", 11,
-                                             wheels=(wheel,))
+        version_dir, manifest = make_version(
+            BUNDLES / "tiny_env", work / "tiny_env-fallback", "tiny_env", 11, wheels=(wheel,)
+        )
         plan = plan_for(manifest, version_dir, root=work / "unused")
         assert plan.mode == environments.SUBPROCESS and plan.install[0].wheel.version == "2.0"
-        version_dir, manifest = make_version(BUNDLES / "tiny", work / "tiny-fallback-conflict", "tiny", 12,
-                                             lock=["numpy==1.0.0"])
+        version_dir, manifest = make_version(
+            BUNDLES / "tiny", work / "tiny-fallback-conflict", "tiny", 12, lock=["numpy==1.0.0"]
+        )
         with pytest.raises(ModelEnvironmentError, match="needs numpy==1.0.0, the worker has numpy"):
             plan_for(manifest, version_dir, root=work / "unused")
     finally:
@@ -248,12 +271,16 @@ def test_the_venv_is_built_once_per_lock_and_reused(env_version, env_root, built
     # Only the bundle's package is in the venv; torch and numpy come from the worker.
     site = next(env.path.glob("lib/python*/site-packages"))
     assert sorted(p.name for p in site.iterdir()) == [
-        "_dreamq_worker_site.pth", "dreamq_fixture_dep", "dreamq_fixture_dep-2.0.dist-info"
+        "_dreamq_worker_site.pth",
+        "dreamq_fixture_dep",
+        "dreamq_fixture_dep-2.0.dist-info",
     ]
 
 
 def test_a_venv_without_its_marker_is_rebuilt(work, wheel):
-    version_dir, manifest = make_version(BUNDLES / "tiny_env", work / "tiny_env-rebuild", "tiny_env", 6, wheels=(wheel,))
+    version_dir, manifest = make_version(
+        BUNDLES / "tiny_env", work / "tiny_env-rebuild", "tiny_env", 6, wheels=(wheel,)
+    )
     plan = plan_for(manifest, version_dir, root=work / "envs-rebuild")
     first = ensure_environment(plan)
     (first.path / ".complete").unlink()
@@ -269,8 +296,14 @@ def test_generate_in_the_venv_returns_the_frames_and_reports_every_step(proxy, b
     plan, env = built
     assert proxy.child_info["prefix"] == str(env.path)
     steps = []
-    frames = proxy.generate("a prompt", width=64, height=48, num_frames=5, seed=3,
-                            on_step=lambda done, total: steps.append((done, total)) or True)
+    frames = proxy.generate(
+        "a prompt",
+        width=64,
+        height=48,
+        num_frames=5,
+        seed=3,
+        on_step=lambda done, total: steps.append((done, total)) or True,
+    )
     assert steps == [(i, 5) for i in range(1, 6)]
     expected = tiny_frames(work, 64, 48, 5)
     expected[:, 0, 0, 0] = 2  # dreamq_fixture_dep.VALUE, from the bundle's wheel
@@ -343,8 +376,9 @@ def test_a_load_failure_names_the_error(env_version, built, work):
     broken = work / "tiny_env-broken"
     shutil.copytree(version_dir, broken)
     (broken / "weights" / "tiny.safetensors").write_bytes(b"not a checkpoint")
-    model = ModelProcess(python=built[1].python, version_dir=broken, entrypoint=manifest["model"]["entrypoint"],
-                         label="tiny_env broken")
+    model = ModelProcess(
+        python=built[1].python, version_dir=broken, entrypoint=manifest["model"]["entrypoint"], label="tiny_env broken"
+    )
     with pytest.raises(ModelProcessError, match="tiny_env broken failed to load in its process: .*Error"):
         model.start()
     assert model.pid is None
@@ -360,8 +394,9 @@ def test_close_during_a_generate_waits_for_it(built, env_version, monkeypatch):
     result = {}
 
     def run():
-        result["frames"] = model.generate("a prompt", width=16, height=16, num_frames=10, seed=0,
-                                          on_step=lambda done, total: started.set() or True)
+        result["frames"] = model.generate(
+            "a prompt", width=16, height=16, num_frames=10, seed=0, on_step=lambda done, total: started.set() or True
+        )
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -401,8 +436,7 @@ def test_the_runtime_routes_each_version_and_closes_an_evicted_process(env_versi
     monkeypatch.setattr(environments, "default_root", lambda: env_root)
     monkeypatch.setenv("DREAMQ_DEVICE", "cpu")
     tiny_dir, _ = make_version(BUNDLES / "tiny", work / "tiny-runtime", "tiny", 1)
-    conflict_dir, _ = make_version(BUNDLES / "tiny", work / "tiny-runtime-conflict", "tiny", 2,
-                                   lock=["numpy==1.0.0"])
+    conflict_dir, _ = make_version(BUNDLES / "tiny", work / "tiny-runtime-conflict", "tiny", 2, lock=["numpy==1.0.0"])
     digests = {"sha256:" + c * 64: d for c, d in zip("abc", (env_version[0], tiny_dir, conflict_dir))}
     env_digest, tiny_digest, conflict_digest = digests
     runtime = ModelRuntime(cache=_DirCache(digests), max_loaded=1)
@@ -439,8 +473,18 @@ def test_the_task_fails_the_job_with_model_environment_and_carries_on(monkeypatc
     monkeypatch.setattr(workers.runtime, "get_runtime", lambda: Refusing())
     monkeypatch.setattr(execution, "fail", lambda job, worker_id, code, message: failed.append((code, message)))
     job = execution.ClaimedJob(
-        id=None, user_id=None, tier="free", kind="generate", prompt="x", params={}, model="tiny", version=2,
-        digest="sha256:" + "0" * 64, upload_key=None, attempts=1, dispatch_seq=1,
+        id=None,
+        user_id=None,
+        tier="free",
+        kind="generate",
+        prompt="x",
+        params={},
+        model="tiny",
+        version=2,
+        digest="sha256:" + "0" * 64,
+        upload_key=None,
+        attempts=1,
+        dispatch_seq=1,
     )
     task.run_claimed(job, "worker-1")
     assert failed == [("model_environment", "model tiny v2 needs numpy==1.0.0, the worker has numpy 2.4.6 and ...")]

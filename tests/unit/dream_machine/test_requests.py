@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from app.core.media import VideoInfo
 from app.dream_machine.generations import STATES, generation_object
 from app.dream_machine.requests import (
     Unsupported,
@@ -15,25 +16,34 @@ from app.dream_machine.requests import (
     size_for,
     unsupported_options,
 )
-from app.core.media import VideoInfo
 
-DEMO = {"model": {"defaults": {"width": 128, "height": 128, "num_frames": 24, "fps": 12},
-                  "limits": {"width": {"min": 32, "max": 512, "multiple_of": 2},
-                             "height": {"min": 32, "max": 512, "multiple_of": 2},
-                             "num_frames": {"min": 1, "max": 120}, "fps": {"min": 1, "max": 60}}}}
+DEMO = {
+    "model": {
+        "defaults": {"width": 128, "height": 128, "num_frames": 24, "fps": 12},
+        "limits": {
+            "width": {"min": 32, "max": 512, "multiple_of": 2},
+            "height": {"min": 32, "max": 512, "multiple_of": 2},
+            "num_frames": {"min": 1, "max": 120},
+            "fps": {"min": 1, "max": 60},
+        },
+    }
+}
 
 
-@pytest.mark.parametrize(("resolution", "aspect", "size"), [
-    (None, None, None),                  # the model's own default
-    ("540p", "16:9", (960, 540)),        # Luma's sizes, exactly
-    ("540p", "9:16", (540, 960)),
-    ("540p", "21:9", (1260, 540)),
-    ("720p", "4:3", (960, 720)),
-    ("4k", "1:1", (2160, 2160)),
-    ("540p", None, (540, 540)),          # the model's default shape (square)
-    (None, "16:9", (228, 128)),          # the model's default short side, rounded to its multiple
-    (None, "9:21", (128, 298)),
-])
+@pytest.mark.parametrize(
+    ("resolution", "aspect", "size"),
+    [
+        (None, None, None),  # the model's own default
+        ("540p", "16:9", (960, 540)),  # Luma's sizes, exactly
+        ("540p", "9:16", (540, 960)),
+        ("540p", "21:9", (1260, 540)),
+        ("720p", "4:3", (960, 720)),
+        ("4k", "1:1", (2160, 2160)),
+        ("540p", None, (540, 540)),  # the model's default shape (square)
+        (None, "16:9", (228, 128)),  # the model's default short side, rounded to its multiple
+        (None, "9:21", (128, 298)),
+    ],
+)
 def test_resolution_is_the_short_side_and_aspect_ratio_the_shape(resolution, aspect, size):
     assert size_for(DEMO, resolution, aspect) == size
 
@@ -54,26 +64,47 @@ def test_modify_keeps_the_inputs_shape_and_duration_within_the_models_limits():
 
 def test_options_no_model_runs_are_refused_by_name():
     base = {"model": "ray-2", "prompt": "a red circle moving right"}
-    for extra, field in [({"loop": True}, "loop"), ({"concepts": [{"key": "orbit"}]}, "concepts"),
-                         ({"keyframes": {"frame0": {"type": "generation", "id": "x"}}}, "keyframes"),
-                         ({"prompt": None}, "prompt"), ({"prompt": "hi"}, "prompt")]:
+    for extra, field in [
+        ({"loop": True}, "loop"),
+        ({"concepts": [{"key": "orbit"}]}, "concepts"),
+        ({"keyframes": {"frame0": {"type": "generation", "id": "x"}}}, "keyframes"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": "hi"}, "prompt"),
+    ]:
         with pytest.raises(Unsupported) as excinfo:
             unsupported_options(VideoCreate.model_validate({**base, **extra}), "model 'ray-2'")
         assert excinfo.value.field == field
     unsupported_options(VideoCreate.model_validate({**base, "loop": False, "keyframes": {}}), "m")
-    modify = {"generation_type": "modify_video", "model": "ray-2", "mode": "reimagine_3", "prompt": "make it blue",
-              "media": {"url": "https://example.com/in.mp4"}}
+    modify = {
+        "generation_type": "modify_video",
+        "model": "ray-2",
+        "mode": "reimagine_3",
+        "prompt": "make it blue",
+        "media": {"url": "https://example.com/in.mp4"},
+    }
     unsupported_options(VideoModify.model_validate(modify), "m")
     with pytest.raises(Unsupported):
-        unsupported_options(VideoModify.model_validate({**modify, "first_frame": {"url": "https://example.com/a.png"}}),
-                            "m")
+        unsupported_options(
+            VideoModify.model_validate({**modify, "first_frame": {"url": "https://example.com/a.png"}}), "m"
+        )
 
 
-@pytest.mark.parametrize("bad", [
-    {"aspect_ratio": "2:1"}, {"resolution": "hd"}, {"resolution": "5p"}, {"duration": "0s"}, {"duration": "61s"},
-    {"duration": "5"}, {"callback_url": "gopher://x"}, {"callback_url": "http://user:pw@example.com/"},
-    {"keyframes": {"frame0": {"type": "image"}}}, {"unknown": 1}, {"model": ""},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"aspect_ratio": "2:1"},
+        {"resolution": "hd"},
+        {"resolution": "5p"},
+        {"duration": "0s"},
+        {"duration": "61s"},
+        {"duration": "5"},
+        {"callback_url": "gopher://x"},
+        {"callback_url": "http://user:pw@example.com/"},
+        {"keyframes": {"frame0": {"type": "image"}}},
+        {"unknown": 1},
+        {"model": ""},
+    ],
+)
 def test_malformed_bodies_fail_validation(bad):
     with pytest.raises(ValidationError):
         VideoCreate.model_validate({"model": "ray-2", "prompt": "a red circle", **bad})
@@ -84,13 +115,23 @@ class _Row:
 
 
 def _view(state, **extra):
-    return {"id": "j", "state": state, "timings": {"created_at": "2026-11-27T08:00:00+00:00"}, "assets": None,
-            "failure": None, **extra}
+    return {
+        "id": "j",
+        "state": state,
+        "timings": {"created_at": "2026-11-27T08:00:00+00:00"},
+        "assets": None,
+        "failure": None,
+        **extra,
+    }
 
 
 def test_states_and_assets_as_the_clients_parse_them():
     assert {s: STATES[s] for s in ("queued", "dispatched", "running", "succeeded")} == {
-        "queued": "queued", "dispatched": "queued", "running": "dreaming", "succeeded": "completed"}
+        "queued": "queued",
+        "dispatched": "queued",
+        "running": "dreaming",
+        "succeeded": "completed",
+    }
     done = generation_object(_view("succeeded", assets={"video": "v", "thumbnail": "t", "expires_at": "x"}), _Row())
     assert done["assets"] == {"video": "v", "image": "t", "progress_video": None} and done["generation_type"] == "video"
     failed = generation_object(_view("failed", failure={"code": "model_error", "message": "boom"}), _Row())

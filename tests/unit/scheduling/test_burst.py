@@ -23,14 +23,36 @@ MEAN = 160.0
 WARMUP = 600.0
 
 
-def obs(now, *, api=0, free=0, api_rate=0.0, free_rate=0.0, api_wait=0.0, standing=100, busy=None,
-        workers=(), warmup=WARMUP, max_workers=1000, reclaimed=False, reclaim_reason=""):
+def obs(
+    now,
+    *,
+    api=0,
+    free=0,
+    api_rate=0.0,
+    free_rate=0.0,
+    api_wait=0.0,
+    standing=100,
+    busy=None,
+    workers=(),
+    warmup=WARMUP,
+    max_workers=1000,
+    reclaimed=False,
+    reclaim_reason="",
+):
     """100 standing GPUs; api (W 60 s) above free (W 7,200 s); rates in jobs/s."""
     tiers = (TierPressure("api", 60.0, api, api_wait, api_rate), TierPressure("free", 7200.0, free, 0.0, free_rate))
     return BurstObservation(
-        now=now, tiers=tiers, standing_busy=standing if busy is None else busy, standing_total=standing,
-        workers=tuple(workers), mean_job_s=MEAN, warmup_s=warmup, max_workers=max_workers,
-        reclaimed=reclaimed, reclaim_reason=reclaim_reason)
+        now=now,
+        tiers=tiers,
+        standing_busy=standing if busy is None else busy,
+        standing_total=standing,
+        workers=tuple(workers),
+        mean_job_s=MEAN,
+        warmup_s=warmup,
+        max_workers=max_workers,
+        reclaimed=reclaimed,
+        reclaim_reason=reclaim_reason,
+    )
 
 
 # free: 3,000 queued on 100 GPUs -> drain 4,800 s = 0.67 W: high pressure, well past warm-up
@@ -180,8 +202,11 @@ def test_drain_keeps_what_the_load_needs():
 
 def test_reclaim_releases_everything_with_reason():
     c = BurstController()
-    workers = [BurstWorker("a", STARTING, -10, 5), BurstWorker("b", SERVING, -5000, 20, 12),
-               BurstWorker("c", DRAINING, -6000, 3, 3)]
+    workers = [
+        BurstWorker("a", STARTING, -10, 5),
+        BurstWorker("b", SERVING, -5000, 20, 12),
+        BurstWorker("c", DRAINING, -6000, 3, 3),
+    ]
     d = tick(c, 0, workers=workers, reclaimed=True, reclaim_reason="training needs partition gpu", **HIGH)
     assert d.action is Action.RELEASE and d.count == 28
     assert dict(d.workers) == {"a": 5, "b": 20, "c": 3}

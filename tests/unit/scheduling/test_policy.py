@@ -30,8 +30,7 @@ def cand(job, tier, user, waited, model="ray2"):
 
 def backlog_of(heads, extra=0):
     return {
-        t: TierBacklog(t, len(cs) + extra, min((c.enqueued_at for c in cs), default=None))
-        for t, cs in heads.items()
+        t: TierBacklog(t, len(cs) + extra, min((c.enqueued_at for c in cs), default=None)) for t, cs in heads.items()
     }
 
 
@@ -116,10 +115,7 @@ def test_plans_are_deterministic(policy):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_user_concurrency_cap(policy):
     cap = TIERS["light"].user_concurrency_cap  # 4
-    heads = {
-        "light": [cand(f"h{i}", "light", "heavy", 500 - i) for i in range(8)]
-        + [cand("o1", "light", "other", 10)]
-    }
+    heads = {"light": [cand(f"h{i}", "light", "heavy", 500 - i) for i in range(8)] + [cand("o1", "light", "other", 10)]}
     got = plan(heads, policy=policy, inflight={"heavy": cap - 1})
     per_user = Counter(d.candidate.user_id for d in got)
     assert per_user["heavy"] == 1  # one slot left under the cap
@@ -195,7 +191,9 @@ def test_invariants_on_random_inputs(policy):
         assert set(ids(got)) <= all_heads and len(set(ids(got))) == len(got)
         # work conserving: an eligible job is left only if its pools are full
         left_models = {
-            c.model for cs in heads.values() for c in cs
+            c.model
+            for cs in heads.values()
+            for c in cs
             if c.job_id not in set(ids(got))
             and inflight.get(c.user_id, 0) + per_user[c.user_id] < TIERS[c.tier].user_concurrency_cap
         }
@@ -282,7 +280,9 @@ def test_aging_lower_tier_overtakes_comfortable_higher_tier():
     got = plan(old, max_decisions=1, ledger=ledger)
     assert ids(got) == ["l1"] and got[0].reason == "urgency"
     # urgency grows with wait: the urgency anchor flips too
-    assert ids(plan({"api": api, "light": [cand("l1", "light", "ul", 150)]}, policy="urgency", max_decisions=1)) == ["a1"]
+    assert ids(plan({"api": api, "light": [cand("l1", "light", "ul", 150)]}, policy="urgency", max_decisions=1)) == [
+        "a1"
+    ]
     assert ids(plan(old, policy="urgency", max_decisions=1)) == ["l1"]
 
 
@@ -334,8 +334,9 @@ def test_burst_user_does_not_hold_back_other_users():
     got = plan_dispatch(NOW, TIERS, heads, backlog, [PoolRoom("p", "ray2", 100)], {}, ShareLedger(), max_decisions=3)
     assert "o1" in ids(got)[:2]
     # even with the whole burst in the heads
-    got = plan_dispatch(NOW, TIERS, {"api": burst + [other]}, backlog, [PoolRoom("p", "ray2", 100)], {},
-                        ShareLedger(), max_decisions=3)
+    got = plan_dispatch(
+        NOW, TIERS, {"api": burst + [other]}, backlog, [PoolRoom("p", "ray2", 100)], {}, ShareLedger(), max_decisions=3
+    )
     assert "o1" in ids(got)[:2]
     # round robin: with three users, nobody gets a second job before everyone got a first
     heads = {"light": [cand(f"{u}{i}", "light", u, 100 - i) for u in "xyz" for i in range(3)]}

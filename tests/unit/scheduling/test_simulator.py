@@ -28,8 +28,9 @@ def tiny_trace(horizon=24.0):
         (20.0, "free", "c", 5.0),  # dispatched t=22, still in the pool queue at t=24     miss, wait 4
         (23.0, "free", "d", 5.0),  # queued at t=24 (pool full)                           miss, wait 1
     ]
-    return Trace.from_rows("tiny", rows, gpus=1, horizon_s=horizon, models=("ray2",), model_gpu_share=(1.0,),
-                           tier_names=("api", "free"))
+    return Trace.from_rows(
+        "tiny", rows, gpus=1, horizon_s=horizon, models=("ray2",), model_gpu_share=(1.0,), tier_names=("api", "free")
+    )
 
 
 def test_metrics_on_hand_made_trace():
@@ -131,8 +132,16 @@ def test_cli_json_csv_and_plot(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"policy", "trace", "jobs", "wall_s", "gpu_utilization", "tiers"} <= set(out)
     assert out["jobs"] == 200 and out["trace"] == "trace"
-    keys = {"p50_wait_s", "p99_wait_s", "max_wait_s", "within_slo", "max_wait_over_slo", "dispatched",
-            "left_queued", "starved_windows"}
+    keys = {
+        "p50_wait_s",
+        "p99_wait_s",
+        "max_wait_s",
+        "within_slo",
+        "max_wait_over_slo",
+        "dispatched",
+        "left_queued",
+        "starved_windows",
+    }
     assert set(out["tiers"]) == set(DEFAULT_TIERS) and all(keys <= set(m) for m in out["tiers"].values())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # text output

@@ -1,4 +1,4 @@
-"""The address rule (app/webhooks/addresses.py) and the signature, as pure code."""
+"""The address rule (app/outbound/addresses.py) and the signature, as pure code."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from app.webhooks.addresses import AddressRefused, AllowEntry, AllowList, check_url, parse_url, refusal
+from app.outbound.addresses import AddressRefused, AllowEntry, AllowList, check_url, parse_url, refusal
 from app.webhooks.delivery import sign
 
 
@@ -22,19 +22,31 @@ def resolver(table: dict[str, list[str]]):
     return getaddrinfo
 
 
-@pytest.mark.parametrize(("address", "kind"), [
-    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"),
-    ("10.0.0.1", "private"), ("172.16.5.4", "private"), ("192.168.1.1", "private"), ("fc00::1", "private"),
-    ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
-    ("224.0.0.251", "multicast"), ("ff02::1", "multicast"),
-    ("0.0.0.0", "unspecified"), ("::", "unspecified"),
-    ("240.0.0.1", "reserved"), ("100.64.0.1", "carrier-grade NAT"),
-    ("::ffff:127.0.0.1", "IPv6 form of 127.0.0.1, a loopback"),
-    ("::ffff:10.0.0.1", "IPv6 form of 10.0.0.1, a private"),
-    ("64:ff9b::a9fe:a9fe", "IPv6 form of 169.254.169.254, a link-local"),  # NAT64
-    ("2002:c0a8:0101::1", "IPv6 form of 192.168.1.1, a private"),  # 6to4
-    ("::7f00:1", "IPv6 form of 127.0.0.1"),  # IPv4-compatible
-])
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.8.9.10", "loopback"),
+        ("::1", "loopback"),
+        ("10.0.0.1", "private"),
+        ("172.16.5.4", "private"),
+        ("192.168.1.1", "private"),
+        ("fc00::1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("224.0.0.251", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "carrier-grade NAT"),
+        ("::ffff:127.0.0.1", "IPv6 form of 127.0.0.1, a loopback"),
+        ("::ffff:10.0.0.1", "IPv6 form of 10.0.0.1, a private"),
+        ("64:ff9b::a9fe:a9fe", "IPv6 form of 169.254.169.254, a link-local"),  # NAT64
+        ("2002:c0a8:0101::1", "IPv6 form of 192.168.1.1, a private"),  # 6to4
+        ("::7f00:1", "IPv6 form of 127.0.0.1"),  # IPv4-compatible
+    ],
+)
 def test_inside_addresses_are_refused_with_their_kind(address, kind):
     assert kind in refusal(ipaddress.ip_address(address))
 
@@ -44,13 +56,21 @@ def test_public_addresses_pass(address):
     assert refusal(ipaddress.ip_address(address)) is None
 
 
-@pytest.mark.parametrize(("url", "words"), [
-    ("ftp://example.com/", "http or https"), ("javascript:alert(1)", "http or https"),
-    ("http://u:p@example.com/", "credentials"), ("http://@example.com/", "credentials"),
-    ("http:///path", "must name a host"), ("http://example.com:0/", "port 0"),
-    ("http://example.com:99999/", "not a valid URL"), ("http://exa mple.com/", "whitespace"),
-    ("http://example.com\\@10.0.0.1/", "backslash"), ("http://" + "a" * 2100 + ".com/", "at most"),
-])
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("ftp://example.com/", "http or https"),
+        ("javascript:alert(1)", "http or https"),
+        ("http://u:p@example.com/", "credentials"),
+        ("http://@example.com/", "credentials"),
+        ("http:///path", "must name a host"),
+        ("http://example.com:0/", "port 0"),
+        ("http://example.com:99999/", "not a valid URL"),
+        ("http://exa mple.com/", "whitespace"),
+        ("http://example.com\\@10.0.0.1/", "backslash"),
+        ("http://" + "a" * 2100 + ".com/", "at most"),
+    ],
+)
 def test_malformed_urls_are_refused_before_any_lookup(url, words):
     with pytest.raises(AddressRefused, match=words):
         parse_url(url)

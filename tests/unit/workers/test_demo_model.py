@@ -35,8 +35,9 @@ def _import_bundle_package(bundle: Path, name: str):
     info = json.loads((bundle / "model.json").read_text())
     top = info["entrypoint"].partition(":")[0].partition(".")[0]
     package_dir = bundle / "code" / top
-    spec = importlib.util.spec_from_file_location(name, package_dir / "__init__.py",
-                                                  submodule_search_locations=[str(package_dir)])
+    spec = importlib.util.spec_from_file_location(
+        name, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -67,14 +68,17 @@ def _disc_clip(colour, direction, *, size=64, frames=16, radius=7, background=(1
     for k in range(frames):
         cx = size / 2 + step[0] * (k - frames / 2) * 2
         cy = size / 2 + step[1] * (k - frames / 2) * 2
-        clip[k][(xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2] = colour
+        clip[k][(xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2] = colour
     return clip
 
 
 # -- the frame helpers themselves ------------------------------------------------------------
 
-@pytest.mark.parametrize("colour,direction", [("red", "right"), ("blue", "up"), ("green", "left"),
-                                              ("yellow", "down"), ("orange", "none"), ("white", "left")])
+
+@pytest.mark.parametrize(
+    "colour,direction",
+    [("red", "right"), ("blue", "up"), ("green", "left"), ("yellow", "down"), ("orange", "none"), ("white", "left")],
+)
 def test_frame_helpers_survive_h264(colour, direction):
     clip = _disc_clip(PALETTE[colour], direction)
     for frames in (clip, h264_roundtrip(clip)):
@@ -95,6 +99,7 @@ def test_frame_helpers_on_an_empty_clip():
 
 # -- the bundle ------------------------------------------------------------------------------
 
+
 def test_bundle_layout_and_pins():
     info = json.loads((BUNDLE / "model.json").read_text())
     assert info["name"] == "demo"
@@ -104,9 +109,12 @@ def test_bundle_layout_and_pins():
     assert info["limits"]["num_frames"] == {"min": 1, "max": 120}
     lock = (BUNDLE / "env" / "requirements.lock").read_text().split()
     assert lock == ["torch==2.13.0", "numpy==2.4.6", "safetensors==0.8.0"]
-    files = [p for part in ("model.json", "code", "weights", "env") for p in
-             ([BUNDLE / part] if (BUNDLE / part).is_file() else (BUNDLE / part).rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts]
+    files = [
+        p
+        for part in ("model.json", "code", "weights", "env")
+        for p in ([BUNDLE / part] if (BUNDLE / part).is_file() else (BUNDLE / part).rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     assert sum(p.stat().st_size for p in files) < 8 * 1024 * 1024
     weights = [p for p in files if p.parent.name == "weights" and p.suffix not in {".json"}]
     assert [p.name for p in weights] == ["model.safetensors"]
@@ -175,7 +183,9 @@ def test_the_object_is_sharp_and_the_background_dark(model):
     assert in_between < 0.25
 
 
-@pytest.mark.parametrize("width,height,num_frames", [(32, 32, 1), (64, 32, 5), (96, 160, 7), (256, 144, 12), (512, 512, 2)])
+@pytest.mark.parametrize(
+    "width,height,num_frames", [(32, 32, 1), (64, 32, 5), (96, 160, 7), (256, 144, 12), (512, 512, 2)]
+)
 def test_any_even_size_and_frame_count(model, width, height, num_frames):
     frames = model.generate("red square moving down", width=width, height=height, num_frames=num_frames, seed=5)
     assert frames.shape == (num_frames, height, width, 3)
@@ -194,8 +204,14 @@ def test_out_of_limits_parameters_are_refused(model, bad):
 
 def test_on_step_reports_every_frame(model):
     calls = []
-    model.generate("blue circle moving left", width=64, height=64, num_frames=9, seed=0,
-                   on_step=lambda done, total: calls.append((done, total)) or True)
+    model.generate(
+        "blue circle moving left",
+        width=64,
+        height=64,
+        num_frames=9,
+        seed=0,
+        on_step=lambda done, total: calls.append((done, total)) or True,
+    )
     assert calls == [(i, 9) for i in range(1, 10)]
 
 
@@ -250,11 +266,15 @@ def test_default_job_is_fast(model):
 
 # -- modify video ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("source,prompt,colour,direction", [
-    ("a red circle moving right", "make it blue", "blue", "right"),
-    ("a green triangle moving up", "turn the triangle yellow", "yellow", "up"),
-    ("a white square moving left", "paint it magenta", "magenta", "left"),
-])
+
+@pytest.mark.parametrize(
+    "source,prompt,colour,direction",
+    [
+        ("a red circle moving right", "make it blue", "blue", "right"),
+        ("a green triangle moving up", "turn the triangle yellow", "yellow", "up"),
+        ("a white square moving left", "paint it magenta", "magenta", "left"),
+    ],
+)
 def test_modify_recolours_and_keeps_the_motion(model, source, prompt, colour, direction):
     clip = model.generate(source, width=W, height=H, num_frames=T, seed=3)
     upload = h264_roundtrip(clip)  # what the worker decodes from a user's upload
@@ -280,12 +300,12 @@ def test_modify_resamples_to_the_requested_size_and_length(model):
 def test_modify_reports_steps_and_cancels(model, package):
     clip = model.generate("a red circle moving right", width=64, height=64, num_frames=6, seed=0)
     calls = []
-    model.generate("green", width=64, height=64, num_frames=6, seed=0, input_video=clip,
-                   on_step=lambda d, t: calls.append((d, t)))  # None return: carry on
+    model.generate(
+        "green", width=64, height=64, num_frames=6, seed=0, input_video=clip, on_step=lambda d, t: calls.append((d, t))
+    )  # None return: carry on
     assert calls == [(i, 6) for i in range(1, 7)]
     with pytest.raises(package.GenerationCancelled):
-        model.generate("green", width=64, height=64, num_frames=6, seed=0, input_video=clip,
-                       on_step=lambda d, t: False)
+        model.generate("green", width=64, height=64, num_frames=6, seed=0, input_video=clip, on_step=lambda d, t: False)
 
 
 def test_modify_is_deterministic_and_rejects_bad_input(model):

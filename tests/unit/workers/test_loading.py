@@ -76,7 +76,9 @@ def staged_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("pipeline", ["direct", "staged"])
-@pytest.mark.parametrize(("chunk_mb", "readers"), [(64, None), (64, 1), (4099 / 2**20, 1), (4099 / 2**20, 3), (1 / 2**20, 2)])
+@pytest.mark.parametrize(
+    ("chunk_mb", "readers"), [(64, None), (64, 1), (4099 / 2**20, 1), (4099 / 2**20, 3), (1 / 2**20, 2)]
+)
 def test_bit_exact_against_safetensors(tmp_path, request, pipeline, chunk_mb, readers):
     if pipeline == "staged":
         request.getfixturevalue("staged_on_cpu")
@@ -199,8 +201,11 @@ def test_misaligned_offsets_are_copied_not_viewed(tmp_path, request, pipeline):
     parts, header, off = [], {}, 0
     for name, t in (("byte", b), ("f32", f), ("bf16", h), ("i64", i)):
         raw = _bits(t)
-        header[name] = {"dtype": {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}[t.dtype],
-                        "shape": list(t.shape), "data_offsets": [off, off + len(raw)]}
+        header[name] = {
+            "dtype": {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [off, off + len(raw)],
+        }
         parts.append(raw)
         off += len(raw)
     path = tmp_path / "odd.safetensors"
@@ -240,8 +245,14 @@ def test_mmap_is_bit_exact_copy_on_write_and_cpu_only(tmp_path):
     assert path.read_bytes() == before
     odd = tmp_path / "odd.safetensors"
     f = _random_bits((10,), torch.float32, torch.Generator().manual_seed(11))
-    _write_raw(odd, {"b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-                     "f": {"dtype": "F32", "shape": [10], "data_offsets": [1, 41]}}, b"\x09" + _bits(f))
+    _write_raw(
+        odd,
+        {
+            "b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+            "f": {"dtype": "F32", "shape": [10], "data_offsets": [1, 41]},
+        },
+        b"\x09" + _bits(f),
+    )
     _assert_same(load_safetensors(odd, "cpu", mmap=True), {"b": torch.tensor([9], dtype=torch.uint8), "f": f})
     empty = tmp_path / "empty.safetensors"
     save_file({"e": torch.empty(0)}, str(empty))
@@ -266,7 +277,10 @@ def _header_bytes(header: dict, data: bytes) -> bytes:
 
 
 CORRUPT += [
-    (_header_bytes({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unsupported dtype 'F99'"),
+    (
+        _header_bytes({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        "unsupported dtype 'F99'",
+    ),
     (_header_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), "needs 8"),
     (_header_bytes({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "truncated file"),
     (_header_bytes({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "shape must be"),
@@ -277,7 +291,10 @@ CORRUPT += [
     (_header_bytes({"__metadata__": {"a": 1}}, b""), "__metadata__"),
     (
         _header_bytes(
-            {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
             b"\0" * 12,
         ),
         "overlap",
@@ -347,7 +364,9 @@ def test_drop_page_cache_reports_what_it_did(tmp_path):
 
 
 @CUDA
-@pytest.mark.parametrize(("chunk_mb", "streams", "readers"), [(64, 2, None), (4099 / 2**20, 1, 1), (4099 / 2**20, 3, 4)])
+@pytest.mark.parametrize(
+    ("chunk_mb", "streams", "readers"), [(64, 2, None), (4099 / 2**20, 1, 1), (4099 / 2**20, 3, 4)]
+)
 def test_cuda_bit_exact(tmp_path, chunk_mb, streams, readers):
     tensors = _checkpoint(8)
     names = sorted(tensors)
@@ -369,8 +388,10 @@ def test_cuda_bit_exact(tmp_path, chunk_mb, streams, readers):
 def test_cuda_misaligned_and_reuse_after_free(tmp_path):
     gen = torch.Generator().manual_seed(9)
     f = _random_bits((1000,), torch.float32, gen)
-    header = {"b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-              "f": {"dtype": "F32", "shape": [1000], "data_offsets": [1, 4001]}}
+    header = {
+        "b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+        "f": {"dtype": "F32", "shape": [1000], "data_offsets": [1, 4001]},
+    }
     path = tmp_path / "odd.safetensors"
     _write_raw(path, header, b"\x05" + _bits(f))
     for _ in range(3):

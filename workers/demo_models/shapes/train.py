@@ -33,18 +33,32 @@ BUNDLE = Path(__file__).resolve().parent
 sys.path.insert(0, str(BUNDLE / "code"))
 
 from shapes_model.nets import RecolourNet, ShapesGenerator, background_estimate  # noqa: E402
-from shapes_model.vocab import COLOURS, DIRECTION_IDS, COLOUR_IDS, SHAPE_IDS, TOKENS  # noqa: E402
+from shapes_model.vocab import COLOUR_IDS, COLOURS, DIRECTION_IDS, SHAPE_IDS, TOKENS  # noqa: E402
 
 # The colours each word is taught to mean. Saturated but not clipped, so H.264's limited-range
 # YUV round trip doesn't push them into one another.
 PALETTE = {
-    "red": (230, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 200, 60),
-    "cyan": (40, 210, 230), "blue": (50, 90, 240), "purple": (140, 60, 230), "magenta": (220, 50, 220),
-    "pink": (250, 140, 190), "white": (240, 240, 240),
+    "red": (230, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 200, 60),
+    "cyan": (40, 210, 230),
+    "blue": (50, 90, 240),
+    "purple": (140, 60, 230),
+    "magenta": (220, 50, 220),
+    "pink": (250, 140, 190),
+    "white": (240, 240, 240),
 }
 BACKGROUND = (12, 14, 28)
-GENERATOR_CONFIG = {"text_dim": 32, "latent_dim": 4, "hidden": 128, "shape_hidden": 64, "n_freq": 5,
-                    "window": 1.5, "init_radius": 0.2}
+GENERATOR_CONFIG = {
+    "text_dim": 32,
+    "latent_dim": 4,
+    "hidden": 128,
+    "shape_hidden": 64,
+    "n_freq": 5,
+    "window": 1.5,
+    "init_radius": 0.2,
+}
 RECOLOUR_CONFIG = {"channels": 16, "text_dim": 16}
 
 PALETTE_T = torch.tensor([PALETTE[c] for c in COLOURS], dtype=torch.float32) / 255
@@ -56,6 +70,7 @@ TRIANGLE_CIRCUMRADIUS = 1.25  # triangle, square and circle then have similar vi
 
 
 # -- the synthetic world ----------------------------------------------------------------------
+
 
 def scene_from_latent(z: torch.Tensor):
     """z [B,4] ~ N(0,1) -> start offset, travel, cross-axis offset, radius. Ranges keep the
@@ -102,8 +117,9 @@ def shape_sdf(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Te
     return torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
 
 
-def render_clip(colour: int, shape: int, direction: int, z: torch.Tensor, width: int, height: int,
-                num_frames: int) -> torch.Tensor:
+def render_clip(
+    colour: int, shape: int, direction: int, z: torch.Tensor, width: int, height: int, num_frames: int
+) -> torch.Tensor:
     """Ground-truth clip [T,H,W,3] in 0..1, for evaluating the trained generator."""
     t = torch.linspace(0, 1, num_frames)[None] if num_frames > 1 else torch.full((1, 1), 0.5)
     cx, cy, r = (a[0] for a in true_trajectory(torch.tensor([direction]), z[None], t))
@@ -119,6 +135,7 @@ def render_clip(colour: int, shape: int, direction: int, z: torch.Tensor, width:
 
 
 # -- generator training -------------------------------------------------------------------------
+
 
 def _warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     # Short warm-up (Adam's early steps on a fresh net are large), then cosine down to 3% so the
@@ -191,13 +208,23 @@ def train_generator(gen: ShapesGenerator, steps: int, rng: torch.Generator, log_
         loss.backward()
         opt.step()
         sched.step()
-        for name, value in (("loss", loss), ("pix", loss_pix), ("sdf", loss_sdf), ("traj", loss_traj), ("col", loss_col)):
+        for name, value in (
+            ("loss", loss),
+            ("pix", loss_pix),
+            ("sdf", loss_sdf),
+            ("traj", loss_traj),
+            ("col", loss_col),
+        ):
             running[name] = running.get(name, 0.0) + value.detach().item()
         if step % log_every == 0 or step == steps:
             n = log_every if step % log_every == 0 else step % log_every
             means = {k: v / n for k, v in running.items()}
-            print(f"[generator {step:5d}/{steps}] " + " ".join(f"{k}={v:.5f}" for k, v in means.items())
-                  + f"  ({time.perf_counter() - started:.0f}s)", flush=True)
+            print(
+                f"[generator {step:5d}/{steps}] "
+                + " ".join(f"{k}={v:.5f}" for k, v in means.items())
+                + f"  ({time.perf_counter() - started:.0f}s)",
+                flush=True,
+            )
             last, running = means, {}
     # No wall times in the record: config.json ships in the bundle, and a retrain that yields
     # the same weights should yield the same bundle (same fingerprint, no spurious version).
@@ -205,6 +232,7 @@ def train_generator(gen: ShapesGenerator, steps: int, rng: torch.Generator, log_
 
 
 # -- recolour training --------------------------------------------------------------------------
+
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-image separable blur; sigma [N] in pixels (0 = untouched)."""
@@ -241,17 +269,24 @@ def recolour_batch(batch: int, size: int, rng: torch.Generator):
     shape = torch.randint(3, (batch,), generator=rng)
     centre = (torch.rand(batch, 2, generator=rng) * 2 - 1) * 0.7
     radius = 0.12 + 0.22 * torch.rand(batch, generator=rng)
-    angle = torch.where(torch.rand(batch, generator=rng) < 0.5, torch.zeros(batch),
-                        torch.rand(batch, generator=rng) * 2 * math.pi)
+    angle = torch.where(
+        torch.rand(batch, generator=rng) < 0.5, torch.zeros(batch), torch.rand(batch, generator=rng) * 2 * math.pi
+    )
     palette_pick = PALETTE_T[torch.randint(len(COLOURS), (batch,), generator=rng)]
     random_colour = torch.rand(batch, 3, generator=rng)
-    random_colour = random_colour / random_colour.amax(dim=1, keepdim=True).clamp(min=1e-3) * (
-        0.1 + 0.9 * torch.rand(batch, 1, generator=rng))
+    random_colour = (
+        random_colour
+        / random_colour.amax(dim=1, keepdim=True).clamp(min=1e-3)
+        * (0.1 + 0.9 * torch.rand(batch, 1, generator=rng))
+    )
     source = torch.where(torch.rand(batch, 1, generator=rng) < 0.5, palette_pick, random_colour)
     # Mostly the demo's own dark backgrounds, sometimes any flat colour: the matte should key on
     # "differs from the background", not on "is bright".
-    background = torch.where(torch.rand(batch, 1, generator=rng) < 0.7,
-                             torch.rand(batch, 3, generator=rng) * 0.15, torch.rand(batch, 3, generator=rng))
+    background = torch.where(
+        torch.rand(batch, 1, generator=rng) < 0.7,
+        torch.rand(batch, 3, generator=rng) * 0.15,
+        torch.rand(batch, 3, generator=rng),
+    )
     too_close = (source - background).norm(dim=1, keepdim=True) < 0.35
     source = torch.where(too_close, (background + 0.5) % 1.0, source)  # 0.5 away in every channel
     present = (torch.rand(batch, generator=rng) > 0.1).float()
@@ -305,8 +340,12 @@ def train_recolour(net: RecolourNet, steps: int, rng: torch.Generator, log_every
         if step % log_every == 0 or step == steps:
             n = log_every if step % log_every == 0 else step % log_every
             means = {k: v / n for k, v in running.items()}
-            print(f"[recolour  {step:5d}/{steps}] " + " ".join(f"{k}={v:.5f}" for k, v in means.items())
-                  + f"  ({time.perf_counter() - started:.0f}s)", flush=True)
+            print(
+                f"[recolour  {step:5d}/{steps}] "
+                + " ".join(f"{k}={v:.5f}" for k, v in means.items())
+                + f"  ({time.perf_counter() - started:.0f}s)",
+                flush=True,
+            )
             last, running = means, {}
     # No wall times in the record: config.json ships in the bundle, and a retrain that yields
     # the same weights should yield the same bundle (same fingerprint, no spurious version).
@@ -314,6 +353,7 @@ def train_recolour(net: RecolourNet, steps: int, rng: torch.Generator, log_every
 
 
 # -- evaluation ---------------------------------------------------------------------------------
+
 
 def evaluate(bundle: Path, rng: torch.Generator) -> dict:
     """Load the written bundle through the worker-facing class and compare its clips with the
@@ -328,14 +368,19 @@ def evaluate(bundle: Path, rng: torch.Generator) -> dict:
             seed = int(torch.randint(1 << 30, (1,), generator=rng))
             prompt = f"{COLOURS[colour]} {('circle', 'square', 'triangle')[shape]} moving {('left', 'right', 'up', 'down')[direction]}"
             _, z = model._resolve(prompt, seed)
-            got = torch.from_numpy(model.generate(prompt, width=128, height=128, num_frames=24, seed=seed)).float() / 255
+            got = (
+                torch.from_numpy(model.generate(prompt, width=128, height=128, num_frames=24, seed=seed)).float() / 255
+            )
             want = render_clip(colour, shape, direction, z[0], 128, 128, 24)
             errors.append(float((got - want).abs().mean()))
             got_mask = (got - BACKGROUND_T).abs().amax(-1) > 0.25
             want_mask = (want - BACKGROUND_T).abs().amax(-1) > 0.25
             ious.append(float((got_mask & want_mask).sum() / (got_mask | want_mask).sum()))
-    result = {"mean_abs_error_u8": round(255 * sum(errors) / len(errors), 3),
-              "mask_iou_mean": round(sum(ious) / len(ious), 4), "mask_iou_min": round(min(ious), 4)}
+    result = {
+        "mean_abs_error_u8": round(255 * sum(errors) / len(errors), 3),
+        "mask_iou_mean": round(sum(ious) / len(ious), 4),
+        "mask_iou_min": round(min(ious), 4),
+    }
     print(f"[eval] vs ground truth at 128x128x24 over {len(errors)} clips: {result}", flush=True)
     return result
 
@@ -344,8 +389,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--generator-steps", type=int, default=2500)
     parser.add_argument("--recolour-steps", type=int, default=800)
-    parser.add_argument("--quick", action="store_true",
-                        help="a few hundred steps into a temporary bundle: checks the script, not the model")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few hundred steps into a temporary bundle: checks the script, not the model",
+    )
     parser.add_argument("--seed", type=int, default=20240601)
     args = parser.parse_args()
     if args.quick:
@@ -359,7 +407,9 @@ def main() -> None:
     rec = RecolourNet(len(TOKENS), **RECOLOUR_CONFIG)
     n_gen = sum(p.numel() for p in gen.parameters())
     n_rec = sum(p.numel() for p in rec.parameters())
-    print(f"generator: {n_gen} parameters, recolour: {n_rec} parameters, threads: {torch.get_num_threads()}", flush=True)
+    print(
+        f"generator: {n_gen} parameters, recolour: {n_rec} parameters, threads: {torch.get_num_threads()}", flush=True
+    )
 
     gen_record = train_generator(gen, args.generator_steps, rng, log_every=max(1, args.generator_steps // 20))
     rec_record = train_recolour(rec, args.recolour_steps, rng, log_every=max(1, args.recolour_steps // 15))
@@ -388,7 +438,10 @@ def main() -> None:
     config["training"]["eval"] = evaluate(bundle, torch.Generator().manual_seed(args.seed + 1))
     (weights / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     size = (weights / "model.safetensors").stat().st_size
-    print(f"wrote {weights / 'model.safetensors'} ({size} bytes) in {time.perf_counter() - started:.0f}s total", flush=True)
+    print(
+        f"wrote {weights / 'model.safetensors'} ({size} bytes) in {time.perf_counter() - started:.0f}s total",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, current_app, make_response, redirect, render_template, request, session
 
 from app.api.auth import SESSION_KEY_ID, principal_for_key
-from app.core.errors import Forbidden, Unauthorized
 from app.api.routing import Context, endpoint
+from app.core.errors import Forbidden, Unauthorized
 from app.observability.snapshot import take_snapshot
 
 bp = Blueprint("dashboard", __name__, template_folder="templates")
@@ -79,12 +79,24 @@ def _login_page(error: str | None = None, status: int = 200) -> Response:
     return _render("dashboard/login.html", status, error=error, enabled=bool(current_app.secret_key))
 
 
-@endpoint(bp, "/dashboard", methods=["GET"], auth="admin", session_auth=True, login_redirect=LOGIN,
-          summary="Operator dashboard (HTML)")
+@endpoint(
+    bp,
+    "/dashboard",
+    methods=["GET"],
+    auth="admin",
+    session_auth=True,
+    login_redirect=LOGIN,
+    summary="Operator dashboard (HTML)",
+)
 def dashboard(ctx: Context):
     snapshot = take_snapshot(ctx.session).to_dict()
-    return _render("dashboard/dashboard.html", snapshot=snapshot, who=ctx.user.user_name,
-                   via_session=SESSION_KEY_ID in session, refresh_ms=REFRESH_MS)
+    return _render(
+        "dashboard/dashboard.html",
+        snapshot=snapshot,
+        who=ctx.user.user_name,
+        via_session=SESSION_KEY_ID in session,
+        refresh_ms=REFRESH_MS,
+    )
 
 
 @endpoint(bp, LOGIN, methods=["GET"], auth="public", html=True, summary="Dashboard login form (HTML)")
@@ -92,8 +104,14 @@ def login_form(ctx: Context):
     return _login_page()
 
 
-@endpoint(bp, LOGIN, methods=["POST"], auth="public", html=True,
-          summary="Check an admin API key and start a dashboard session (HTML form post)")
+@endpoint(
+    bp,
+    LOGIN,
+    methods=["POST"],
+    auth="public",
+    html=True,
+    summary="Check an admin API key and start a dashboard session (HTML form post)",
+)
 def login_submit(ctx: Context):
     if not _same_origin():
         return _login_page("Cross-site login refused.", 403)
@@ -111,8 +129,15 @@ def login_submit(ctx: Context):
     return redirect("/dashboard", code=303)
 
 
-@endpoint(bp, "/dashboard/logout", methods=["POST"], auth="public", html=True,
-          summary="End the dashboard session (HTML form post)", transactional=False)
+@endpoint(
+    bp,
+    "/dashboard/logout",
+    methods=["POST"],
+    auth="public",
+    html=True,
+    summary="End the dashboard session (HTML form post)",
+    transactional=False,
+)
 def logout(ctx: None):
     if not _same_origin():
         return _login_page("Cross-site logout refused.", 403)

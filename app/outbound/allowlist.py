@@ -14,7 +14,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.db.models import WebhookAllowEntry
-from app.webhooks.addresses import AddressRefused, AllowEntry, AllowList, CheckedURL, check_url
+from app.outbound.addresses import AddressRefused, AllowEntry, AllowList, CheckedURL, check_url
 
 
 class AllowEntryError(ValueError):
@@ -37,16 +37,24 @@ def check_with_allowlist(session: Session, url: str) -> CheckedURL:
 
 
 def entry_view(row: WebhookAllowEntry) -> dict:
-    return {"id": str(row.id), "network": str(row.network) if row.network else None, "host": row.host,
-            "port": row.port, "note": row.note, "created_by": row.created_by, "created_at": row.created_at}
+    return {
+        "id": str(row.id),
+        "network": str(row.network) if row.network else None,
+        "host": row.host,
+        "port": row.port,
+        "note": row.note,
+        "created_by": row.created_by,
+        "created_at": row.created_at,
+    }
 
 
 def list_entries(session: Session) -> list[WebhookAllowEntry]:
     return list(session.scalars(select(WebhookAllowEntry).order_by(WebhookAllowEntry.created_at, WebhookAllowEntry.id)))
 
 
-def add_entry(session: Session, *, network: str | None, host: str | None, port: int | None, note: str,
-              actor: str) -> WebhookAllowEntry:
+def add_entry(
+    session: Session, *, network: str | None, host: str | None, port: int | None, note: str, actor: str
+) -> WebhookAllowEntry:
     if (network is None) == (host is None):
         raise AllowEntryError("network", "give exactly one of network or host")
     if network is not None:
@@ -71,5 +79,13 @@ def remove_entry(session: Session, entry_id: uuid.UUID) -> bool:
     return session.execute(delete(WebhookAllowEntry).where(WebhookAllowEntry.id == entry_id)).rowcount > 0
 
 
-__all__ = ["AddressRefused", "AllowEntryError", "add_entry", "check_with_allowlist", "entry_view", "list_entries",
-           "load_allowlist", "remove_entry"]
+__all__ = [
+    "AddressRefused",
+    "AllowEntryError",
+    "add_entry",
+    "check_with_allowlist",
+    "entry_view",
+    "list_entries",
+    "load_allowlist",
+    "remove_entry",
+]

@@ -126,8 +126,12 @@ def refusal(address: IPAddress) -> str | None:
             inner = refusal(embedded)
             return f"an IPv6 form of {embedded}, {inner}" if inner else None
     checks = (
-        ("is_unspecified", "an unspecified"), ("is_loopback", "a loopback"), ("is_link_local", "a link-local"),
-        ("is_multicast", "a multicast"), ("is_reserved", "a reserved"), ("is_private", "a private"),
+        ("is_unspecified", "an unspecified"),
+        ("is_loopback", "a loopback"),
+        ("is_link_local", "a link-local"),
+        ("is_multicast", "a multicast"),
+        ("is_reserved", "a reserved"),
+        ("is_private", "a private"),
     )
     for attribute, kind in checks:
         if getattr(address, attribute):
@@ -186,6 +190,18 @@ def check_url(url: str, *, allow: AllowList | None = None, resolver: Resolver | 
         reason = refusal(address)
         if reason and not allow.covers(parsed.host, address, parsed.port):
             subject = f"{address} is" if _is_ip_literal(parsed.host) else f"host '{parsed.host}' resolves to {address},"
-            raise AddressRefused(f"{subject} {reason}; only public addresses may be reached "
-                                 "(an admin can allow-list a network or host)")
+            raise AddressRefused(
+                f"{subject} {reason}; only public addresses may be reached (an admin can allow-list a network or host)"
+            )
     return CheckedURL(parsed.url, parsed.scheme, parsed.host, parsed.port, parsed.target, addresses)
+
+
+def url_syntax(value: Optional[str]) -> Optional[str]:
+    """A user-supplied URL's syntax (http(s), no credentials); where its host resolves (and the
+    allow-list) is checked when it is used."""
+    if value is not None:
+        try:
+            parse_url(value)
+        except AddressRefused as exc:
+            raise ValueError(exc.reason) from None
+    return value
