@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: up test venv dev-venv system-packages browser migrate check bench clean distclean
+.PHONY: up test lint venv dev-venv system-packages browser migrate check bench clean distclean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,14 @@ browser: system-packages
 ## make test: the whole suite (unit, integration, end-to-end) on real services.
 test: $(DEV_STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make lint: ruff (lint + format check), mypy on app/tasks/workers, and the import-layer contracts
+## (import-linter, [importlinter] in setup.cfg: layers import downwards only; docs/architecture.md).
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy app tasks workers
+	$(BIN)/lint-imports
 
 ## make check: schema drift (alembic check) against a throwaway database.
 check: $(DEV_STAMP)

@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.live_stack import RAW_QUEUE, Stack, live_stack, log, pct  # noqa: E402
+from bench.dispatch_scale import pct  # noqa: E402
+from bench.live_stack import RAW_QUEUE, Stack, live_stack, log  # noqa: E402
 
 GOAL = 0.8
 

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.live_stack import RAW_QUEUE, Stack, live_stack, log, pct  # noqa: E402
+from bench.dispatch_scale import pct  # noqa: E402
+from bench.live_stack import RAW_QUEUE, Stack, live_stack, log  # noqa: E402
 
 IDLE_GAP_S = 0.05
 POLL_S = 0.002

@@ -56,7 +56,7 @@ def run_claimed(job: execution.ClaimedJob, worker_id: str) -> None:
                 report_loaded()  # the dispatcher routes this version's next jobs here
             input_video = None
             if job.kind == "modify_video":
-                data = get_bytes(settings.media_bucket, job.upload_key)
+                data = get_bytes(settings.media_bucket, job.upload_key)  # type: ignore[arg-type]  # a modify_video job has an upload
                 input_video = decode_video(
                     data, width=params["width"], height=params["height"], num_frames=params["num_frames"]
                 )
@@ -109,7 +109,7 @@ def _tail(
                 _finish_inline(job, worker_id, frames, gen_s, load_s, claimed_at)
             else:
                 key = staging_key(job.id, job.dispatch_seq)
-                put_bytes(get_settings().media_bucket, key, npy_bytes(frames))
+                put_bytes(get_settings().media_bucket, key, npy_bytes(frames))  # type: ignore[arg-type]  # boto3 takes a bytearray; no copy of a large array
                 execution.hand_off(job, worker_id, key, int(frames.shape[0]), gen_s, load_s, claimed_at)
         except Exception as exc:  # as when it ran inside the task: the job fails with the reason
             log.exception("job failed after its model ran")

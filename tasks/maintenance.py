@@ -34,9 +34,9 @@ import json
 import logging
 import time
 import zlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
-from sqlalchemy import text
+from sqlalchemy import CursorResult, text
 
 from app.core.config import get_settings
 from app.core.queues import CONTROL_QUEUE, CPU_QUEUE
@@ -273,7 +273,7 @@ def broker_task_ids(prefixes: list[str], *, unacked_within_s: float | None = Non
                 continue
             for raw in client.lrange(key, 0, -1):
                 ids.add(_task_id(raw))
-        delivered_at = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+        delivered_at = dict(client.zrange("unacked_index", 0, -1, withscores=True))  # type: ignore[arg-type]  # withscores=True: (member, score) pairs
         oldest = time.time() - unacked_within_s if unacked_within_s is not None else None
         for tag, raw in client.hgetall("unacked").items():
             if oldest is not None and delivered_at.get(tag, 0.0) < oldest:
@@ -448,9 +448,14 @@ def expire_retention() -> dict[str, int]:
         )
     with transaction() as session:
         if outputs:
-            counts["outputs"] = session.execute(
-                text("UPDATE jobs SET video_key = NULL, thumbnail_key = NULL, updated_at = now() WHERE id = ANY(:ids)"),
-                {"ids": [r.id for r in outputs]},
+            counts["outputs"] = cast(
+                CursorResult,
+                session.execute(
+                    text(
+                        "UPDATE jobs SET video_key = NULL, thumbnail_key = NULL, updated_at = now() WHERE id = ANY(:ids)"
+                    ),
+                    {"ids": [r.id for r in outputs]},
+                ),
             ).rowcount
             session.execute(
                 text(
@@ -460,8 +465,9 @@ def expire_retention() -> dict[str, int]:
                 {"ids": [r.id for r in outputs]},
             )
         if uploads:
-            counts["uploads"] = session.execute(
-                text("DELETE FROM uploads WHERE id = ANY(:ids)"), {"ids": [u.id for u in uploads]}
+            counts["uploads"] = cast(
+                CursorResult,
+                session.execute(text("DELETE FROM uploads WHERE id = ANY(:ids)"), {"ids": [u.id for u in uploads]}),
             ).rowcount
     return counts
 

@@ -121,3 +121,35 @@ def make_user(stack_env):
     from tests.support.factories import create_user
 
     return create_user
+
+
+@pytest.fixture()
+def db_session(stack_env):
+    """A session inside a transaction that is rolled back when the test ends (warehouse's pattern):
+    its commits only release a savepoint, so nothing it writes is ever seen by another test."""
+    from sqlalchemy.orm import Session
+
+    from app.db.session import get_engine
+
+    connection = get_engine().connect()
+    outer = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+        outer.rollback()
+        connection.close()
+
+
+@pytest.fixture()
+def publisher():
+    """The in-memory publisher installed for this process while the test runs (app/messaging)."""
+    from app.messaging import InMemoryPublisher, set_publisher
+
+    fake = InMemoryPublisher()
+    previous = set_publisher(fake)
+    try:
+        yield fake
+    finally:
+        set_publisher(previous)

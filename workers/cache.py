@@ -506,7 +506,7 @@ class ModelCache:
         failures = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
         if failures:
             integrity = [e for e in failures if isinstance(e, IntegrityError)]
-            raise (integrity or failures)[0]
+            raise (integrity or failures)[0]  # type: ignore[misc]  # failures holds no None
 
     def _download_blob(
         self, name: str, number: int, entry: dict[str, Any], callback: Callable[[int], None] | None

@@ -75,7 +75,7 @@ def _preload() -> None:
     # Celery app, and only a GPU worker needs the model runtime.
     from workers.runtime import get_runtime
 
-    cluster, model = gpu_worker_pool()
+    cluster, model = gpu_worker_pool()  # type: ignore[misc]  # called only in a GPU worker
     try:
         with transaction() as session:
             row = session.execute(

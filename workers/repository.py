@@ -99,7 +99,7 @@ def _bundle_files(bundle: Path) -> list[Path]:
 
 def build_manifest(bundle: Path, name: str, number: int, created_by: str) -> tuple[bytes, list[tuple[Path, str]]]:
     files = _bundle_files(bundle)
-    entries = []
+    entries: list[dict[str, Any]] = []
     uploads = []
     for path in files:
         rel = path.relative_to(bundle).as_posix()

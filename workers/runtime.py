@@ -228,7 +228,7 @@ class ModelRuntime:
         cancelled = getattr(package, "GenerationCancelled", None) or getattr(
             sys.modules[cls.__module__], "GenerationCancelled", RuntimeError
         )
-        return model, cancelled
+        return model, cancelled  # type: ignore[return-value]  # found by name: an exception class
 
     def _budget_ok(self, incoming: int) -> bool:
         if len(self._loaded) + 1 > self.max_loaded:

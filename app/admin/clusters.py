@@ -19,9 +19,9 @@ Shared by the admin HTTP routes and the CLI.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, text
+from sqlalchemy import CursorResult, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -66,15 +66,16 @@ _UNDRAIN_WORKERS = text(
 def drain_workers(session: Session, pool_ids: list, *, actor: str) -> int:
     if not pool_ids:
         return 0
-    return session.execute(
-        _DRAIN_WORKERS, {"pools": [str(p) for p in pool_ids], "actor": actor, "stale": WORKER_STALE_S}
+    return cast(
+        CursorResult,
+        session.execute(_DRAIN_WORKERS, {"pools": [str(p) for p in pool_ids], "actor": actor, "stale": WORKER_STALE_S}),
     ).rowcount
 
 
 def undrain_workers(session: Session, pool_ids: list) -> int:
     if not pool_ids:
         return 0
-    return session.execute(_UNDRAIN_WORKERS, {"pools": [str(p) for p in pool_ids]}).rowcount
+    return cast(CursorResult, session.execute(_UNDRAIN_WORKERS, {"pools": [str(p) for p in pool_ids]})).rowcount
 
 
 def get_cluster(session: Session, name: str, *, lock: bool = False) -> Cluster:

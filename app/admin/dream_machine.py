@@ -7,8 +7,9 @@ admin routes (/v1/admin/dream-machine/models) and the CLI (`dreamq dream-machine
 from __future__ import annotations
 
 import re
+from typing import cast
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import CursorResult, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -66,7 +67,9 @@ def set_mapping(session: Session, name: str, model: str, *, note: str = "", acto
 
 
 def remove_mapping(session: Session, name: str, *, actor: str) -> None:
-    removed = session.execute(delete(DreamMachineModel).where(DreamMachineModel.name == name)).rowcount
+    removed = cast(
+        CursorResult, session.execute(delete(DreamMachineModel).where(DreamMachineModel.name == name))
+    ).rowcount
     if not removed:
         raise AdminError("name", f"no Dream Machine model named '{name}'", status=404)
     audit("dream_machine.remove_model", actor=actor, target=name)

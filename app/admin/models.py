@@ -223,8 +223,8 @@ def model_view(session: Session, model: Model, *, events: int = 20) -> dict[str,
             {
                 "alias": e.alias,
                 "action": e.action,
-                "from_version": by_id.get(e.from_version_id),
-                "to_version": by_id.get(e.to_version_id),
+                "from_version": by_id.get(e.from_version_id),  # type: ignore[arg-type]  # None looks up None
+                "to_version": by_id.get(e.to_version_id),  # type: ignore[arg-type]  # None looks up None
                 "percent": e.percent,
                 "actor": e.actor,
                 "at": e.at.isoformat(),

@@ -28,7 +28,7 @@ def create_app() -> Flask:
     app = Flask("dreamq", static_folder=None)
     # Werkzeug refuses bodies above this before reading them (413); uploads are the largest.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + 1024 * 1024
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # Flask's DefaultJSONProvider has it
     for module in (health, generations, uploads, admin, webhooks, metrics, openapi):
         app.register_blueprint(module.bp)
     app.register_blueprint(dream_machine.bp)  # Luma's Dream Machine API, /dream-machine/v1

@@ -80,6 +80,7 @@ def ping(ctx: Context):
 @_route("/credits", methods=["GET"], summary="Your remaining quota this month, in jobs")
 def credits(ctx: Context):
     tier = ctx.user.tier_row
+    assert tier is not None  # loaded with the key
     used, renews = month_usage(ctx.session, ctx.user.user_id)
     quota = tier.monthly_quota
     balance = UNLIMITED_BALANCE if quota is None else float(max(quota - used, 0))
@@ -163,7 +164,7 @@ def _submit(
         job, _ = create_job(ctx.session, ctx.user, create)
     except ApiError as exc:
         raise _explain(exc, served, asked) from None
-    enforce_rate(ctx.user, ctx.user.tier_row)  # after the insert, as /v1 does: a refusal rolls it back
+    enforce_rate(ctx.user, ctx.user.tier_row)  # type: ignore[arg-type]  # TierLimits for Tier; after the insert, as /v1 does: a refusal rolls it back
     bind(job_id=str(job.id))
     request = body.model_dump(mode="json", exclude_none=True)
     request.setdefault("generation_type", "video")
@@ -184,7 +185,7 @@ def _submit(
 def create_video(ctx: Context):
     body: requests.VideoCreate = ctx.body
     served, version, fields = _accept(ctx, body)
-    enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)
+    enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)  # type: ignore[arg-type]  # TierLimits has what Tier has here
     asked: dict[str, str] = {}
     size = requests.size_for(version.manifest, body.resolution, body.aspect_ratio)
     if size is not None:
@@ -238,7 +239,7 @@ def modify_video(ctx: Context):
         raise error from None
     try:
         # The quota after the download: its lock (per user) is not held for a slow media host.
-        enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)
+        enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)  # type: ignore[arg-type]  # TierLimits has what Tier has here
         fields.update(type="modify_video", upload_id=upload.id, **requests.modify_params(version.manifest, info))
         return _submit(ctx, body, fields, served, {})
     except Exception:

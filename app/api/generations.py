@@ -69,6 +69,7 @@ def _wait_until_terminal(job_id: uuid.UUID, seconds: float) -> dict:
     while True:
         with transaction() as session:
             job = session.get(Job, job_id)
+            assert job is not None  # the job this request created
             terminal = JobState(job.state).terminal
             if terminal or time.monotonic() >= deadline:
                 return load_job_views(session, [job])[0]
@@ -186,10 +187,11 @@ def create_generation(ctx: Context):
                 {"Location": url_for("generations.get_generation", job_id=existing.id)},
             )
     tier = ctx.user.tier_row
-    enforce_quota(ctx.session, ctx.user, tier)
+    assert tier is not None  # loaded with the key
+    enforce_quota(ctx.session, ctx.user, tier)  # type: ignore[arg-type]  # TierLimits has what Tier has here
     job, version = create_job(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
     # After the insert: a refusal raises inside the transaction and rolls the job back.
-    enforce_rate(ctx.user, tier)
+    enforce_rate(ctx.user, tier)  # type: ignore[arg-type]  # TierLimits has what Tier has here
     bind(job_id=str(job.id))  # the access line of this request names the job it created
     get_publisher().request_dispatch(ctx.session)
     location = url_for("generations.get_generation", job_id=job.id)

@@ -78,7 +78,7 @@ def build_openapi() -> dict[str, Any]:
     responses = {spec.response for spec in documented if spec.response} | {schemas.Error}
     inputs = [(m, "validation") for m in sorted(requests, key=lambda m: m.__name__)]
     outputs = [(m, "serialization") for m in sorted(responses, key=lambda m: m.__name__)]
-    _, top = models_json_schema(inputs + outputs, ref_template="#/components/schemas/{model}")
+    _, top = models_json_schema(inputs + outputs, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]  # modes inferred as str, not Literal
     components = dict(top.get("$defs", {}))
     error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     paths: dict[str, Any] = {}
@@ -123,7 +123,7 @@ def build_openapi() -> dict[str, Any]:
                     "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{spec.body.__name__}"}}},
                 }
             elif spec.content_types:
-                content = {}
+                content: dict[str, dict] = {}
                 for ct in spec.content_types:
                     binary = {"type": "string", "format": "binary"}
                     if ct == "multipart/form-data":

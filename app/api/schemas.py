@@ -215,7 +215,7 @@ class TierList(BaseModel):
 
 # GET /v1/admin/status returns take_snapshot() as it is: its schema is built from the Snapshot
 # dataclass itself, so a field added there is documented (and checked by the fuzz test) at once.
-StatusOut = create_model(
+StatusOut = create_model(  # type: ignore[call-overload]  # fields built from the Snapshot dataclass
     "StatusOut",
     __doc__="The operator's picture (app/observability/snapshot.py): the numbers behind /dashboard, "
     "`dreamq status` and /metrics.",

@@ -152,6 +152,7 @@ def driver_execute(session: Session, sql: str, params: Mapping[str, Any] | None 
     """
     connection = session.connection()
     dbapi_connection = connection.connection.driver_connection
+    assert dbapi_connection is not None  # a checked-out connection has its driver connection
     try:
         return dbapi_connection.execute(sql, params)
     except connection.dialect.loaded_dbapi.Error as error:
@@ -176,6 +177,7 @@ def driver_connection(engine: Engine | None = None) -> Iterator[Any]:
     """
     connection = (engine or get_engine()).connect()
     dbapi_connection = connection.connection.driver_connection
+    assert dbapi_connection is not None  # a checked-out connection has its driver connection
     try:
         if dbapi_connection.info.transaction_status != TransactionStatus.IDLE:
             dbapi_connection.rollback()  # the checkout's ping (after 1 s idle) left one open

@@ -26,7 +26,7 @@ def request_cancel(session: Session, job: Job, *, by: str) -> bool:
         get_publisher().request_dispatch(session)  # its pool slot or concurrency slot is free now
     else:
         session.execute(
-            Job.__table__.update()
+            Job.__table__.update()  # type: ignore[attr-defined]  # __table__ is a Table
             .where(Job.id == job.id, Job.state == JobState.running.value)
             .values(cancel_requested=True)
         )

@@ -133,7 +133,7 @@ def version_from_rows(rows: list[tuple], name: str, number: int | None) -> tuple
         canary = by_alias.get("canary")
         # An independent draw per job: over N jobs the canary's share is within a few
         # sqrt(N)/N of its percentage, with no shared counter to contend on.
-        if canary is not None and secrets.randbelow(10_000) < canary.percent * 100:
+        if canary is not None and secrets.randbelow(10_000) < canary.percent * 100:  # type: ignore[operator]  # a canary has a percent
             chosen = canary
     return ResolvedVersion(
         chosen.model_id, name, chosen.version_id, chosen.number, chosen.digest, chosen.manifest
@@ -256,4 +256,4 @@ def insert_params(
 
 
 # A job as INSERT_JOB_SQL returns it, for a caller without a Session: what job_view() reads.
-JobRow = namedtuple("JobRow", _JOB_COLUMNS)
+JobRow = namedtuple("JobRow", _JOB_COLUMNS)  # type: ignore[misc]  # the columns of the jobs table

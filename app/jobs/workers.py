@@ -62,7 +62,10 @@ _UPSERT = text(
 
 def heartbeat(session: Session, worker_id: str, cluster: str, model: str, state: str, *, fresh: bool) -> None:
     """Register or refresh a GPU worker's row; `fresh` (a (re)started worker) holds no model yet."""
-    info = {"gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device": os.environ.get("DREAMQ_DEVICE_LABEL", "")}
+    info: dict[str, object] = {
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "device": os.environ.get("DREAMQ_DEVICE_LABEL", ""),
+    }
     if fresh:
         # A (re)started worker holds no model yet, whatever its previous run reported.
         info["loaded"] = []

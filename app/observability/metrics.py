@@ -330,9 +330,9 @@ class SnapshotCollector(Collector):
             ["pool", "tier"],
         )
         pool_running = gauge("dreamq_pool_running_jobs", "Jobs running in a pool per tier", ["pool", "tier"])
-        for q in snap.pool_queues:
-            pool_depth.add_metric([q.pool, q.tier], q.dispatched)
-            pool_running.add_metric([q.pool, q.tier], q.running)
+        for pq in snap.pool_queues:
+            pool_depth.add_metric([pq.pool, pq.tier], pq.dispatched)
+            pool_running.add_metric([pq.pool, pq.tier], pq.running)
         yield from (model_depth, model_urgency, pool_depth, pool_running)
 
         limit = gauge(

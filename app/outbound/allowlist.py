@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
+from typing import cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
 
 from app.db.models import WebhookAllowEntry
@@ -76,7 +77,10 @@ def add_entry(
 
 
 def remove_entry(session: Session, entry_id: uuid.UUID) -> bool:
-    return session.execute(delete(WebhookAllowEntry).where(WebhookAllowEntry.id == entry_id)).rowcount > 0
+    return (
+        cast(CursorResult, session.execute(delete(WebhookAllowEntry).where(WebhookAllowEntry.id == entry_id))).rowcount
+        > 0
+    )
 
 
 __all__ = [

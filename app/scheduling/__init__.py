@@ -5,6 +5,7 @@ call; `tiers` holds the tier specs and defaults; `simulator`, `traces` and `repo
 policy against synthetic or recorded workloads (`python -m app.scheduling.simulator`).
 """
 
+from app.core.tiers import TIER_ORDER
 from app.scheduling.policy import (
     POLICIES,
     Candidate,
@@ -14,7 +15,7 @@ from app.scheduling.policy import (
     TierBacklog,
     plan_dispatch,
 )
-from app.scheduling.tiers import DEFAULT_TIERS, TIER_ORDER, TierSpec, default_tiers
+from app.scheduling.tiers import DEFAULT_TIERS, TierSpec, default_tiers
 
 __all__ = [
     "POLICIES",

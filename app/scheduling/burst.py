@@ -66,7 +66,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 STARTING = "starting"
 SERVING = "serving"
@@ -427,7 +427,7 @@ class BurstController:
     def _load(obs: BurstObservation, busy: int) -> float:
         rates = [t.arrivals_per_s for t in obs.tiers]
         if rates and all(r is not None for r in rates):
-            return sum(rates) * obs.mean_job_s
+            return sum(cast("list[float]", rates)) * obs.mean_job_s
         return float(busy)
 
     def _pressures(self, obs: BurstObservation, capacity: int, busy: int) -> list[dict]:
@@ -441,6 +441,7 @@ class BurstController:
         for t in obs.tiers:
             b += t.queued
             if not unknown:
+                assert t.arrivals_per_s is not None  # none is unknown
                 lam += t.arrivals_per_s
             # without rates: the plain backlog x mean / capacity (no arrival load)
             row = {"name": t.name, "slo_s": t.slo_s, "backlog": b, "load": lam * obs.mean_job_s}

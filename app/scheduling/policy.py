@@ -457,6 +457,7 @@ def _plan_slo(now, tiers, heads, rooms, user_inflight, ledger, limit) -> list[De
                     break  # pressed or late: rank from here on, nothing below may overtake
                 if u > max_u:
                     max_u = u
+        assert best is not None  # streams is not empty
         got = best.take(rooms, user_inflight, picked, seen)
         if got is None:
             streams.remove(best)

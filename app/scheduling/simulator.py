@@ -66,7 +66,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import numpy as np
 
@@ -198,7 +198,7 @@ class Simulator:
         uqueued = [0] * nusers
         inflight = [0] * nusers
         ready: list[list] = [[] for _ in range(ntiers)]
-        tfifo = [deque() for _ in range(ntiers)]
+        tfifo: list[deque] = [deque() for _ in range(ntiers)]
         tqueued = [0] * ntiers
         dispatchable = [0] * ntiers  # sum over users of min(queued, cap - inflight)
 
@@ -376,6 +376,7 @@ class Simulator:
                 warmup_s=warmup,
                 max_workers=self.burst_gpus,
             )
+            assert controller is not None  # burst ticks run only with a controller
             d = controller.decide(obs)
             burst_decisions += 1
             if d.action is Action.HOLD:
@@ -538,7 +539,7 @@ class Simulator:
                 backlog[name] = TierBacklog(name, tqueued[ti], submit[f[0]] if f else None)
                 heap = ready[ti]
                 cap = caps[ti]
-                taken = []
+                taken: list = []
                 seen_users = set()
                 out: list[Candidate] = []
                 n_out = 0
@@ -574,7 +575,7 @@ class Simulator:
                 continue
             rooms = [PoolRoom(p.id, mnames[p.model], p.limit - p.pending) for p in pools if p.limit > p.pending]
             t0 = time.perf_counter()
-            decisions = plan_dispatch(now, tier_specs, heads, backlog, rooms, user_inf, ledger, policy=policy)
+            decisions = plan_dispatch(now, tier_specs, heads, backlog, rooms, user_inf, ledger, policy=policy)  # type: ignore[arg-type]  # Mapping keys are invariant; int ids are Hashable
             plan_s += time.perf_counter() - t0
             n_calls += 1
             if not decisions:
@@ -584,7 +585,7 @@ class Simulator:
             tier_counts = [0] * ntiers
             for d in decisions:
                 c = d.candidate
-                j = c.job_id
+                j = cast(int, c.job_id)  # the simulator's job ids are ints
                 if state[j] != _QUEUED:
                     raise RuntimeError(f"policy dispatched job {j} which is not queued")
                 u = juser[j]
@@ -601,9 +602,9 @@ class Simulator:
                 total_queued -= 1
                 tier_counts[ti] += 1
                 touched[u] = ti
-                lst = by_pool.get(d.pool_id)
+                lst = by_pool.get(d.pool_id)  # type: ignore[call-overload]  # the simulator's pool ids are str
                 if lst is None:
-                    lst = by_pool[d.pool_id] = []
+                    lst = by_pool[d.pool_id] = []  # type: ignore[index]  # the simulator's pool ids are str
                 lst.append(j)
             for pid, jobs in by_pool.items():
                 pi = pool_index[pid]

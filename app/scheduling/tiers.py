@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, cast
 
 # Sum of all floors may not exceed this: a floor is a promise taken from rank order, and rank
 # order must keep most of the capacity or the top tiers' SLO is no longer protected.
@@ -83,7 +83,7 @@ def default_tiers(**overrides: Mapping[str, object]) -> dict[str, TierSpec]:
 
     out = dict(DEFAULT_TIERS)
     for name, changes in overrides.items():
-        out[name] = replace(out[name], **changes)
+        out[name] = replace(out[name], **cast("Mapping[str, Any]", changes))
     validate_tiers(out)
     return out
 

@@ -45,11 +45,11 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from app.scheduling.tiers import TIER_ORDER
+from app.core.tiers import TIER_ORDER
 
 TRACES: tuple[str, ...] = ("launch-day", "steady", "starve")
 MODELS: tuple[str, ...] = ("ray2", "ray2-flash")
@@ -130,7 +130,7 @@ class Trace:
         data.sort(key=lambda r: r[0])
         arr = np.array(data, dtype=np.float64).reshape(-1, 5)
         if isinstance(gpus, (int, np.integer)):
-            capacity = ((0.0, int(gpus)),)
+            capacity: tuple[tuple[float, int], ...] = ((0.0, int(gpus)),)
         else:
             capacity = tuple((float(a), int(b)) for a, b in gpus)
         if horizon_s is None:
@@ -324,7 +324,7 @@ def get_trace(name: str, *, seed: int = 0, scale: float = 1.0, hours: float | No
         gen = GENERATORS[name]
     except KeyError:
         raise ValueError(f"unknown trace {name!r}; expected one of {', '.join(TRACES)} or --csv FILE") from None
-    kwargs = {"seed": seed, "scale": scale}
+    kwargs: dict[str, Any] = {"seed": seed, "scale": scale}
     if hours is not None:
         kwargs["hours"] = hours
     return gen(**kwargs)

@@ -181,7 +181,7 @@ class EmbeddedService:
         process takes the port between our check and the server's bind."""
         for attempt in range(_PORT_CLASH_RETRIES):
             # A restart keeps the previous port when it can: clients hold the URL.
-            self.port = find_free_port((self.port or self.preferred_port) if attempt == 0 else None)
+            self.port = find_free_port((self.port or self.preferred_port) if attempt == 0 else None)  # type: ignore[attr-defined]  # set by each subclass that calls this
             self.process = make_process(self.port)
             self.process.start()
             try:
@@ -412,6 +412,7 @@ class EmbeddedPostgres(EmbeddedService):
     def _ready(self) -> bool:
         import psycopg
 
+        assert self.port is not None  # only called once started on a port
         if not port_is_open(HOST, self.port, timeout=0.2):
             return False
         with psycopg.connect(self.admin_dsn(), connect_timeout=2) as conn:
@@ -503,6 +504,7 @@ class EmbeddedRedis(EmbeddedService):
     def _ready(self) -> bool:
         import redis
 
+        assert self.port is not None  # only called once started on a port
         if not port_is_open(HOST, self.port, timeout=0.2):
             return False
         client = redis.Redis(host=HOST, port=self.port, socket_connect_timeout=1, socket_timeout=2)

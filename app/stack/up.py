@@ -52,12 +52,12 @@ def _say(message: str) -> None:
 
 def _start_services(state: StackState, supervisor: Supervisor) -> None:
     """Start the embedded services whose URL the environment does not give, in parallel."""
-    from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedSeaweedFS
+    from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedSeaweedFS, EmbeddedService
 
     settings = get_settings()
     data = state.home / "data"
     data.mkdir(parents=True, exist_ok=True)
-    wanted: dict[str, Callable[[], object]] = {}
+    wanted: dict[str, Callable[[], EmbeddedService]] = {}
     if not settings.database_url:
         wanted["postgres"] = lambda: EmbeddedPostgres(data / "postgres")
     if not settings.broker_url:

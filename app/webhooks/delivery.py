@@ -82,7 +82,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         # Certificate verified against the URL's host name, not the address we pinned.
-        self.sock = self._context.wrap_socket(self._pinned_socket(), server_hostname=self.host)
+        self.sock = self._context.wrap_socket(self._pinned_socket(), server_hostname=self.host)  # type: ignore[attr-defined, misc]  # private _context; method borrowed from the HTTP class
 
 
 def pinned_connection(

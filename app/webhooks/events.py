@@ -114,8 +114,8 @@ class ProgressWebhooks:
                 text("SELECT callback_url, webhook_events FROM jobs WHERE id = :id"), {"id": str(self.job_id)}
             ).first()
             wanted = row is not None and row[0] and "progress" in (row[1] or DEFAULT_EVENTS)
-            self._subscribed = row[0] if wanted else False
+            self._subscribed = row[0] if wanted else False  # type: ignore[index]  # wanted: row is not None
             if not wanted:
                 return
         self._last = now
-        emit(session, self.job_id, "progress", self._subscribed)
+        emit(session, self.job_id, "progress", self._subscribed)  # type: ignore[arg-type]  # the callback URL by now
