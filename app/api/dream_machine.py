@@ -5,7 +5,7 @@ Luma's official clients work against dreamq by changing the base URL and the key
     client = LumaAI(base_url="http://dreamq:18000/dream-machine/v1", auth_token=DREAMQ_KEY)
 
 Same keys (Bearer), same jobs, scheduler, workers, limits and webhooks as /v1: a submission goes
-through `create_job()`, a DELETE through the cancel path, a media URL through the rules of
+through `app.jobs.submit.submit()`, a DELETE through the cancel path, a media URL through the rules of
 uploads, a callback through the webhook machinery (signed, address-checked, retried).
 
 Errors have the shape Luma's API gives, `{"detail": "<message>"}`, plus dreamq's own `error`
@@ -36,15 +36,15 @@ from app.api.errors import error_response, pydantic_fields
 from app.api.routing import Context, endpoint
 from app.api.uploads import store_upload
 from app.core.config import get_settings
-from app.core.errors import ApiError, BadRequest, NotFound
+from app.core.errors import ApiError, BadRequest, NotFound, Unprocessable
 from app.core.logging_setup import bind
 from app.db.models import DreamMachineGeneration, Job
 from app.db.session import after_commit
 from app.dream_machine import generations, requests
 from app.dream_machine.models import known_names, served_by
 from app.jobs.cancel import request_cancel
-from app.jobs.limits import enforce_quota, enforce_rate, month_usage
-from app.jobs.submit import ResolvedVersion, create_job, resolve_version
+from app.jobs.limits import month_usage
+from app.jobs.submit import ResolvedVersion, resolve_version, submit
 
 log = logging.getLogger(__name__)
 bp = Blueprint("dream_machine", __name__, url_prefix="/dream-machine/v1")
@@ -133,7 +133,7 @@ def _accept(
 
 
 def _explain(exc: ApiError, served: str, asked: dict[str, str]) -> BadRequest:
-    """A create_job refusal in the client's vocabulary: which of its options led to which value."""
+    """A submit() refusal in the client's vocabulary: which of its options led to which value."""
     field = exc.fields[0]["field"] if exc.fields else "request"
     reason = exc.fields[0]["reason"] if exc.fields else exc.message
     if field in ("width", "height") and asked.get("size"):
@@ -152,19 +152,16 @@ def _submit(
     served: str,
     asked: dict[str, str],
 ):
-    """create_job() with the mapped fields, then the record of the client's own request."""
-    from app.messaging import get_publisher
-
+    """submit() with the mapped fields, then the record of the client's own request."""
     try:
         create = schemas.GenerationCreate.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
         found = pydantic_fields(exc)
         raise _bad(found[0]["field"], found[0]["reason"]) from None
     try:
-        job, _ = create_job(ctx.session, ctx.user, create)
-    except ApiError as exc:
+        job, _ = submit(ctx.session, ctx.user, create)
+    except Unprocessable as exc:  # the version's refusals, in the client's vocabulary; a 429 as it is
         raise _explain(exc, served, asked) from None
-    enforce_rate(ctx.user, ctx.user.tier_row)  # type: ignore[arg-type]  # TierLimits for Tier; after the insert, as /v1 does: a refusal rolls it back
     bind(job_id=str(job.id))
     request = body.model_dump(mode="json", exclude_none=True)
     request.setdefault("generation_type", "video")
@@ -177,7 +174,6 @@ def _submit(
     )
     ctx.session.add(row)
     ctx.session.flush()
-    get_publisher().request_dispatch(ctx.session)
     return generations.render(ctx.session, [(job, row)])[0], 201
 
 
@@ -185,7 +181,6 @@ def _submit(
 def create_video(ctx: Context):
     body: requests.VideoCreate = ctx.body
     served, version, fields = _accept(ctx, body)
-    enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)  # type: ignore[arg-type]  # TierLimits has what Tier has here
     asked: dict[str, str] = {}
     size = requests.size_for(version.manifest, body.resolution, body.aspect_ratio)
     if size is not None:
@@ -238,8 +233,8 @@ def modify_video(ctx: Context):
         error.status = 413 if exc.status == 413 else 400
         raise error from None
     try:
-        # The quota after the download: its lock (per user) is not held for a slow media host.
-        enforce_quota(ctx.session, ctx.user, ctx.user.tier_row)  # type: ignore[arg-type]  # TierLimits has what Tier has here
+        # submit() takes the quota after the download: its lock (per user) is not held for a slow
+        # media host.
         fields.update(type="modify_video", upload_id=upload.id, **requests.modify_params(version.manifest, info))
         return _submit(ctx, body, fields, served, {})
     except Exception:

@@ -18,18 +18,9 @@ from app.core.config import get_settings
 from app.core.errors import Conflict, NotFound, field_error
 from app.core.logging_setup import bind
 from app.db.models import Job, JobState
-from app.db.session import driver_connection, run_callbacks, transaction
+from app.db.session import driver_connection, transaction
 from app.jobs.cancel import request_cancel
-from app.jobs.limits import enforce_quota, enforce_quota_driver, enforce_rate, give_back_rate
-from app.jobs.submit import (
-    INSERT_JOB_SQL,
-    RESOLVE_SQL,
-    JobRow,
-    accept_version,
-    create_job,
-    insert_params,
-    resolve_params,
-)
+from app.jobs.submit import RESOLVE_SQL, resolve_params, submit, submit_on_connection
 from app.jobs.views import decode_cursor, encode_cursor, job_view, load_job_views
 
 bp = Blueprint("generations", __name__, url_prefix="/v1")
@@ -93,17 +84,10 @@ def _create_generation_fast():
     returns None before any side effect, and create_generation() answers it as it always did.
 
     The same checks, answers and order of refusals as create_generation(): the key (401/403),
-    the quota (429), the model version and parameters (422), the token (429), then the job and
-    its event, the dispatch request once they are committed. Postgres is reached in two round
-    trips instead of five (bench/intake.py): the key and the model in one statement, then the
-    job and its event in one autocommit statement. Without a quota the token is taken before
-    the insert rather than inside its transaction (a refusal still stores nothing), and given
-    back if the insert fails, so a request that stores no job still costs none. A tier with a
-    monthly quota keeps the transaction the quota's lock needs: lock, count, insert, token,
-    commit.
+    then app.jobs.submit.submit_on_connection(). Postgres is reached in two round trips instead
+    of five (bench/intake.py): the key and the model in one statement, then the job and its
+    event in one autocommit statement.
     """
-    from app.messaging import get_publisher
-
     if "Idempotency-Key" in request.headers or "Prefer" in request.headers:
         return None
     token = bearer_token()  # a missing or malformed header: the same 401, before any work
@@ -122,26 +106,8 @@ def _create_generation_fast():
         bind(user_id=str(principal.user_id), tier=principal.tier)
         tier = principal.tier_row
         candidates = [r[PRINCIPAL_COLUMNS:] for r in rows if r[PRINCIPAL_COLUMNS] is not None]
-        if tier.monthly_quota is not None:
-            with conn.transaction():
-                enforce_quota_driver(conn, principal, tier)
-                version, params = accept_version(candidates, name, body)
-                job = JobRow(
-                    *conn.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone()
-                )
-                enforce_rate(principal, tier)  # inside the transaction: a refusal rolls the job back
-        else:
-            version, params = accept_version(candidates, name, body)
-            taken = enforce_rate(principal, tier)
-            try:
-                job = JobRow(
-                    *conn.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone()
-                )
-            except BaseException:
-                give_back_rate(taken)
-                raise
+        job, version = submit_on_connection(conn, principal, body, name, candidates)
     bind(job_id=str(job.id))
-    run_callbacks([get_publisher().request_dispatch])
     location = url_for("generations.get_generation", job_id=job.id)
     return job_view(job, version.model, version, tier.slo_s), 202, {"Location": location}
 
@@ -166,8 +132,6 @@ def _create_generation_fast():
     fast=_create_generation_fast,
 )
 def create_generation(ctx: Context):
-    from app.messaging import get_publisher
-
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 200):
         raise field_error("Idempotency-Key", "must be 1-200 characters")
@@ -188,12 +152,8 @@ def create_generation(ctx: Context):
             )
     tier = ctx.user.tier_row
     assert tier is not None  # loaded with the key
-    enforce_quota(ctx.session, ctx.user, tier)  # type: ignore[arg-type]  # TierLimits has what Tier has here
-    job, version = create_job(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
-    # After the insert: a refusal raises inside the transaction and rolls the job back.
-    enforce_rate(ctx.user, tier)  # type: ignore[arg-type]  # TierLimits has what Tier has here
+    job, version = submit(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
     bind(job_id=str(job.id))  # the access line of this request names the job it created
-    get_publisher().request_dispatch(ctx.session)
     location = url_for("generations.get_generation", job_id=job.id)
     wait = _prefer_wait()
     if wait:

@@ -1,5 +1,11 @@
 """Accepting a job: resolve the exact model version, check parameters against it, insert.
 
+`submit()` is the one order every surface (/v1, /dream-machine/v1) follows: the monthly quota
+(429), the version and parameters (422), the job and its `queued` event, the rate token (429,
+inside the transaction: a refusal rolls the job back), and a dispatch request once it commits.
+`submit_on_connection()` is the same order on a bare psycopg connection, for the /v1 fast path
+(two round trips instead of five, bench/intake.py).
+
 The job records the version it resolved at submission (the prod alias, or a pinned number), so
 a later promote or rollback changes what new jobs get, never what an accepted job runs.
 """
@@ -19,7 +25,9 @@ from sqlalchemy.orm import Session, make_transient_to_detached
 from app.core.config import get_settings
 from app.core.errors import field_error
 from app.db.models import Job, JobKind, JobState, Upload
-from app.db.session import driver_execute
+from app.db.session import driver_execute, run_callbacks
+from app.jobs.limits import enforce_quota, enforce_quota_driver, enforce_rate, give_back_rate
+from app.messaging import get_publisher
 from app.outbound.addresses import AddressRefused
 from app.outbound.allowlist import check_with_allowlist
 
@@ -257,3 +265,52 @@ def insert_params(
 
 # A job as INSERT_JOB_SQL returns it, for a caller without a Session: what job_view() reads.
 JobRow = namedtuple("JobRow", _JOB_COLUMNS)  # type: ignore[misc]  # the columns of the jobs table
+
+
+def submit(
+    session: Session, principal, body, *, idempotency_key: str | None = None, request_hash: str | None = None
+) -> tuple[Job, ResolvedVersion]:
+    """Accept `body` for `principal` in the caller's transaction (see the module docstring)."""
+    tier = principal.tier_row
+    assert tier is not None  # loaded with the key
+    enforce_quota(session, principal, tier)
+    job, version = create_job(session, principal, body, idempotency_key=idempotency_key, request_hash=request_hash)
+    enforce_rate(principal, tier)  # after the insert: a refusal raises inside the transaction
+    get_publisher().request_dispatch(session)
+    return job, version
+
+
+def submit_on_connection(
+    connection, principal, body, name: str, candidates: list[tuple]
+) -> tuple[Any, ResolvedVersion]:
+    """submit() for a body without upload or callback, on a bare psycopg connection in autocommit,
+    from RESOLVE_SQL's `candidates` (read with the key). Returns the JobRow and its version.
+
+    Without a quota the token is taken before the insert rather than inside its transaction (a
+    refusal still stores nothing), and given back if the insert fails, so a request that stores
+    no job still costs none. A tier with a monthly quota keeps the transaction the quota's lock
+    needs: lock, count, insert, token, commit. The dispatch request follows the commit."""
+    tier = principal.tier_row
+    assert tier is not None  # loaded with the key
+    if tier.monthly_quota is not None:
+        with connection.transaction():
+            enforce_quota_driver(connection, principal, tier)
+            version, params = accept_version(candidates, name, body)
+            job = JobRow(
+                *connection.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone()
+            )
+            enforce_rate(principal, tier)  # inside the transaction: a refusal rolls the job back
+    else:
+        version, params = accept_version(candidates, name, body)
+        taken = enforce_rate(principal, tier)
+        try:
+            job = JobRow(
+                *connection.execute(INSERT_JOB_SQL, insert_params(principal, body, name, version, params)).fetchone()
+            )
+        except BaseException:
+            give_back_rate(taken)
+            raise
+    # As an after-commit callback would: a failed publish is logged, never fails the accepted job
+    # (the beat's dispatch tick is the safety net).
+    run_callbacks([get_publisher().request_dispatch])
+    return job, version

@@ -8,6 +8,7 @@ import uuid
 from sqlalchemy import create_engine, func, select, text
 
 import app.api.generations as generations
+import app.jobs.submit as submission
 from app.db.models import Job
 from app.db.session import driver_connection, transaction
 from tests.support.factories import auth, create_tier, create_user
@@ -24,20 +25,20 @@ def submit(client, key):
 
 def test_a_failed_insert_gives_its_token_back(client, parked_model, monkeypatch):
     user_id, key = create_user(create_tier(rate_per_min=6, burst=2))
-    real = generations.insert_params
+    real = submission.insert_params
 
     def dangling_version(*args, **kwargs):
         params = real(*args, **kwargs)
         params["model_version_id"] = uuid.uuid4()  # the foreign key refuses the row
         return params
 
-    monkeypatch.setattr(generations, "insert_params", dangling_version)
+    monkeypatch.setattr(submission, "insert_params", dangling_version)
     try:
         failed = submit(client, key).status_code
     except Exception:  # the test app may propagate the IntegrityError instead of answering 500
         failed = 500
     assert failed == 500
-    monkeypatch.setattr(generations, "insert_params", real)
+    monkeypatch.setattr(submission, "insert_params", real)
     # The failed request stored nothing and cost nothing: the whole burst is still there.
     assert [submit(client, key).status_code for _ in range(3)] == [202, 202, 429]
     assert jobs_of(user_id) == 2
