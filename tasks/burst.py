@@ -31,6 +31,7 @@ from sqlalchemy import text
 from app.core.config import get_settings
 from app.core.redis_client import get_redis
 from app.db.session import transaction
+from app.jobs.workers import WORKER_STALE_S
 from app.observability.metrics import BURST_DECISIONS
 from app.provisioning import ProvisionedWorker, get_provisioner
 from app.provisioning.base import worker_rows_by_name
@@ -46,7 +47,6 @@ from app.scheduling.burst import (
     BurstWorker,
     TierPressure,
 )
-from app.scheduling.dispatcher import WORKER_STALE_S
 from tasks.maintenance import periodic
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ from sqlalchemy.orm import Session
 from app.admin.errors import AdminError, audit
 from app.core.queues import CONTROL_QUEUE
 from app.db.models import Cluster, Pool
+from app.jobs.workers import WORKER_STALE_S
 from app.messaging import get_publisher
-from app.scheduling.dispatcher import WORKER_STALE_S
 
 KINDS = ("inference", "burst")
 

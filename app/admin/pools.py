@@ -25,7 +25,7 @@ from app.admin.clusters import drain_workers, get_cluster, undrain_workers
 from app.admin.errors import AdminError, audit
 from app.core.queues import pool_queue
 from app.db.models import Cluster, Model, Pool, Tier
-from app.scheduling.dispatcher import LIVE_DEPTH_SQL, WORKER_STALE_S, effective_dispatch_limit
+from app.jobs.workers import LIVE_DEPTH_SQL, WORKER_STALE_S, effective_dispatch_limit
 
 _POOL_ROWS = text(
     f"""

@@ -1,14 +1,17 @@
 """The workers registry: statements on the `workers` table that the job's life makes.
 
 A GPU worker's row says which pool it serves, whether it is idle, busy, draining, retiring or
-stopped, what it holds loaded (affinity) and how long its jobs take (info.job_s, the
-dispatcher's per-worker depth). Staleness and the effective dispatch limit are read by the
-dispatcher (app/scheduling/dispatcher.py: WORKER_STALE_S, effective_dispatch_limit).
+stopped, what it holds loaded (affinity) and how long its jobs take (info.job_s). From those rows
+come the rules the dispatcher, the reaper, the snapshot and the admin views share: when a worker
+counts as live (WORKER_STALE_S), how many jobs each live worker may hold queued (worker_depth,
+LIVE_DEPTH_SQL) and so what a pool may hold dispatched (effective_dispatch_limit, the dispatch
+limit as applied).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import uuid
@@ -16,8 +19,48 @@ import uuid
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+# A worker's heartbeat older than this and the worker no longer counts as pool capacity.
+WORKER_STALE_S = 30
+# Jobs a pool may hold queued per live worker (on top of the one each is running), at least.
+DISPATCH_PER_WORKER = 2
+# ...and for short jobs as many as fill this much of the worker's time, measured from its own
+# recent jobs (workers.info.job_s, an average the worker writes when it goes idle), capped.
+# A fixed 2 starves a worker whose jobs take less than a dispatch round trip: with a no-op model
+# one worker ran 12 jobs/s, one pass per job. Half a second of queued work keeps it busy between
+# passes while a job still spends at most ~0.5 s committed to a worker's queue, where its
+# priority can no longer change; a video job (seconds to minutes) still gets 2.
+QUEUED_WORK_S = 0.5
+MAX_PER_WORKER = 64
+
+
+def worker_depth(job_s: float | None) -> int:
+    """Jobs one live worker may hold queued: DISPATCH_PER_WORKER, or QUEUED_WORK_S of its
+    measured job time when that is more (at most MAX_PER_WORKER). Mirrors LIVE_DEPTH_SQL."""
+    if job_s is None:
+        return DISPATCH_PER_WORKER
+    return min(MAX_PER_WORKER, max(DISPATCH_PER_WORKER, math.ceil(QUEUED_WORK_S / max(job_s, 0.001))))
+
+
+# The sum of worker_depth over pool p's live workers (heartbeat fresh, idle or busy); needs
+# :stale. Constants from code, formatted in once.
+LIVE_DEPTH_SQL = f"""
+    (SELECT CAST(COALESCE(sum(CASE WHEN w.info ->> 'job_s' IS NULL THEN {DISPATCH_PER_WORKER}
+                 ELSE LEAST({MAX_PER_WORKER}, GREATEST({DISPATCH_PER_WORKER},
+                     ceil({QUEUED_WORK_S} / GREATEST(CAST(w.info ->> 'job_s' AS float8), 0.001)))) END), 0) AS int)
+     FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')
+          AND w.heartbeat_at > now() - make_interval(secs => :stale))"""
+
+
+def effective_dispatch_limit(dispatch_limit: int, live_depth: int, enabled: bool = True) -> int:
+    """What a pool may hold dispatched: its limit, capped at what its live workers may hold
+    (LIVE_DEPTH_SQL: DISPATCH_PER_WORKER each, more for workers whose jobs are short; 0 with
+    no live worker or while the pool or its cluster is drained). The dispatcher, the snapshot
+    and the admin views all show this number."""
+    return min(dispatch_limit if enabled else 0, live_depth)
+
+
 # info.job_s: how long this worker's jobs take, for the dispatcher's per-worker depth
-# (app/scheduling/dispatcher.py worker_depth). It rises at once to a longer job and decays
+# (worker_depth above). It rises at once to a longer job and decays
 # slowly after it, so a worker that starts getting long jobs is given few jobs at once.
 #
 # Only the job's own ending makes the worker idle: with the tail on its own thread, the worker
@@ -94,3 +137,8 @@ def report_loaded(session: Session, worker_id: str, loaded_digests: list[str], l
         ),
         {"loaded": json.dumps(loaded_digests), "loads": loads, "id": worker_id},
     )
+
+
+def release_job(session: Session, job_id: uuid.UUID | str) -> None:
+    """The job is no longer any worker's current job (the reaper took it back)."""
+    session.execute(text("UPDATE workers SET current_job_id = NULL WHERE current_job_id = :j"), {"j": str(job_id)})

@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from app.scheduling.dispatcher import LIVE_DEPTH_SQL, WORKER_STALE_S, effective_dispatch_limit
+from app.jobs.workers import LIVE_DEPTH_SQL, WORKER_STALE_S, effective_dispatch_limit
 
 # SLO attainment looks at jobs that started in this window.
 ATTAINMENT_WINDOW_S = 3600

@@ -42,22 +42,16 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from app.core.queues import worker_queue
+from app.jobs.workers import (  # the live-worker rules the pass applies
+    DISPATCH_PER_WORKER,
+    LIVE_DEPTH_SQL,
+    WORKER_STALE_S,
+    effective_dispatch_limit,
+)
 from app.messaging import Release
 from app.scheduling.policy import Candidate, PoolRoom, ShareLedger, TierBacklog, plan_dispatch
 from app.scheduling.tiers import TierSpec
 
-# A worker's heartbeat older than this and the worker no longer counts as pool capacity.
-WORKER_STALE_S = 30
-# Jobs a pool may hold queued per live worker (on top of the one each is running), at least.
-DISPATCH_PER_WORKER = 2
-# ...and for short jobs as many as fill this much of the worker's time, measured from its own
-# recent jobs (workers.info.job_s, an average the worker writes when it goes idle), capped.
-# A fixed 2 starves a worker whose jobs take less than a dispatch round trip: with a no-op model
-# one worker ran 12 jobs/s, one pass per job. Half a second of queued work keeps it busy between
-# passes while a job still spends at most ~0.5 s committed to a worker's queue, where its
-# priority can no longer change; a video job (seconds to minutes) still gets 2.
-QUEUED_WORK_S = 0.5
-MAX_PER_WORKER = 64
 # Most decisions in one pass; a full batch makes the task run another pass at once.
 MAX_BATCH = 512
 # Jobs that may wait in one worker's own queue for its version (besides the one it runs): as
@@ -71,32 +65,6 @@ AFFINITY_DEPTH = DISPATCH_PER_WORKER
 # head rows a pass for the same decisions as 32 x 2.
 USERS_PER_TIER = 32
 JOBS_PER_USER = 2
-
-
-def worker_depth(job_s: float | None) -> int:
-    """Jobs one live worker may hold queued: DISPATCH_PER_WORKER, or QUEUED_WORK_S of its
-    measured job time when that is more (at most MAX_PER_WORKER). Mirrors LIVE_DEPTH_SQL."""
-    if job_s is None:
-        return DISPATCH_PER_WORKER
-    return min(MAX_PER_WORKER, max(DISPATCH_PER_WORKER, math.ceil(QUEUED_WORK_S / max(job_s, 0.001))))
-
-
-# The sum of worker_depth over pool p's live workers (heartbeat fresh, idle or busy); needs
-# :stale. Constants from code, formatted in once.
-LIVE_DEPTH_SQL = f"""
-    (SELECT CAST(COALESCE(sum(CASE WHEN w.info ->> 'job_s' IS NULL THEN {DISPATCH_PER_WORKER}
-                 ELSE LEAST({MAX_PER_WORKER}, GREATEST({DISPATCH_PER_WORKER},
-                     ceil({QUEUED_WORK_S} / GREATEST(CAST(w.info ->> 'job_s' AS float8), 0.001)))) END), 0) AS int)
-     FROM workers w WHERE w.pool_id = p.id AND w.state IN ('idle', 'busy')
-          AND w.heartbeat_at > now() - make_interval(secs => :stale))"""
-
-
-def effective_dispatch_limit(dispatch_limit: int, live_depth: int, enabled: bool = True) -> int:
-    """What a pool may hold dispatched: its limit, capped at what its live workers may hold
-    (LIVE_DEPTH_SQL: DISPATCH_PER_WORKER each, more for workers whose jobs are short; 0 with
-    no live worker or while the pool or its cluster is drained). The dispatcher, the snapshot
-    and the admin views all show this number."""
-    return min(dispatch_limit if enabled else 0, live_depth)
 
 
 ZERO_UUID = str(uuid.UUID(int=0))  # the user cursor before the first user

@@ -355,7 +355,7 @@ def test_a_redelivered_message_of_a_running_job_does_not_run_it_twice(chaos):
     (a misconfigured broker, a manual restore), the second delivery must not run the job. The
     message is published a second time while the job runs on one worker; another takes it.
     """
-    from app.scheduling.dispatcher import Release
+    from app.messaging import Release
 
     key = chaos.keys[1]
     response = requests.post(

@@ -26,7 +26,7 @@ import requests
 from sqlalchemy import text
 
 from app.db.session import transaction
-from app.scheduling.dispatcher import WORKER_STALE_S
+from app.jobs.workers import WORKER_STALE_S
 from tests.support.factories import auth, create_user
 from tests.support.stack import gunicorn_api
 

@@ -17,8 +17,8 @@ import pytest
 from sqlalchemy import text
 
 from app.db.session import transaction
+from app.jobs.workers import DISPATCH_PER_WORKER
 from app.messaging import get_publisher
-from app.scheduling.dispatcher import DISPATCH_PER_WORKER
 from tests.support.factories import auth, create_user
 from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
 

@@ -122,8 +122,7 @@ def test_jobs_routed_to_a_worker_that_went_quiet_go_back_to_the_queue(submit):
 
 
 def test_reconciler_requeues_what_the_broker_lost_and_keeps_what_it_holds(submit):
-    from app.messaging import get_publisher
-    from app.scheduling.dispatcher import Release
+    from app.messaging import Release, get_publisher
     from tasks.maintenance import broker_task_ids, reconcile_broker
 
     lost, held, recent = submit(), submit(), submit()

@@ -18,7 +18,7 @@ from app.core.config import get_settings
 from app.core.logging_setup import JsonFormatter, job_context
 from app.core.storage import put_bytes
 from app.db.session import transaction
-from app.scheduling.dispatcher import Release
+from app.messaging import Release
 from tests.support.factories import auth, create_user
 
 pytestmark = pytest.mark.usefixtures("parked_model")

@@ -14,7 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from app.db.session import after_commit, transaction
-from app.scheduling.dispatcher import DISPATCH_PER_WORKER, MAX_PER_WORKER, Dispatcher, LedgerStore, worker_depth
+from app.jobs.workers import DISPATCH_PER_WORKER, MAX_PER_WORKER, worker_depth
+from app.scheduling.dispatcher import Dispatcher, LedgerStore
 from tests.support.factories import create_user
 
 
