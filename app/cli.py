@@ -418,7 +418,7 @@ def tiers_set(name: str, **options) -> None:
 @click.pass_context
 def simulate(ctx) -> None:
     """Discrete-event simulation of a dispatch policy on a trace (--help for options)."""
-    from app.scheduling.simulator import main as simulator_main
+    from app.scheduling.sim.simulator import main as simulator_main
 
     sys.exit(simulator_main(ctx.args))
 

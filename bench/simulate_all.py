@@ -21,11 +21,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app.core.tiers import TIER_ORDER  # noqa: E402
-from app.scheduling import report  # noqa: E402
 from app.scheduling.policy import POLICIES  # noqa: E402
-from app.scheduling.simulator import simulate  # noqa: E402
+from app.scheduling.sim import report  # noqa: E402
+from app.scheduling.sim.simulator import simulate  # noqa: E402
+from app.scheduling.sim.traces import TRACES  # noqa: E402
 from app.scheduling.tiers import DEFAULT_TIERS  # noqa: E402
-from app.scheduling.traces import TRACES  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 

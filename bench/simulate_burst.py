@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
 from app.core.tiers import TIER_ORDER  # noqa: E402
 from app.scheduling.burst import BurstParams  # noqa: E402
 from app.scheduling.policy import POLICIES  # noqa: E402
-from app.scheduling.simulator import BURST_MAX_GPUS, BURST_WARMUP_S, REVERSAL_WINDOW_S, simulate  # noqa: E402
+from app.scheduling.sim.simulator import BURST_MAX_GPUS, BURST_WARMUP_S, REVERSAL_WINDOW_S, simulate  # noqa: E402
 from app.scheduling.tiers import DEFAULT_TIERS  # noqa: E402
 
 OUT = ROOT / "bench" / "out"

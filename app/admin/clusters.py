@@ -19,16 +19,16 @@ Shared by the admin HTTP routes and the CLI.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import CursorResult, select, text
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.admin.errors import AdminError, audit
 from app.core.queues import CONTROL_QUEUE
 from app.db.models import Cluster, Pool
-from app.jobs.workers import WORKER_STALE_S
+from app.jobs.workers import WORKER_STALE_S, drain_workers, undrain_workers
 from app.messaging import get_publisher
 
 KINDS = ("inference", "burst")
@@ -44,38 +44,6 @@ _CLUSTER_COUNTS = text(
     FROM clusters c WHERE c.id = ANY(CAST(:ids AS uuid[]))
     """
 )
-
-# Live workers of some pools -> draining, remembering who drained them (for `enable`).
-_DRAIN_WORKERS = text(
-    """
-    UPDATE workers SET state = 'draining', info = info || jsonb_build_object('drained_by', CAST(:actor AS text))
-    WHERE pool_id = ANY(CAST(:pools AS uuid[])) AND state IN ('starting', 'idle', 'busy')
-      AND heartbeat_at > now() - make_interval(secs => :stale)
-    """
-)
-
-# Only workers an operator drained: one draining for a warm shutdown is on its way out.
-_UNDRAIN_WORKERS = text(
-    """
-    UPDATE workers SET state = CASE WHEN current_job_id IS NULL THEN 'idle' ELSE 'busy' END, info = info - 'drained_by'
-    WHERE pool_id = ANY(CAST(:pools AS uuid[])) AND state = 'draining' AND info ? 'drained_by'
-    """
-)
-
-
-def drain_workers(session: Session, pool_ids: list, *, actor: str) -> int:
-    if not pool_ids:
-        return 0
-    return cast(
-        CursorResult,
-        session.execute(_DRAIN_WORKERS, {"pools": [str(p) for p in pool_ids], "actor": actor, "stale": WORKER_STALE_S}),
-    ).rowcount
-
-
-def undrain_workers(session: Session, pool_ids: list) -> int:
-    if not pool_ids:
-        return 0
-    return cast(CursorResult, session.execute(_UNDRAIN_WORKERS, {"pools": [str(p) for p in pool_ids]})).rowcount
 
 
 def get_cluster(session: Session, name: str, *, lock: bool = False) -> Cluster:

@@ -21,11 +21,11 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.admin.clusters import drain_workers, get_cluster, undrain_workers
+from app.admin.clusters import get_cluster
 from app.admin.errors import AdminError, audit
 from app.core.queues import pool_queue
 from app.db.models import Cluster, Model, Pool, Tier
-from app.jobs.workers import LIVE_DEPTH_SQL, WORKER_STALE_S, effective_dispatch_limit
+from app.jobs.workers import LIVE_DEPTH_SQL, WORKER_STALE_S, drain_workers, effective_dispatch_limit, undrain_workers
 
 _POOL_ROWS = text(
     f"""

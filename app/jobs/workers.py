@@ -15,9 +15,15 @@ import math
 import os
 import socket
 import uuid
+from typing import cast
 
-from sqlalchemy import text
+from sqlalchemy import CursorResult, text
 from sqlalchemy.orm import Session
+
+from app.db.models import JobState
+from app.db.session import transaction
+from app.jobs.transitions import transition
+from app.messaging import get_publisher
 
 # A worker's heartbeat older than this and the worker no longer counts as pool capacity.
 WORKER_STALE_S = 30
@@ -142,3 +148,102 @@ def report_loaded(session: Session, worker_id: str, loaded_digests: list[str], l
 def release_job(session: Session, job_id: uuid.UUID | str) -> None:
     """The job is no longer any worker's current job (the reaper took it back)."""
     session.execute(text("UPDATE workers SET current_job_id = NULL WHERE current_job_id = :j"), {"j": str(job_id)})
+
+
+# --- drain and retire ---------------------------------------------------------------------------
+
+# Live workers of some pools -> draining, remembering who drained them (for `enable`).
+_DRAIN_WORKERS = text(
+    """
+    UPDATE workers SET state = 'draining', info = info || jsonb_build_object('drained_by', CAST(:actor AS text))
+    WHERE pool_id = ANY(CAST(:pools AS uuid[])) AND state IN ('starting', 'idle', 'busy')
+      AND heartbeat_at > now() - make_interval(secs => :stale)
+    """
+)
+
+# Only workers an operator drained: one draining for a warm shutdown is on its way out.
+_UNDRAIN_WORKERS = text(
+    """
+    UPDATE workers SET state = CASE WHEN current_job_id IS NULL THEN 'idle' ELSE 'busy' END, info = info - 'drained_by'
+    WHERE pool_id = ANY(CAST(:pools AS uuid[])) AND state = 'draining' AND info ? 'drained_by'
+    """
+)
+
+
+def drain_workers(session: Session, pool_ids: list, *, actor: str) -> int:
+    if not pool_ids:
+        return 0
+    return cast(
+        CursorResult,
+        session.execute(_DRAIN_WORKERS, {"pools": [str(p) for p in pool_ids], "actor": actor, "stale": WORKER_STALE_S}),
+    ).rowcount
+
+
+def undrain_workers(session: Session, pool_ids: list) -> int:
+    if not pool_ids:
+        return 0
+    return cast(CursorResult, session.execute(_UNDRAIN_WORKERS, {"pools": [str(p) for p in pool_ids]})).rowcount
+
+
+def worker_nodes(prefix: str) -> list[str]:
+    with transaction() as session:
+        nodes = [r[0] for r in session.execute(text("SELECT id FROM workers WHERE id LIKE :p"), {"p": f"{prefix}%"})]
+    return nodes or [f"{prefix}{socket.gethostname()}"]
+
+
+def retire_worker_rows(prefix: str) -> int:
+    """Mark the worker retiring and take back the jobs routed to its own queues (version
+    affinity) that it has not started: it stops consuming, so nobody else would run them.
+    Returns how many went back to the queue."""
+    returned = 0
+    with transaction() as session:
+        session.execute(
+            text("UPDATE workers SET state = 'retiring' WHERE id LIKE :p AND state IN ('idle', 'busy', 'starting')"),
+            {"p": f"{prefix}%"},
+        )
+        routed = session.execute(
+            text("SELECT id, dispatch_seq, worker_id FROM jobs WHERE state = 'dispatched' AND worker_id LIKE :p"),
+            {"p": f"{prefix}%"},
+        ).all()
+        for job in routed:
+            if transition(
+                session,
+                job.id,
+                JobState.dispatched,
+                JobState.queued,
+                guard={"dispatch_seq": job.dispatch_seq},
+                detail={"reason": "routed_worker_retiring", "worker": job.worker_id},
+            ):
+                returned += 1
+    if returned:
+        get_publisher().request_dispatch()
+    return returned
+
+
+def worker_rows(prefix: str) -> list[dict]:
+    with transaction() as session:
+        return [
+            dict(r)
+            for r in session.execute(
+                text(
+                    "SELECT id, state, current_job_id, EXTRACT(EPOCH FROM now() - heartbeat_at) AS age_s FROM workers "
+                    "WHERE id LIKE :p"
+                ),
+                {"p": f"{prefix}%"},
+            ).mappings()
+        ]
+
+
+def rows_by_prefix(prefixes: list[str]) -> dict[str, list[dict]]:
+    """worker_rows for several node prefixes ("name@") in one query."""
+    found: dict[str, list[dict]] = {p: [] for p in prefixes}
+    with transaction() as session:
+        for row in session.execute(
+            text(
+                "SELECT id, state, current_job_id, EXTRACT(EPOCH FROM now() - heartbeat_at) AS age_s FROM workers "
+                "WHERE split_part(id, '@', 1) || '@' = ANY(:p)"
+            ),
+            {"p": prefixes},
+        ).mappings():
+            found[row["id"].split("@", 1)[0] + "@"].append(dict(row))
+    return found

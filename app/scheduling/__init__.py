@@ -1,8 +1,9 @@
 """Dispatch scheduling: which queued job goes to which GPU pool next.
 
 `policy.plan_dispatch` is the one decision function the live dispatcher and the simulator both
-call; `tiers` holds the tier specs and defaults; `simulator`, `traces` and `report` prove a
-policy against synthetic or recorded workloads (`python -m app.scheduling.simulator`).
+call; `tiers` holds the tier specs and defaults; `burst` the pure burst controller; `dispatcher`
+the pass over the database. `sim/` (simulator, traces, report) proves a policy against synthetic
+or recorded workloads offline (`python -m app.scheduling.sim.simulator`).
 """
 
 from app.core.tiers import TIER_ORDER

@@ -80,7 +80,7 @@ Starvation guard, precisely: the ledger counts dispatches per tier in fixed wind
 dispatched_t < min_share_t x (dispatched_all + 1), both counting this plan's decisions. Serving
 that eagerly keeps dispatched_t >= floor(min_share_t x dispatched_all) at every instant of the
 window whenever the tier has an eligible candidate, which is exactly the complement of a starved
-window as the simulator counts it (app/scheduling/report.py): a 10-minute window in which the
+window as the simulator counts it (app/scheduling/sim/report.py): a 10-minute window in which the
 tier had enough dispatchable backlog to use its share (at window start, or throughout the window)
 but got fewer than floor(min_share x all dispatches in the window).
 

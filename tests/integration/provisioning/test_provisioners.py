@@ -12,8 +12,9 @@ import pytest
 from sqlalchemy import text
 
 from app.db.session import transaction
+from app.jobs.workers import worker_rows
 from app.provisioning import get_provisioner
-from app.provisioning.base import wait_until, worker_rows
+from app.provisioning.base import wait_until
 from tests.support.factories import auth, create_user
 from tests.support.jobs import wait_done
 from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers

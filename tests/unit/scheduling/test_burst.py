@@ -17,7 +17,7 @@ from app.scheduling.burst import (
     TierPressure,
     count_reversals,
 )
-from app.scheduling.simulator import REVERSAL_WINDOW_S, simulate
+from app.scheduling.sim.simulator import REVERSAL_WINDOW_S, simulate
 
 MEAN = 160.0
 WARMUP = 600.0

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from app.scheduling import report, simulator
-from app.scheduling.simulator import Simulator, run_simulation, simulate
+from app.scheduling.sim import report, simulator
+from app.scheduling.sim.simulator import Simulator, run_simulation, simulate
+from app.scheduling.sim.traces import Trace, get_trace, load_csv
 from app.scheduling.tiers import DEFAULT_TIERS, TierSpec
-from app.scheduling.traces import Trace, get_trace, load_csv
 
 # Two tiers with tiny SLOs so a hand-made trace exercises hits and misses.
 TINY_TIERS = {

@@ -39,7 +39,7 @@ Model
   the peak of borrowed GPUs (warming + serving + draining) and the GPU-hours borrowed.
   Off by default.
 
-Metrics are computed in app/scheduling/report.py (including the exact definition of a starved
+Metrics are computed in app/scheduling/sim/report.py (including the exact definition of a starved
 window, whose "backlog" is the dispatchable backlog tracked here: per user min(queued, cap -
 in flight)). The timeline samples every minute, just after a dispatcher tick: per tier the wait
 / W of the oldest job the scheduler could dispatch (`oldest_over_slo`, what the PNG plots) and of
@@ -50,7 +50,7 @@ O(heads + decisions), never O(backlog). `Candidate` objects are built once per j
 while the job stays in the heads. The 12 h launch-day trace (496,905 jobs, 500 -> 9,000 GPUs,
 21,600 dispatcher ticks) takes ~16 s on an idle 2-core machine, ~9 s of it inside plan_dispatch.
 
-CLI: `python -m app.scheduling.simulator --trace launch-day --policy slo [--json]
+CLI: `python -m app.scheduling.sim.simulator --trace launch-day --policy slo [--json]
 [--plot out.png] [--csv FILE [--gpus N]] [--seed N] [--scale X] [--hours H]
 [--burst [--burst-gpus N] [--burst-warmup S]]`
 """
@@ -70,7 +70,6 @@ from typing import Mapping, Sequence, cast
 
 import numpy as np
 
-from app.scheduling import report
 from app.scheduling.burst import (
     DRAINING,
     SERVING,
@@ -92,8 +91,9 @@ from app.scheduling.policy import (
     TierBacklog,
     plan_dispatch,
 )
+from app.scheduling.sim import report
+from app.scheduling.sim.traces import MEAN_DURATION_S, TRACES, Trace, get_trace, load_csv
 from app.scheduling.tiers import DEFAULT_TIERS, TierSpec, validate_tiers
-from app.scheduling.traces import MEAN_DURATION_S, TRACES, Trace, get_trace, load_csv
 
 DISPATCH_TICK_S = 2.0
 DISPATCH_LATENCY_S = 1.0
