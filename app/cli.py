@@ -2,6 +2,9 @@
 
 Operator commands read service URLs from the environment, or else from .dreamq/stack.json that
 `dreamq up` writes, so they work against a running local stack with no setup.
+
+Each command imports what it needs inside its own body: `dreamq --help` and `dreamq worker`
+(which execs Celery at once) must not load the admin, repository, simulator and stack code.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.outbound.addresses import AddressRefused
+from app.outbound.allowlist import check_with_allowlist
+from app.webhooks.delivery import pinned_connection
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
@@ -41,9 +43,6 @@ class Fetched:
 
 
 def fetch(session: Session, url: str, *, max_bytes: int | None = None) -> Fetched:
-    from app.outbound.allowlist import check_with_allowlist
-    from app.webhooks.delivery import pinned_connection
-
     limit = get_settings().max_upload_bytes if max_bytes is None else max_bytes
     try:
         checked = check_with_allowlist(session, url)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app.api.auth import create_key
 from app.db.models import Cluster, Model, ModelVersion, Pool, Tier, User
 from app.scheduling.tiers import DEFAULT_TIERS
+from workers.repository import bundle_fingerprint, push_version
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ def new_user_key(session: Session, name: str, tier: str, scopes: list[str]) -> s
 
 def ensure_demo_model(session: Session, model_name: str, bundle: Path = DEMO_BUNDLE) -> ModelVersion | None:
     """Push the demo bundle through the model repository when no version has its content yet."""
-    from workers.repository import bundle_fingerprint, push_version
-
     fingerprint = bundle_fingerprint(bundle)
     model = session.scalar(select(Model).where(Model.name == model_name))
     if model is not None:

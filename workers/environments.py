@@ -87,6 +87,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.core.config import get_settings
+from workers.model_process import ModelProcess
+
 log = logging.getLogger(__name__)
 
 # Bump when the venv layout changes, so hosts rebuild instead of reusing an old layout.
@@ -287,8 +290,6 @@ class Plan:
 
 
 def default_root() -> Path:
-    from app.core.config import get_settings
-
     return Path(get_settings().cache_dir) / "envs"
 
 
@@ -577,8 +578,6 @@ def _build(plan: Plan, env_dir: Path, python: Path) -> None:
 
 def start_model_process(plan: Plan, version_dir: Path, manifest: dict[str, Any], device: Any):
     """Build (or reuse) the plan's venv, start the model's process on it, wait until it loaded."""
-    from workers.model_process import ModelProcess
-
     env = ensure_environment(plan)
     proxy = ModelProcess(
         python=env.python,

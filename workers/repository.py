@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from app.admin.models import set_alias
 from app.core.config import get_settings
 from app.core.storage import TRANSFER, s3_client
 from app.db.models import Model, ModelAlias, ModelVersion
@@ -216,8 +217,6 @@ def push_version(
     session.add(version)
     session.flush()
     if set_prod_if_missing and session.get(ModelAlias, (model.id, "prod")) is None:
-        from app.admin.models import set_alias
-
         # The first version becomes prod, audited like any later promote.
         set_alias(session, model, "prod", version, action="promote", actor=created_by)
     log.info("pushed model version", extra={"model": name, "version": number, "digest": digest, "bytes": total})

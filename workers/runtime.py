@@ -218,7 +218,9 @@ class ModelRuntime:
             return model, model.cancelled_exc
         cls = _import_entrypoint(version_dir, manifest["model"]["entrypoint"], digest)
         if _accepts(cls.load, "load_weights"):
-            # The staged, overlapped loader (workers/loading.py) for models that take it.
+            # The staged, overlapped loader (workers/loading.py) for models that take it; imported
+            # here because it imports torch, which a worker whose models run in their own venv
+            # never needs in this process.
             from workers.loading import load_safetensors
 
             model = cls.load(version_dir, self.device, load_weights=load_safetensors)

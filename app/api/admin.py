@@ -15,6 +15,7 @@ from app.api import schemas
 from app.api.routing import Context, endpoint
 from app.core.errors import ApiError, NotFound, field_error
 from app.observability.snapshot import take_snapshot
+from workers.repository import verify_remote
 
 bp = Blueprint("admin", __name__, url_prefix="/v1/admin")
 
@@ -183,8 +184,6 @@ def rollback_model(ctx: Context, name: str):
     errors=[401, 403, 404],
 )
 def verify_model_version(ctx: Context, name: str, number: int):
-    from workers.repository import verify_remote
-
     try:
         model = model_admin.get_model(ctx.session, name)
         version = model_admin.get_version(ctx.session, model, number)

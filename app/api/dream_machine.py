@@ -38,10 +38,12 @@ from app.api.uploads import store_upload
 from app.core.config import get_settings
 from app.core.errors import ApiError, BadRequest, NotFound, Unprocessable
 from app.core.logging_setup import bind
+from app.core.storage import s3_client
 from app.db.models import DreamMachineGeneration, Job
 from app.db.session import after_commit
 from app.dream_machine import generations, requests
 from app.dream_machine.models import known_names, served_by
+from app.fetch import FetchRefused, fetch
 from app.jobs.cancel import request_cancel
 from app.jobs.limits import month_usage
 from app.jobs.submit import ResolvedVersion, resolve_version, submit
@@ -215,9 +217,6 @@ def create_generation(ctx: Context):
     summary="Modify a video fetched from media.url (mapped onto a modify-video job)",
 )
 def modify_video(ctx: Context):
-    from app.core.storage import s3_client
-    from app.fetch import FetchRefused, fetch
-
     body: requests.VideoModify = ctx.body
     served, version, fields = _accept(ctx, body)
     try:
@@ -323,8 +322,6 @@ def list_generations(ctx: Context):
     summary="Delete a generation: cancel it if unfinished, delete its outputs; it is gone from this API",
 )
 def delete_generation(ctx: Context, generation_id: str):
-    from app.core.storage import s3_client
-
     job, row = _found(ctx, generation_id, lock=True)
     request_cancel(ctx.session, job, by=ctx.user.key_prefix)
     keys = [k for k in (job.video_key, job.thumbnail_key) if k]

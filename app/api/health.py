@@ -7,6 +7,10 @@ from sqlalchemy import text
 
 from app.api import schemas
 from app.api.routing import endpoint
+from app.core.config import get_settings
+from app.core.redis_client import get_redis
+from app.core.storage import s3_client
+from app.db.session import get_engine
 
 bp = Blueprint("health", __name__)
 
@@ -35,11 +39,6 @@ def healthz(_ctx):
     also=[503],
 )
 def readyz(_ctx):
-    from app.core.config import get_settings
-    from app.core.redis_client import get_redis
-    from app.core.storage import s3_client
-    from app.db.session import get_engine
-
     checks: dict[str, str] = {}
     try:
         with get_engine().connect() as conn:

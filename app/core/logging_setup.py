@@ -16,6 +16,8 @@ import re
 import sys
 from typing import Any, Iterator
 
+from app.core.config import get_settings
+
 _context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("dreamq_log_context", default={})
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
@@ -88,8 +90,6 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(component: str, level: str | None = None, json_logs: bool | None = None) -> None:
-    from app.core.config import get_settings
-
     settings = get_settings()
     level = level or settings.log_level
     json_logs = settings.log_json if json_logs is None else json_logs

@@ -10,12 +10,11 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobState
 from app.jobs.transitions import NOW, transition
+from app.messaging import get_publisher
 
 
 def request_cancel(session: Session, job: Job, *, by: str) -> bool:
     """Cancel `job` (locked by the caller); False when it had already finished."""
-    from app.messaging import get_publisher
-
     state = JobState(job.state)
     if state.terminal:
         return False

@@ -15,6 +15,8 @@ import math
 from sqlalchemy.orm import Session
 
 from app.core.errors import TooManyRequests
+from app.core.ratelimit import RateLimiter, RateLimiterUnavailable
+from app.core.redis_client import get_redis
 from app.core.signals import limiter_unavailable, submission_refused
 from app.db.models import Tier
 from app.db.session import driver_execute
@@ -77,9 +79,6 @@ def _refuse_over_quota(tier, used: int, end: dt.datetime) -> None:
 def enforce_rate(principal, tier: Tier) -> list | None:
     """Take the submission's token (429 when refused). Returns the buckets it was taken from, for
     give_back_rate(), or None when none was taken (no Redis, or the limiter failed open)."""
-    from app.core.ratelimit import RateLimiter, RateLimiterUnavailable
-    from app.core.redis_client import get_redis
-
     redis = get_redis()
     if redis is None:
         return None
@@ -113,9 +112,6 @@ def enforce_rate(principal, tier: Tier) -> list | None:
 
 def give_back_rate(buckets: list | None) -> None:
     """Return the token enforce_rate() took, for a submission that then stored no job."""
-    from app.core.ratelimit import RateLimiter, RateLimiterUnavailable
-    from app.core.redis_client import get_redis
-
     redis = get_redis()
     if not buckets or redis is None:
         return

@@ -26,8 +26,19 @@ from typing import Callable
 
 import requests
 
+from app.admin.dream_machine import seed_mappings
+from app.api.auth import hash_key
 from app.core.config import get_settings, reload_settings
+from app.core.logging_setup import configure_logging
+from app.core.storage import ensure_buckets
+from app.db.migrate import upgrade
+from app.db.models import ApiKey
+from app.db.session import transaction
+from app.observability.metrics import prepare_multiprocess_dir
+from app.seed import ensure_demo_model, ensure_pool, new_user_key, seed_tiers
+from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedSeaweedFS, EmbeddedService
 from app.stack.process import ManagedProcess, Supervisor, SupervisorShutdown, find_free_port
+from workers.launch import visible_gpus, worker_command
 
 # Preferred ports (used when free, else any free port): clear of the machine's own 5432/6379/5672
 # and of common dev servers.
@@ -52,8 +63,6 @@ def _say(message: str) -> None:
 
 def _start_services(state: StackState, supervisor: Supervisor) -> None:
     """Start the embedded services whose URL the environment does not give, in parallel."""
-    from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedSeaweedFS, EmbeddedService
-
     settings = get_settings()
     data = state.home / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -106,9 +115,6 @@ def _load_credentials(home: Path) -> dict:
 def _key_is_valid(session, key: str | None) -> bool:
     from sqlalchemy import select
 
-    from app.api.auth import hash_key
-    from app.db.models import ApiKey
-
     if not key:
         return False
     row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
@@ -116,12 +122,6 @@ def _key_is_valid(session, key: str | None) -> bool:
 
 
 def _migrate_and_seed(state: StackState, previous: dict) -> dict:
-    from app.admin.dream_machine import seed_mappings
-    from app.core.storage import ensure_buckets
-    from app.db.migrate import upgrade
-    from app.db.session import transaction
-    from app.seed import ensure_demo_model, ensure_pool, new_user_key, seed_tiers
-
     settings = get_settings()
     upgrade(settings.database_url)
     _say("schema migrated to head")
@@ -191,8 +191,6 @@ def _gpu_worker_ready(name: str) -> Callable[[], bool]:
     def check() -> bool:
         from sqlalchemy import text
 
-        from app.db.session import transaction
-
         with transaction() as session:
             return (
                 session.execute(
@@ -208,9 +206,6 @@ def _gpu_worker_ready(name: str) -> Callable[[], bool]:
 
 
 def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_when_ready: bool = False) -> int:
-    from app.core.logging_setup import configure_logging
-    from workers.launch import visible_gpus, worker_command
-
     configure_logging("up", json_logs=False, level="WARNING")
     settings = get_settings()
     home = Path(settings.home).resolve()
@@ -220,8 +215,6 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
     state = StackState(home=home)
     # One metrics directory for every process of this host (API workers, Celery children, beat):
     # /metrics sums their counters. Emptied at start: old files carry old pids and old counts.
-    from app.observability.metrics import prepare_multiprocess_dir
-
     metrics_dir = home / "prometheus"
     prepare_multiprocess_dir(str(metrics_dir))
     state.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)

@@ -39,6 +39,7 @@ from sqlalchemy import text
 from app.core.config import get_settings
 from app.db.session import transaction
 from app.outbound.addresses import AddressRefused, CheckedURL, IPAddress
+from app.outbound.allowlist import check_with_allowlist
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,6 @@ _RECORD = text(
 def attempt(delivery_id: str) -> float | None:
     """Make one attempt. Returns the seconds until the next one, or None when there is none to
     schedule (delivered, failed for good, or another task holds the row)."""
-    from app.outbound.allowlist import check_with_allowlist
-
     settings = get_settings()
     lease_s = settings.webhook_connect_timeout_s + settings.webhook_read_timeout_s * 3 + 30
     with transaction() as session:
