@@ -10,6 +10,7 @@ from sqlalchemy import CursorResult, text
 from app.core.config import get_settings
 from app.core.storage import s3_client
 from app.db.session import transaction
+from app.jobs.transitions import record_step
 
 BATCH = 500  # rows per run and kind; a backlog is worked off over several runs
 
@@ -62,13 +63,7 @@ def expire_retention() -> dict[str, int]:
                     {"ids": [r.id for r in outputs]},
                 ),
             ).rowcount
-            session.execute(
-                text(
-                    "INSERT INTO job_events (job_id, from_state, to_state, detail) "
-                    'SELECT id, state, state, \'{"step": "outputs_expired"}\'::jsonb FROM jobs WHERE id = ANY(:ids)'
-                ),
-                {"ids": [r.id for r in outputs]},
-            )
+            record_step(session, [r.id for r in outputs], "outputs_expired")
         if uploads:
             counts["uploads"] = cast(
                 CursorResult,

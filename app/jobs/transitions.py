@@ -7,6 +7,14 @@
 Every change names the state it expects. If the row is not in that state any more (a duplicate
 delivery, a cancel that won the race, a reaper that requeued it), the UPDATE matches nothing and
 the caller learns it lost: a job can never be completed twice.
+
+This module writes jobs.state and job_events for every change of one job, and tells the
+listeners (app/core/signals.py: webhooks, metrics) of each change that won. Two statements keep
+their own SQL for speed and follow the same rule: a job is born `queued` with its first event
+in one statement (app/jobs/submit.py INSERT_JOB_SQL), and the dispatcher moves a whole batch
+queued -> dispatched in one compare-and-set statement with one event per job
+(app/scheduling/dispatcher.py). Steps that change no state (generated, outputs expired) are
+events too: record_event() and record_step().
 """
 
 from __future__ import annotations
@@ -145,6 +153,17 @@ def transition(
             ),
         )
     return row[0] if row else None
+
+
+def record_step(session: Session, job_ids: list, step: str) -> None:
+    """The same step for many jobs, each in its own state (e.g. their outputs expired)."""
+    session.execute(
+        text(
+            "INSERT INTO job_events (job_id, from_state, to_state, detail) "
+            "SELECT id, state, state, jsonb_build_object('step', CAST(:step AS text)) FROM jobs WHERE id = ANY(:ids)"
+        ),
+        {"ids": job_ids, "step": step},
+    )
 
 
 def record_event(
