@@ -121,7 +121,7 @@ def make_celery() -> Celery:
             },
         },
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        # A GPU worker's child loads the pool's model before it reports up (tasks/signals.py
+        # A GPU worker's child loads the pool's model before it reports up (workers/lifecycle.py
         # _preload): seconds on this CPU when the machine is busy, minutes for a video model.
         # Celery's default of 4 s kills such a child and starts another, over and over.
         worker_proc_alive_timeout=300,

@@ -7,7 +7,7 @@ the GPU idles through it. On the H100 machine, with a 387M-parameter video DiT a
 tail here, while the task returns and the worker claims and runs its next job: 95.4%
 (bench/gpu_busy.py, bench/results/gpu/).
 
-The rules that keep jobs safe (DESIGN.md) hold:
+The rules that keep jobs safe (docs/architecture.md) hold:
 
 * The job stays `running`, its lease renewed by a JobLease on this thread, until the hand-off
   commits. The Celery message is acknowledged when the task returns, so if the process dies in

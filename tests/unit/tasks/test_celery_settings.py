@@ -1,4 +1,4 @@
-"""The Celery settings DESIGN.md says matter for long GPU jobs are the ones in force."""
+"""The Celery settings docs/architecture.md says matter for long GPU jobs are the ones in force."""
 
 from __future__ import annotations
 
