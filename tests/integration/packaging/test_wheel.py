@@ -190,7 +190,10 @@ def check_wheel(src: Path, work: Path) -> None:
     # Contents: the top-level packages, every module of the source tree, the declared package data.
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == set(PACKAGES), f"top-level names in {wheel.name}: {sorted(tops)}"
-    wheel_modules = {_module_name(n) for n in names if n.endswith(".py")}
+    wheel_modules = {_module_name(n) for n in names if n.endswith(".py") and _in_packages(n)}
+    # The demo model's bundle ships as data, whole, so `dreamq up` from the wheel can push it.
+    bundle = {f for f in sources if f.startswith("workers/demo_models/shapes/") and f.split("/")[3] != "train.py"}
+    assert bundle and bundle <= set(names), f"demo bundle files not in the wheel: {sorted(bundle - set(names))}"
     source_modules = {_module_name(f) for f in sources if f.endswith(".py") and _in_packages(f)}
     assert wheel_modules == source_modules, (
         "modules in the source tree but not in the wheel (a directory without __init__.py? not in "
@@ -275,6 +278,24 @@ def check_wheel(src: Path, work: Path) -> None:
     assert shebang.startswith(f"#!{venv_bin}/python"), f"{script} starts {shebang!r}, not with the fresh venv's python"
     help_out = _run([str(script), "--help"], cwd=cwd, env=env).stdout
     assert "Usage: dreamq" in help_out, help_out
+
+    # What `dreamq up` seeds: the demo bundle the installed app.seed points at, with the same
+    # content fingerprint as the source tree's (so a wheel install pushes the same version).
+    seeded = _run(
+        [
+            str(python),
+            "-I",
+            "-c",
+            "import app.seed, workers.repository as r; print(app.seed.DEMO_BUNDLE); "
+            "print(r.bundle_fingerprint(app.seed.DEMO_BUNDLE))",
+        ],
+        cwd=cwd,
+        env=env,
+    ).stdout.split()
+    from workers.repository import bundle_fingerprint
+
+    assert _is_under(seeded[0], purelib), seeded
+    assert seeded[1] == bundle_fingerprint(src / "workers" / "demo_models" / "shapes"), seeded
 
 
 @pytest.mark.slow
