@@ -11,9 +11,8 @@ import logging
 import os
 
 from app.core.redis_client import get_redis
-from app.db.models import JobState
 from app.db.session import after_commit, transaction
-from app.jobs.transitions import transition
+from app.jobs.transitions import unrelease
 from app.messaging import Release, get_publisher
 from app.observability.metrics import count_publish_failure, observe_dispatch_pass
 from app.scheduling.dispatcher import Dispatcher, LedgerStore, PassResult
@@ -43,14 +42,7 @@ def return_to_queue(releases: list[Release]) -> int:
     returned = 0
     with transaction() as session:
         for release in releases:
-            if transition(
-                session,
-                release.job_id,
-                JobState.dispatched,
-                JobState.queued,
-                guard={"dispatch_seq": release.dispatch_seq},
-                detail={"reason": "publish_failed"},
-            ):
+            if unrelease(session, release.job_id, release.dispatch_seq, reason="publish_failed"):
                 returned += 1
                 log.warning("publish failed: job returned to the queue", extra=_job_fields(release))
     return returned

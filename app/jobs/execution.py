@@ -223,60 +223,49 @@ class ProgressReporter:
         return row is not None and not row[0]
 
 
-def fail(job: ClaimedJob, worker_id: str, code: str, message: str, job_s: float | None = None) -> None:
+def _leave_running(job: ClaimedJob, worker_id: str, to: JobState, job_s: float | None = None, **values: Any) -> bool:
+    """running -> `to` for the dispatch this worker claimed, the worker idle again, and (after the
+    commit) a dispatch request: room opened. False: the job had left running already."""
     with transaction() as session:
-        transition(
+        left = transition(
             session,
             job.id,
             JobState.running,
-            JobState.failed,
+            to,
             worker_id=worker_id,
             guard={"dispatch_seq": job.dispatch_seq},
-            failure_code=code,
-            failure_message=message[:2000],
-            finished_at=NOW,
+            **values,
         )
         worker_idle(session, worker_id, job.id, since_claim() if job_s is None else job_s)
         get_publisher().request_dispatch(session)
+    return left is not None
+
+
+def fail(job: ClaimedJob, worker_id: str, code: str, message: str, job_s: float | None = None) -> None:
+    _leave_running(
+        job, worker_id, JobState.failed, job_s, failure_code=code, failure_message=message[:2000], finished_at=NOW
+    )
 
 
 def requeue_for_drain(job: ClaimedJob, worker_id: str, steps: int) -> None:
     """This worker is shutting down: the job goes back to the queue now, its attempt not counted."""
-    with transaction() as session:
-        transition(
-            session,
-            job.id,
-            JobState.running,
-            JobState.queued,
-            worker_id=worker_id,
-            guard={"dispatch_seq": job.dispatch_seq},
-            attempts=job.attempts - 1,
-            progress=0.0,
-            detail={"reason": "worker_draining", "at_step": steps},
-        )
-        worker_idle(session, worker_id, job.id, since_claim())
-        get_publisher().request_dispatch(session)
+    _leave_running(
+        job,
+        worker_id,
+        JobState.queued,
+        attempts=job.attempts - 1,
+        progress=0.0,
+        detail={"reason": "worker_draining", "at_step": steps},
+    )
     log.info("worker draining: job requeued", extra={"job_id": str(job.id), "at_step": steps})
 
 
 def stop_at_step(job: ClaimedJob, worker_id: str, steps: int) -> bool:
     """The user cancelled: the model stopped at a step boundary, nothing decoded. False: the job
     had left running already (requeued by the reaper), so nothing changed."""
-    with transaction() as session:
-        left = transition(
-            session,
-            job.id,
-            JobState.running,
-            JobState.cancelled,
-            worker_id=worker_id,
-            guard={"dispatch_seq": job.dispatch_seq},
-            finished_at=NOW,
-            detail={"at_step": steps},
-        )
-        worker_idle(session, worker_id, job.id, since_claim())
-        get_publisher().request_dispatch(session)
-    log.info("job stopped at a step boundary", extra={"job_id": str(job.id), "cancelled": bool(left)})
-    return left is not None
+    left = _leave_running(job, worker_id, JobState.cancelled, finished_at=NOW, detail={"at_step": steps})
+    log.info("job stopped at a step boundary", extra={"job_id": str(job.id), "cancelled": left})
+    return left
 
 
 def hand_off(

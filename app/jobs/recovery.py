@@ -28,7 +28,7 @@ from app.db.models import JobState
 from app.db.session import transaction
 from app.jobs.lease import lease_expired_where
 from app.jobs.outputs import staging_key
-from app.jobs.transitions import NOW, transition
+from app.jobs.transitions import NOW, transition, unrelease
 from app.jobs.workers import WORKER_STALE_S, release_job
 from app.messaging import get_publisher
 
@@ -138,14 +138,7 @@ def reap_expired_leases() -> dict[str, int]:
         for job, reason in stranded:
             # Not started, so no attempt was used: straight back to the queue. A stale message
             # that a returning worker finds later carries the old dispatch_seq and claims nothing.
-            if transition(
-                session,
-                job.id,
-                JobState.dispatched,
-                JobState.queued,
-                guard={"dispatch_seq": job.dispatch_seq},
-                detail={"reason": reason, "by": "reaper", "worker": job.worker_id},
-            ):
+            if unrelease(session, job.id, job.dispatch_seq, reason=reason, by="reaper", worker=job.worker_id):
                 counts["unrouted"] += 1
         if any(counts.values()):
             get_publisher().request_dispatch(session)
@@ -207,14 +200,7 @@ def reconcile_broker(broker_task_ids: Callable[..., set[str] | None]) -> dict[st
         for job in missing:
             if f"{job.id}-{job.dispatch_seq}" in held:
                 continue
-            if transition(
-                session,
-                job.id,
-                JobState.dispatched,
-                JobState.queued,
-                guard={"dispatch_seq": job.dispatch_seq},
-                detail={"reason": "broker_lost_message", "by": "reconciler"},
-            ):
+            if unrelease(session, job.id, job.dispatch_seq, reason="broker_lost_message", by="reconciler"):
                 counts["requeued"] += 1
     for job in missing_handoffs:
         task_id = f"{job.id}-{job.dispatch_seq}-finalize"

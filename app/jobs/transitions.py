@@ -155,6 +155,16 @@ def transition(
     return row[0] if row else None
 
 
+def unrelease(session: Session, job_id: uuid.UUID | str, dispatch_seq: int, **detail: Any) -> bool:
+    """dispatched -> queued for this dispatch_seq: a released job nobody started goes back to the
+    queue, no attempt used (its worker is gone or retiring, the broker lost or refused its
+    message). A message for it that turns up later names the old dispatch_seq and claims nothing."""
+    left = transition(
+        session, job_id, JobState.dispatched, JobState.queued, guard={"dispatch_seq": dispatch_seq}, detail=detail
+    )
+    return left is not None
+
+
 def record_step(session: Session, job_ids: list, step: str) -> None:
     """The same step for many jobs, each in its own state (e.g. their outputs expired)."""
     session.execute(

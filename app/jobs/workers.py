@@ -20,9 +20,8 @@ from typing import cast
 from sqlalchemy import CursorResult, text
 from sqlalchemy.orm import Session
 
-from app.db.models import JobState
 from app.db.session import transaction
-from app.jobs.transitions import transition
+from app.jobs.transitions import unrelease
 from app.messaging import get_publisher
 
 # A worker's heartbeat older than this and the worker no longer counts as pool capacity.
@@ -206,14 +205,7 @@ def retire_worker_rows(prefix: str) -> int:
             {"p": f"{prefix}%"},
         ).all()
         for job in routed:
-            if transition(
-                session,
-                job.id,
-                JobState.dispatched,
-                JobState.queued,
-                guard={"dispatch_seq": job.dispatch_seq},
-                detail={"reason": "routed_worker_retiring", "worker": job.worker_id},
-            ):
+            if unrelease(session, job.id, job.dispatch_seq, reason="routed_worker_retiring", worker=job.worker_id):
                 returned += 1
     if returned:
         get_publisher().request_dispatch()

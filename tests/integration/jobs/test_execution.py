@@ -9,11 +9,13 @@ in local.parked would be capacity other tests (and any running dispatcher) would
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.orm import Session
 
 from app.api.auth import principal_for_key
 from app.api.schemas import GenerationCreate
@@ -59,6 +61,24 @@ def events(job_id) -> list[dict]:
 def worker_row(worker_id: str) -> dict:
     with transaction() as session:
         return dict(session.execute(text("SELECT * FROM workers WHERE id = :id"), {"id": worker_id}).mappings().one())
+
+
+@contextlib.contextmanager
+def at_commits(publisher, fail: bool = False):
+    """What the publisher had recorded at each commit inside the block: (dispatch_requests,
+    len(sent)). With `fail`, each commit raises instead (the transaction rolls back)."""
+    seen: list[tuple[int, int]] = []
+
+    def before_commit(session):
+        seen.append((publisher.dispatch_requests, len(publisher.sent)))
+        if fail:
+            raise RuntimeError("commit refused by the test")
+
+    event.listen(Session, "before_commit", before_commit)
+    try:
+        yield seen
+    finally:
+        event.remove(Session, "before_commit", before_commit)
 
 
 class Lane:
@@ -273,8 +293,9 @@ def test_progress_is_throttled_and_a_cancel_stops_the_job_at_a_step(lane, publis
     assert job_row(job.id)["progress"] == pytest.approx(0.63)
 
     before = publisher.dispatch_requests
-    assert stop_at_step(job, worker_id, reporter.steps) is True
-    assert publisher.dispatch_requests == before + 1
+    with at_commits(publisher) as seen:
+        assert stop_at_step(job, worker_id, reporter.steps) is True
+    assert seen == [(before, 0)] and publisher.dispatch_requests == before + 1
     row = job_row(job.id)
     assert row["state"] == "cancelled" and row["finished_at"] is not None
     assert events(job.id)[-1] == {
@@ -304,8 +325,9 @@ def test_a_draining_worker_stops_the_job_and_requeues_it_uncounted(lane, publish
     assert reporter.draining is True
 
     before = publisher.dispatch_requests
-    requeue_for_drain(job, worker_id, reporter.steps)
-    assert publisher.dispatch_requests == before + 1
+    with at_commits(publisher) as seen:
+        requeue_for_drain(job, worker_id, reporter.steps)
+    assert seen == [(before, 0)] and publisher.dispatch_requests == before + 1
     row = job_row(job.id)
     assert row["state"] == "queued" and row["attempts"] == 0 and row["progress"] == 0.0
     assert events(job.id)[-1] == {
@@ -353,8 +375,9 @@ def test_complete_succeeds_once_and_a_late_second_completion_loses(lane, publish
 def test_fail_records_the_code_and_a_truncated_message(lane, publisher):
     job, worker_id = lane.running_job()
     before = publisher.dispatch_requests
-    fail(job, worker_id, "model_error", "x" * 3000, job_s=2.0)
-    assert publisher.dispatch_requests == before + 1
+    with at_commits(publisher) as seen:
+        fail(job, worker_id, "model_error", "x" * 3000, job_s=2.0)
+    assert seen == [(before, 0)] and publisher.dispatch_requests == before + 1
     row = job_row(job.id)
     assert row["state"] == "failed" and row["failure_code"] == "model_error"
     assert row["failure_message"] == "x" * 2000 and row["finished_at"] is not None
@@ -373,8 +396,17 @@ def test_hand_off_stages_the_job_for_finalize_after_the_commit(lane, publisher):
     key = f"staging/{job.id}/frames.npz"
     before = publisher.dispatch_requests
 
-    hand_off(job, worker_id, key, 24, 1.23456, 0.5, claimed_at=None)
+    # A hand-off whose commit fails leaves nothing: no progress, no event, no finalize task.
+    n_events = len(events(job.id))
+    with at_commits(publisher, fail=True), pytest.raises(RuntimeError, match="refused by the test"):
+        hand_off(job, worker_id, key, 24, 1.23456, 0.5, claimed_at=None)
+    assert publisher.sent == [] and publisher.dispatch_requests == before
+    assert job_row(job.id)["progress"] == 0.0 and len(events(job.id)) == n_events
+    assert worker_row(worker_id)["state"] == "busy"
 
+    with at_commits(publisher) as seen:
+        hand_off(job, worker_id, key, 24, 1.23456, 0.5, claimed_at=None)
+    assert seen == [(before, 0)]  # nothing sent before the commit
     assert publisher.sent == [
         (
             "dreamq.finalize",
@@ -397,6 +429,7 @@ def test_hand_off_stages_the_job_for_finalize_after_the_commit(lane, publisher):
     worker = worker_row(worker_id)
     assert worker["state"] == "idle" and worker["current_job_id"] is None
     assert float(worker["info"]["job_s"]) >= 0
+    assert len(events(job.id)) == n_events + 1
 
 
 def test_since_claim_measures_from_the_last_claim_or_the_given_time(monkeypatch):
