@@ -17,7 +17,6 @@ from pathlib import Path
 import click
 
 from app.core.config import get_settings, reload_settings
-from app.wiring import connect_listeners
 from workers.launch import visible_gpus, worker_command
 
 
@@ -34,7 +33,6 @@ def load_stack_env() -> None:
 @click.group()
 def main() -> None:
     """dreamq: serving system for generative video."""
-    connect_listeners()
 
 
 @main.command()
@@ -293,8 +291,10 @@ def _model_admin(action, *args, **kwargs) -> None:
     """Run one alias operation in a transaction and print the model; errors as CLI errors."""
     from app.admin.models import ModelAdminError
     from app.db.session import transaction
+    from app.wiring import connect_listeners
 
     load_stack_env()
+    connect_listeners()  # an operator's change to jobs reaches webhooks and metrics as any other
     try:
         with transaction() as session:
             click.echo(json.dumps(action(session, *args, **kwargs), indent=2))
@@ -444,8 +444,10 @@ def _admin_call(action, *args, **kwargs):
     """Run one app/admin operation in a transaction; its AdminError becomes a CLI error naming the field."""
     from app.admin.errors import AdminError
     from app.db.session import transaction
+    from app.wiring import connect_listeners
 
     load_stack_env()
+    connect_listeners()  # an operator's change to jobs reaches webhooks and metrics as any other
     get_settings().require("database_url")
     try:
         with transaction() as session:

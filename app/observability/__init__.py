@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics and their listeners, the status snapshot, Flower's queue list."""

@@ -1,8 +1,8 @@
-"""Webhooks: per-job callback URLs, signed deliveries with retries, and the address rule (SSRF).
+"""Webhooks: per-job callback URLs and signed deliveries with retries.
 
-addresses.py   which URLs we may connect to (pure; reused for any server-side fetch of a
-               user-supplied URL)
-allowlist.py   the admin allow-list (table webhook_allowlist) that lifts the address rule
-events.py      job lifecycle -> delivery rows (started, progress, completed), after commit
+events.py      listeners on the job signals -> delivery rows (started, progress, completed) in the
+               change's own transaction, published after its commit
 delivery.py    one signed POST to a checked, pinned address; attempt bookkeeping
+
+The address rule every callback URL passes (SSRF guard) and its allow-list are app/outbound/.
 """
