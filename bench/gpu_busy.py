@@ -213,7 +213,7 @@ def run_loop(model, device: torch.device, jobs: int, size: dict, args, *, overla
 
     overlap=False is the worker before this change: the job's tail (serialise the frames with
     np.save into a BytesIO, upload, record) ran in line, the GPU idle meanwhile. overlap=True is
-    tasks/generate.py now: the tail (frames serialised in one copy) runs on the worker's tail
+    workers/executor.py now: the tail (frames serialised in one copy) runs on the worker's tail
     thread while the next job is claimed and generated, at most one tail in flight; the steps
     then count only the time the loop itself waited for it.
     """

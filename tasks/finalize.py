@@ -1,7 +1,7 @@
 """CPU task: encode the frames to H.264 MP4 and a JPEG thumbnail, upload both, finish the job.
 
 Small outputs skip this task: the GPU worker encodes and completes them itself
-(tasks/generate.py, DREAMQ_INLINE_FINALIZE_BYTES), through the same encode_outputs
+(workers/executor.py, DREAMQ_INLINE_FINALIZE_BYTES), through the same encode_outputs
 (app/jobs/outputs.py) and the same complete() (app/jobs/execution.py).
 """
 

@@ -158,7 +158,7 @@ def _worker_ready(sender=None, **_kwargs) -> None:
 @signals.worker_shutting_down.connect
 def _worker_shutting_down(**_kwargs) -> None:
     """Warm shutdown: mark the worker draining. The job it runs sees that at its next progress
-    step and goes back to the queue at once (tasks/generate.py), so a shutdown never waits out a
+    step and goes back to the queue at once (app/jobs/execution.py), so a shutdown never waits out a
     long job, and the dispatcher stops counting this worker's capacity."""
     if _heartbeat is not None:
         _heartbeat.state = "draining"

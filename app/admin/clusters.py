@@ -9,7 +9,7 @@ Drain, two strengths:
   cluster (it only locks pools of enabled clusters, app/scheduling/dispatcher.py); workers finish
   what they run and the few messages already in their queues (at most the dispatch limit).
 - `now=True`: also marks the cluster's live workers `draining`. A running job sees that at its
-  next progress step and goes back to the queue at once, attempt not counted (tasks/generate.py),
+  next progress step and goes back to the queue at once, attempt not counted (app/jobs/execution.py),
   and the dispatcher no longer counts those workers as capacity. Workers drained this way carry
   `info.drained_by`, so `enable` revives exactly them and never a worker that is draining
   because it is shutting down.

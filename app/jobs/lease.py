@@ -4,7 +4,7 @@ The process doing a job's work (the GPU worker's child while the model runs, the
 worker's finalize) renews the lease by touching `jobs.updated_at` every lease/3 seconds from a
 background thread. A process that dies (kill -9, OOM kill, a lost host) stops renewing, so after
 `job_lease_s` the job is visibly abandoned: the reaper (tasks/maintenance.py) requeues or fails
-it, and a redelivered message may claim it (tasks/generate.py `claim`). While the lease is fresh
+it, and a redelivered message may claim it (app/jobs/execution.py `claim`). While the lease is fresh
 nobody else may take the job, which is what keeps a message that Redis redelivers to a second
 worker from running a job twice.
 

@@ -97,7 +97,7 @@ class PassResult:
 # running, and the flush was the slowest part of a one-job pass on a busy host. What a Postgres
 # crash could lose is only a pass's last few hundred ms: those jobs are back to `queued` with the
 # dispatch_seq they had, so a message already published for them claims nothing until they are
-# dispatched again (then it is an ordinary duplicate delivery, see tasks/generate.py claim).
+# dispatched again (then it is an ordinary duplicate delivery, see app/jobs/execution.py claim).
 _LOCK_POOLS_SQL = text(
     """
     WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))

@@ -457,9 +457,9 @@ def test_the_runtime_routes_each_version_and_closes_an_evicted_process(env_versi
 
 
 def test_the_task_fails_the_job_with_model_environment_and_carries_on(monkeypatch):
-    import tasks.generate as task
     import workers.runtime
     from app.jobs import execution
+    from workers import executor
 
     class Refusing:
         loads = 0
@@ -486,7 +486,7 @@ def test_the_task_fails_the_job_with_model_environment_and_carries_on(monkeypatc
         attempts=1,
         dispatch_seq=1,
     )
-    task.run_claimed(job, "worker-1")
+    executor.run_claimed(job, "worker-1")
     assert failed == [("model_environment", "model tiny v2 needs numpy==1.0.0, the worker has numpy 2.4.6 and ...")]
 
 
