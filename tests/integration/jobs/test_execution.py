@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.api.auth import principal_for_key
 from app.api.schemas import GenerationCreate
+from app.core.logging_setup import job_context
 from app.core.queues import CPU_QUEUE
 from app.core.signals import job_started
 from app.db.models import JobState
@@ -157,11 +158,15 @@ class Lane:
 
 @pytest.fixture()
 def lane(stack_env, parked_model, publisher):
-    lane = Lane()
-    try:
-        yield lane
-    finally:
-        lane.close()
+    # claim() binds the job's user and tier to this thread's log lines, inside the job_context
+    # the GPU task opens around it; here the test opens it, so nothing leaks into later tests'
+    # log lines (tests/integration/observability/test_logs.py checks lines outside any job).
+    with job_context():
+        lane = Lane()
+        try:
+            yield lane
+        finally:
+            lane.close()
 
 
 def test_submit_publishes_one_dispatch_request_only_after_the_commit(lane, publisher, parked_model):
