@@ -55,8 +55,10 @@ def on_transition(sender, *, session: Session, change: Transition) -> None:
 
 
 # Per running job in this process: its progress throttle (ProgressWebhooks), dropped when it
-# leaves running.
+# leaves running here. A job handed to the cpu queue leaves running in another process, so the
+# oldest entries also go past a bound (a GPU worker runs one job at a time).
 _progress: dict[str, ProgressWebhooks] = {}
+_PROGRESS_KEPT = 64
 
 
 def on_progress(sender, *, session: Session, job_id: uuid.UUID | str) -> None:
@@ -64,6 +66,8 @@ def on_progress(sender, *, session: Session, job_id: uuid.UUID | str) -> None:
     key = str(job_id)
     webhooks = _progress.get(key)
     if webhooks is None:
+        while len(_progress) >= _PROGRESS_KEPT:
+            _progress.pop(next(iter(_progress)))
         webhooks = _progress[key] = ProgressWebhooks(job_id)
     webhooks.report(session)
 
