@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.api.auth import create_key
+from app.admin.keys import create_key
 from app.db.models import Cluster, Model, ModelVersion, Pool, Tier, User
 from app.scheduling.tiers import DEFAULT_TIERS
 from workers.repository import bundle_fingerprint, push_version

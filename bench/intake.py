@@ -356,7 +356,7 @@ class Bench:
     def setup(self) -> None:
         from sqlalchemy import text
 
-        from app.api.auth import create_key
+        from app.admin.keys import create_key
         from app.db.migrate import upgrade
         from app.db.models import User
         from app.db.session import transaction

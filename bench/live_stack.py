@@ -149,27 +149,10 @@ class Stack:
 
     def start_workers(self, *, raw: bool = True) -> None:
         from app.stack.process import ManagedProcess
-        from workers.launch import worker_command
+        from workers.launch import control_worker_command, worker_command
 
         base = {**os.environ, **self.env}
-        control = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tasks.celery_app:celery_app",
-            "worker",
-            "-Q",
-            "control,cpu",
-            "-c",
-            "2",
-            "-n",
-            f"control-{self.run_id}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--loglevel",
-            "INFO",
-        ]
+        control = control_worker_command(f"control-{self.run_id}")
         self._start(
             ManagedProcess(
                 "control",

@@ -64,12 +64,7 @@ def worker_command(
     # The Celery node name, known before Celery starts: the child reports its loaded versions
     # under it, and the dispatcher routes to its own queue.
     env["DREAMQ_WORKER_NODENAME"] = f"{name}@{socket.gethostname()}"
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tasks.celery_app:celery_app",
+    argv = celery_command(
         "worker",
         # Per tier, its own queue (jobs routed to it because it holds their version) and then
         # the pool's; tiers in order. Celery expands %h to socket.gethostname() too.
@@ -88,5 +83,30 @@ def worker_command(
         "-E",
         "--loglevel",
         "INFO",
-    ]
+    )
     return argv, env
+
+
+def celery_command(*args: str) -> list[str]:
+    """`celery -A tasks.celery_app:celery_app ARGS` on this interpreter: every Celery process
+    (GPU and control workers, beat, Flower) starts from the one app module."""
+    return [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", *args]
+
+
+def control_worker_command(name: str, *, concurrency: int = 2, events: bool = False) -> list[str]:
+    """A control+cpu worker (dispatch, maintenance, finalize, webhooks) named `name@%h`; with
+    `events`, it sends task events (what Flower shows, as under `dreamq up`)."""
+    return celery_command(
+        "worker",
+        "-Q",
+        "control,cpu",
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        *(["-E"] if events else []),
+        "--loglevel",
+        "INFO",
+    )

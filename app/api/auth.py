@@ -14,7 +14,7 @@ from flask import request
 from flask import session as flask_session
 from sqlalchemy.orm import Session
 
-from app.admin.keys import KEY_PREFIX, SCOPES, create_key, display_prefix, hash_key, new_key  # noqa: F401 (re-exported)
+from app.admin.keys import hash_key
 from app.core.errors import Forbidden, Unauthorized
 from app.db.session import driver_execute
 

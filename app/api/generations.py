@@ -11,8 +11,9 @@ import uuid
 from flask import Blueprint, request, url_for
 from sqlalchemy import and_, or_, select
 
+from app.admin.keys import hash_key
 from app.api import schemas
-from app.api.auth import PRINCIPAL_BY_KEY_SQL, PRINCIPAL_COLUMNS, bearer_token, hash_key, principal_from_row
+from app.api.auth import PRINCIPAL_BY_KEY_SQL, PRINCIPAL_COLUMNS, bearer_token, principal_from_row
 from app.api.routing import Context, Deferred, endpoint, parse_json_body
 from app.core.config import get_settings
 from app.core.errors import Conflict, NotFound, field_error

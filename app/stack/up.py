@@ -27,7 +27,7 @@ from typing import Callable
 import requests
 
 from app.admin.dream_machine import seed_mappings
-from app.api.auth import hash_key
+from app.admin.keys import hash_key
 from app.core.config import get_settings, reload_settings
 from app.core.logging_setup import configure_logging
 from app.core.storage import ensure_buckets
@@ -38,7 +38,7 @@ from app.observability.metrics import prepare_multiprocess_dir
 from app.seed import ensure_demo_model, ensure_pool, new_user_key, seed_tiers
 from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedSeaweedFS, EmbeddedService
 from app.stack.process import ManagedProcess, Supervisor, SupervisorShutdown, find_free_port
-from workers.launch import visible_gpus, worker_command
+from workers.launch import celery_command, control_worker_command, visible_gpus, worker_command
 
 # Preferred ports (used when free, else any free port): clear of the machine's own 5432/6379/5672
 # and of common dev servers.
@@ -158,16 +158,12 @@ def _child_env(state: StackState, component: str) -> dict[str, str]:
     return env
 
 
-def _celery(*args: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "tasks.celery_app:celery_app", *args]
-
-
 FLOWER_CONFIG = Path(__file__).resolve().parents[1] / "observability" / "flowerconfig.py"
 
 
 def flower_command(port: int, user: str, password: str, *, address: str = "127.0.0.1") -> list[str]:
     """Flower as `dreamq up` runs it: basic auth, and the config that lists every pool queue."""
-    return _celery(
+    return celery_command(
         "flower",
         f"--conf={FLOWER_CONFIG}",
         f"--address={address}",
@@ -269,20 +265,7 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
         supervisor.add_and_start(
             ManagedProcess(
                 "control-worker",
-                _celery(
-                    "worker",
-                    "-Q",
-                    "control,cpu",
-                    "-c",
-                    "2",
-                    "-n",
-                    "control@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "-E",
-                    "--loglevel",
-                    "INFO",
-                ),
+                control_worker_command("control", events=True),
                 env=_child_env(state, "control-worker"),
                 log_path=logs / "control-worker.log",
                 signal_group=False,
@@ -313,7 +296,7 @@ def run_stack(*, gpu_workers: int | None = None, grace_s: float = 10.0, exit_whe
         supervisor.add_and_start(
             ManagedProcess(
                 "beat",
-                _celery("beat", "-s", str(home / "celerybeat-schedule"), "--loglevel", "INFO"),
+                celery_command("beat", "-s", str(home / "celerybeat-schedule"), "--loglevel", "INFO"),
                 env=_child_env(state, "beat"),
                 log_path=logs / "beat.log",
             ),

@@ -28,7 +28,7 @@ from app.core.signals import Transition, job_progressed, job_transitioned
 from app.db.models import TERMINAL_STATES, Job, JobState, WebhookDelivery
 from app.db.session import after_commit
 from app.dream_machine.generations import callback_payload
-from app.jobs.submit import DEFAULT_EVENTS, EVENTS  # noqa: F401 (EVENTS re-exported)
+from app.jobs.submit import DEFAULT_EVENTS
 from app.jobs.views import load_job_views
 from app.messaging import get_publisher
 

@@ -34,6 +34,7 @@ import requests
 from app.stack.embedded import EmbeddedPostgres, EmbeddedRedis
 from app.stack.process import ManagedProcess, find_free_port
 from tests.support.stack import ROOT, TINY_BUNDLE
+from workers.launch import control_worker_command, worker_command
 
 pytestmark = pytest.mark.slow
 
@@ -110,27 +111,7 @@ class ChaosStack:
         )
         for index in range(2):
             name = f"control-{index}"
-            self._start(
-                name,
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "tasks.celery_app:celery_app",
-                    "worker",
-                    "-Q",
-                    "control,cpu",
-                    "-c",
-                    "2",
-                    "-n",
-                    f"{name}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--loglevel",
-                    "INFO",
-                ],
-            )
+            self._start(name, control_worker_command(name))
         self._start(
             "beat",
             [
@@ -181,7 +162,6 @@ class ChaosStack:
         return proc
 
     def start_gpu(self, index: int) -> None:
-        from workers.launch import worker_command
 
         name = f"gpu-{index}"
         argv, env = worker_command("local", MODEL, "", name)

@@ -8,7 +8,7 @@ import uuid
 def create_user(
     tier: str = "api", scopes: tuple[str, ...] = ("user",), name: str | None = None
 ) -> tuple[uuid.UUID, str]:
-    from app.api.auth import create_key
+    from app.admin.keys import create_key
     from app.db.models import User
     from app.db.session import transaction
 

@@ -129,7 +129,7 @@ def running_workers(
     """Start `control` control+cpu workers and one GPU worker per entry of `models` (a model may
     repeat: several workers in its pool); stop them all at the end."""
     from app.stack.process import ManagedProcess
-    from workers.launch import worker_command
+    from workers.launch import control_worker_command, worker_command
 
     base_env = {**os.environ, **stack.env, **(extra_env or {})}
     procs: dict[str, ManagedProcess] = {}
@@ -137,24 +137,7 @@ def running_workers(
     try:
         for index in range(control):
             name = f"cpu-{tag}-{index}"
-            argv = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks.celery_app:celery_app",
-                "worker",
-                "-Q",
-                "control,cpu",
-                "-c",
-                "2",
-                "-n",
-                f"{name}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-            ]
+            argv = control_worker_command(name)
             procs[name] = ManagedProcess(
                 name,
                 argv,

@@ -136,7 +136,7 @@ def test_missing_or_bad_key_is_401(client, header):
 
 def test_revoked_key_is_401_and_changes_nothing(client, user):
     user_id, key = user
-    from app.api.auth import hash_key
+    from app.admin.keys import hash_key
 
     with transaction() as session:
         session.execute(text("UPDATE api_keys SET revoked_at = now() WHERE key_hash = :h"), {"h": hash_key(key)})

@@ -13,7 +13,7 @@ import re
 import pytest
 from sqlalchemy import text
 
-from app.api.auth import hash_key
+from app.admin.keys import hash_key
 from app.api.schemas import StatusOut
 from app.db.models import ApiKey
 from app.db.session import transaction

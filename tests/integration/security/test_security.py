@@ -21,7 +21,7 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from app.api.auth import display_prefix, hash_key
+from app.admin.keys import display_prefix, hash_key
 from app.api.routing import REGISTRY
 from app.core import config
 from app.core.logging_setup import JsonFormatter
