@@ -1,8 +1,9 @@
-"""How a GPU worker process is started: its GPU pinned, its queues, its Celery command line.
+"""How worker processes are started: a GPU worker's GPU pinned, its queues, and the Celery
+command lines of every Celery process (GPU and control workers, beat, Flower).
 
-`dreamq worker` and `dreamq up` (and the tests' stacks) start workers with `worker_command()`:
+`dreamq worker` and `dreamq up` (and the tests' stacks) start GPU workers with `worker_command()`:
 CUDA_VISIBLE_DEVICES is set in the child's environment before anything can initialise CUDA,
-so device 0 inside the worker is "my GPU".
+so device 0 inside the worker is "my GPU". `control_worker_command()` is the control+cpu worker.
 """
 
 from __future__ import annotations
