@@ -31,26 +31,35 @@ dev-venv: $(DEV_STAMP)
 up: $(STAMP)
 	$(BIN)/dreamq up
 
-## make system-packages: Debian packages some end-to-end tests drive, installed only when missing
-## and only as root with apt-get; never fails (without them those tests skip, naming what is
-## missing): chromium + chromium-driver for the dashboard's browser test (never a downloaded
-## browser), slurmctld + slurmd + munge for the single-node Slurm of the burst tests, wrk for
-## bench/intake.py (which falls back to a slower Python load generator without it).
-SYSTEM_PACKAGES := chromium chromium-driver slurmctld slurmd slurm-client munge wrk
+## make system-packages: the Debian packages the suite drives, installed (as root, with apt-get)
+## only for the commands that are missing, so a second run does nothing and prints nothing:
+## chromium + chromium-driver for the dashboard's browser test (never a downloaded browser),
+## slurmctld + slurmd + slurm-client + munge for the burst tests' private single-node Slurm,
+## nodejs + npm for Luma's TypeScript client test, git for the wheel test, wrk for bench/intake.py
+## (which falls back to a slower Python load generator without it). A failed install prints
+## apt-get's error and what is still missing, and does not stop make: each test needing a missing
+## package then skips naming it, and under CI=true fails naming it (tests/support/system_deps.py).
+## Each entry is command:package.
+SYSTEM_PACKAGES := chromium:chromium chromedriver:chromium-driver slurmctld:slurmctld slurmd:slurmd \
+	sbatch:slurm-client munged:munge node:nodejs npm:npm git:git wrk:wrk
 system-packages:
-	@missing=""; \
-	for bin in chromium chromedriver slurmctld slurmd sbatch munged wrk; do \
-	    command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$bin"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	        echo "installing $(SYSTEM_PACKAGES) (missing:$$missing)"; \
-	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); } \
-	            >/dev/null 2>&1 || echo "system package install failed: browser/Slurm tests will skip, bench/intake.py uses its Python load generator" >&2; \
-	    else \
-	        echo "missing:$$missing (needs root and apt-get): browser/Slurm tests will skip, bench/intake.py uses its Python load generator" >&2; \
-	    fi; \
-	fi
+	@absent() { for pair in $(SYSTEM_PACKAGES); do \
+	    command -v $${pair%%:*} >/dev/null 2>&1 || [ -x /usr/sbin/$${pair%%:*} ] || echo "$$pair"; done; }; \
+	missing=$$(absent); \
+	[ -z "$$missing" ] && exit 0; \
+	commands=$$(for p in $$missing; do printf ' %s' "$${p%%:*}"; done); \
+	packages=$$(for p in $$missing; do printf ' %s' "$${p#*:}"; done); \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "missing:$$commands (apt-get install$$packages needs root): the tests that need them skip, or fail under CI=true" >&2; \
+	    exit 0; \
+	fi; \
+	echo "installing$$packages (missing:$$commands)"; \
+	log=$$(mktemp); \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 $$packages; } \
+	    >"$$log" 2>&1 || { echo "apt-get install$$packages failed:" >&2; tail -n 30 "$$log" >&2; }; \
+	rm -f "$$log"; \
+	still=$$(absent | cut -d: -f1 | tr '\n' ' '); \
+	[ -z "$$still" ] || echo "still missing: $$still(the tests that need them skip, or fail under CI=true)" >&2
 
 browser: system-packages
 

@@ -9,7 +9,8 @@ screenshot (path printed; copied to bench/results/dashboard.png when DREAMQ_SAVE
 
 Only the system browser is used: the driver path is given explicitly, so Selenium Manager never
 runs and nothing is downloaded. Without /usr/bin/chromium or /usr/bin/chromedriver the test skips
-and names the missing binary (`make test` installs them where it may: root with apt-get).
+and names the package to install, or fails so under CI=true (tests.support.system_deps): `make
+system-packages` installs both.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from app.db.session import transaction
 from app.jobs.workers import WORKER_STALE_S
 from tests.support.factories import auth, create_user
 from tests.support.stack import gunicorn_api
+from tests.support.system_deps import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("DREAMQ_CHROMIUM", "/usr/bin/chromium")
@@ -45,9 +47,9 @@ pytestmark = pytest.mark.slow
 def _require_browser() -> None:
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not os.access(path, os.X_OK):
-            pytest.skip(
-                f"{path} not found: install Debian's {package} (`make test` does so when it runs as root "
-                "with apt-get); this test never downloads a browser"
+            missing(
+                f"{path} not found (this test never downloads a browser)",
+                install=f"apt-get install {package} (`make system-packages` does, as root)",
             )
 
 

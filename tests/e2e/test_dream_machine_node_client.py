@@ -8,8 +8,10 @@ tests/e2e/conftest.py): ping, credits, create, get until completed, download ass
 delete, an unknown model (BadRequestError 400) and a bad key (AuthenticationError 401). It prints
 one JSON line of what it saw; this test asserts on it and decodes the video it downloaded.
 
-Skipped only when node or npm is missing, or when `npm ci` cannot reach the registry; any other
-failure (an install that fails for another reason, the script, an assertion) fails the test.
+When node or npm is missing, or `npm ci` cannot reach the registry, the test skips locally and
+fails under CI=true, naming what to install (tests.support.system_deps; `make system-packages`
+installs Debian's nodejs and npm); any other failure (an install that fails for another reason,
+the script, an assertion) fails the test everywhere.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pytest
 
 from app.core.media import decode_video, probe_video
 from tests.support.frames import dominant_colour, motion_direction
+from tests.support.system_deps import missing
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +50,22 @@ NETWORK_ERRORS = (
     "npm ERR! network",
 )
 INSTALL_TIMEOUT_S = 180
+NODE_INSTALL = "apt-get install nodejs npm (`make system-packages` does, as root)"
+REGISTRY_ACCESS = "network access to the npm registry for `npm ci` (once per lock: .dreamq/node-cache keeps it)"
+
+
+def node_and_npm() -> tuple[str, str]:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        absent = " and ".join(name for name, path in (("node", node), ("npm", npm)) if not path)
+        missing(f"{absent} not on PATH (Luma's TypeScript client, lumaai on npm, runs on node)", install=NODE_INSTALL)
+    return node, npm
 
 
 @pytest.fixture(scope="session")
 def lumaai_node() -> tuple[str, Path]:
     """(node, the directory whose node_modules holds the pinned lumaai), installed once per lock."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("node and npm are needed to run Luma's TypeScript client (lumaai on npm); not on PATH")
+    node, npm = node_and_npm()
     manifest = [(NODE_DIR / name).read_bytes() for name in ("package.json", "package-lock.json")]
     target = CACHE / hashlib.sha256(b"\0".join(manifest)).hexdigest()[:16]
     if (target / "node_modules" / "lumaai" / "package.json").is_file():
@@ -73,14 +84,15 @@ def lumaai_node() -> tuple[str, Path]:
                 timeout=INSTALL_TIMEOUT_S,
             )
         except subprocess.TimeoutExpired:
-            pytest.skip(
-                f"npm ci of lumaai@{PINNED} did not finish in {INSTALL_TIMEOUT_S} s: no network to the npm registry?"
+            missing(
+                f"npm ci of lumaai@{PINNED} did not finish in {INSTALL_TIMEOUT_S} s: no network to the npm registry?",
+                install=REGISTRY_ACCESS,
             )
         output = result.stdout + result.stderr
         if result.returncode != 0:
             if any(marker in output for marker in NETWORK_ERRORS):
                 why = [line for line in output.splitlines() if any(m in line for m in NETWORK_ERRORS)][:3]
-                pytest.skip(f"npm ci of lumaai@{PINNED} cannot reach the npm registry: " + " | ".join(why))
+                missing(f"npm ci of lumaai@{PINNED} cannot reach the npm registry: {' | '.join(why)}", REGISTRY_ACCESS)
             pytest.fail(f"npm ci of lumaai@{PINNED} failed (exit {result.returncode}):\n{output[-3000:]}")
         try:
             staging.rename(target)  # atomic: a concurrent run sees all of it or none
@@ -164,3 +176,26 @@ def test_the_official_typescript_client(lumaai_node, api_url, mapped, make_user,
     bad_key = seen["badKey"]
     assert bad_key["isAuthentication"] and bad_key["status"] == 401, bad_key
     assert bad_key["body"]["detail"]
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome", "says"),
+    [
+        ("true", pytest.fail.Exception, "missing system dependency under CI=true"),
+        ("", pytest.skip.Exception, "node and npm not on PATH"),
+    ],
+    ids=["ci-fails", "local-skips"],
+)
+def test_without_node_on_path_ci_fails_and_a_local_run_skips(monkeypatch, tmp_path, ci, outcome, says):
+    """The rule of tests.support.system_deps, on the node lookup this file's fixture makes."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: neither node nor npm
+    monkeypatch.setenv("CI", ci)
+    # Caught by hand: a skip escaping pytest.raises would make this test a skip, not a failure.
+    try:
+        node_and_npm()
+    except (pytest.fail.Exception, pytest.skip.Exception) as raised:
+        seen, message = type(raised), str(raised)
+    else:
+        raise AssertionError("node_and_npm() returned with neither node nor npm on PATH")
+    assert seen is outcome, f"{seen.__name__}: {message}"
+    assert says in message and f"install: {NODE_INSTALL}" in message, message

@@ -74,11 +74,9 @@ def test_local_provisioner_starts_lists_retires_and_stops_a_worker(bursty, clien
 
 
 def test_slurm_provisioner_runs_a_worker_as_a_batch_job(bursty, client, tmp_path):
-    from tests.support.slurm import ensure_slurm
+    from tests.support.slurm import require_slurm
 
-    reason = ensure_slurm()
-    if reason:
-        pytest.skip(f"no Slurm here: {reason}")
+    require_slurm()  # this process's private Slurm; SLURM_CONF, which sbatch/squeue/scancel read, names it
     provisioner = get_provisioner("slurm", log_dir=tmp_path, extra_env=WORKER_ENV)
     figures = exercise(provisioner, "burstslurm", client, tmp_path)
     print(f"\nslurm burst worker: ready in {figures['ready_s']}s")
