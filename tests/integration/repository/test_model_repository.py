@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -163,23 +165,95 @@ def test_two_versions_of_one_package_load_side_by_side(model_name, tmp_path):
 
 
 def test_concurrent_pushes_of_the_same_version_one_wins(model_name, stack_env):
-    import concurrent.futures
+    """Push B starts while push A is inside its critical section, and waits for it; A wins, B is refused.
+
+    The test holds A at the end of its critical section (uploads and manifest done, the registry
+    row not yet written) by holding the model's row FOR UPDATE: A's insert of the version row
+    waits on it (its foreign key check). B is started only then, and must end up waiting on A
+    (pg_blocking_pids), not finish: that is the overlap, seen by Postgres rather than inferred
+    from timing. Then the gate opens.
+    """
     import multiprocessing
-    import time
+    import queue
 
-    from tests.support.pushers import push_in_process
+    from sqlalchemy import text
 
+    from app.db.session import get_engine
+    from tests.integration.repository.concurrent_push import push_when_told
+
+    with transaction() as session:
+        session.add(Model(id=uuid.uuid4(), name=model_name, description=""))
     spawn = multiprocessing.get_context("spawn")
-    start_at = time.time() + 3  # both processes are up (torch imported) before either pushes
-    with concurrent.futures.ProcessPoolExecutor(2, mp_context=spawn) as pool:
-        results = list(
-            pool.map(push_in_process, [stack_env.env] * 2, [str(TINY)] * 2, [model_name] * 2, [7, 7], [start_at] * 2)
+    pushers = {}
+    for who in ("a", "b"):
+        ready, go, messages = spawn.Event(), spawn.Event(), spawn.Queue()
+        process = spawn.Process(
+            target=push_when_told, args=(stack_env.env, str(TINY), model_name, 7, ready, go, messages), daemon=True
         )
-    assert sorted(r.split(":")[0] for r in results) == ["VersionExists", "ok"], results
+        process.start()
+        pushers[who] = {"process": process, "ready": ready, "go": go, "messages": messages}
+
+    def report(who: str, key: str) -> dict:
+        while key not in (message := pushers[who]["messages"].get(timeout=60)):
+            pass
+        return message
+
+    def backend(who: str) -> int:
+        return report(who, "backend")["backend"]
+
+    def blockers(conn, pid: int) -> list[int]:
+        return conn.execute(text("SELECT pg_blocking_pids(:p)"), {"p": pid}).scalar_one()
+
+    def wait_until_blocked_by(conn, who: str, pid: int, blocker: int) -> None:
+        """Until Postgres says `pid` waits on `blocker`; fails at once if a push finished instead."""
+        deadline = time.monotonic() + 60
+        while blocker not in blockers(conn, pid):
+            for other, pusher in pushers.items():
+                if not pusher["process"].is_alive():
+                    pytest.fail(f"push {other} ended while push {who} should be waiting: {drain(other)}")
+            assert time.monotonic() < deadline, f"push {who} never waited on {blocker}"
+            time.sleep(0.05)
+
+    def drain(who: str) -> list[dict]:
+        out = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                out.append(pushers[who]["messages"].get(timeout=1))
+        return out
+
+    try:
+        for pusher in pushers.values():
+            assert pusher["ready"].wait(120), "a pusher process did not start"
+        with get_engine().connect() as gate:
+            gate_pid = gate.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            gate.execute(text("SELECT id FROM models WHERE name = :n FOR UPDATE"), {"n": model_name})
+            pushers["a"]["go"].set()
+            a_pid = backend("a")
+            wait_until_blocked_by(gate, "a", a_pid, gate_pid)
+            # Held after its uploads: the manifest is out, the registry row is not.
+            assert "manifest.json" in objects(version_prefix(model_name, 7))
+            pushers["b"]["go"].set()
+            b_pid = backend("b")
+            wait_until_blocked_by(gate, "b", b_pid, a_pid)
+            gate.rollback()  # the gate opens: A commits, then B gets its turn
+        results = {who: report(who, "outcome") for who in pushers}
+    finally:
+        for pusher in pushers.values():
+            pusher["go"].set()
+            pusher["process"].join(30)
+            if pusher["process"].is_alive():
+                pusher["process"].kill()
+    a, b = results["a"], results["b"]
+    assert a["started"] < b["started"] < a["ended"], results  # B's push began inside A's
+    assert a["outcome"] == "ok", results
+    # The documented outcome (workers/repository.py push_version): refused before it uploads a byte.
+    assert b["outcome"].startswith("VersionExists:") and "version 7" in b["outcome"] and b["uploaded"] == 0, results
     with transaction() as session:
         rows = session.scalars(select(ModelVersion).join(Model).where(Model.name == model_name)).all()
     assert [v.number for v in rows] == [7]
+    assert a["uploaded"] == rows[0].size_bytes > 0
     assert verify_remote(model_name, 7, rows[0].digest) == []
+    assert fetch_manifest(model_name, 7, rows[0].digest)["created_by"] == f"pid {pushers['a']['process'].pid}"
     with pytest.raises(VersionExists, match="numbers only grow"):
         with transaction() as session:
             push_version(session, TINY, model_name, number=5)
