@@ -15,88 +15,9 @@ from sqlalchemy import text
 
 from app.db.session import after_commit, transaction
 from app.jobs.workers import DISPATCH_PER_WORKER, MAX_PER_WORKER, worker_depth
-from app.scheduling.dispatcher import Dispatcher, LedgerStore
+from app.scheduling.dispatcher import Dispatcher
 from tests.support.factories import create_user
-
-
-class Lane:
-    def __init__(self, dispatch_limit: int):
-        suffix = uuid.uuid4().hex[:8]
-        self.cluster, self.model = f"c-{suffix}", f"m-{suffix}"
-        with transaction() as session:
-            self.cluster_id = session.execute(
-                text("INSERT INTO clusters (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": self.cluster}
-            ).scalar_one()
-            self.model_id = session.execute(
-                text("INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": self.model}
-            ).scalar_one()
-            self.version_id = session.execute(
-                text(
-                    "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
-                    "VALUES (gen_random_uuid(), :m, 1, :d, '{}'::jsonb, 0) RETURNING id"
-                ),
-                {"m": self.model_id, "d": f"sha256:{uuid.uuid4().hex}"},
-            ).scalar_one()
-            self.pool_id = session.execute(
-                text(
-                    "INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) VALUES (gen_random_uuid(), :c, :m, :l) RETURNING id"
-                ),
-                {"c": self.cluster_id, "m": self.model_id, "l": dispatch_limit},
-            ).scalar_one()
-
-    def workers(self, n: int, *, age_s: float = 0, state: str = "idle") -> None:
-        with transaction() as session:
-            for _ in range(n):
-                session.execute(
-                    text(
-                        "INSERT INTO workers (id, pool_id, hostname, pid, device, state, heartbeat_at) "
-                        "VALUES (:id, :p, 'test', 1, 'cpu', :s, now() - make_interval(secs => :age))"
-                    ),
-                    {"id": f"w-{uuid.uuid4().hex[:8]}@test", "p": self.pool_id, "s": state, "age": age_s},
-                )
-
-    def jobs(self, user_id, tier: str, n: int, *, age_s: float = 0) -> list[uuid.UUID]:
-        with transaction() as session:
-            return list(
-                session.execute(
-                    text(
-                        "INSERT INTO jobs (id, user_id, tier, kind, prompt, params, model_id, model_version_id, max_attempts, created_at) "
-                        "SELECT gen_random_uuid(), :u, :t, 'text_to_video', 'p', '{}'::jsonb, :m, :v, 3, "
-                        "       now() - make_interval(secs => :age) + g * interval '1 millisecond' "
-                        "FROM generate_series(1, :n) g RETURNING id"
-                    ),
-                    {"u": user_id, "t": tier, "m": self.model_id, "v": self.version_id, "n": n, "age": age_s},
-                ).scalars()
-            )
-
-    def count(self, state: str) -> int:
-        with transaction() as session:
-            return session.execute(
-                text("SELECT count(*) FROM jobs WHERE model_id = :m AND state = :s"), {"m": self.model_id, "s": state}
-            ).scalar_one()
-
-    def start(self, n: int) -> None:
-        """What a worker's claim does: dispatched -> running."""
-        with transaction() as session:
-            session.execute(
-                text(
-                    "UPDATE jobs SET state = 'running', started_at = now() WHERE id IN "
-                    "(SELECT id FROM jobs WHERE model_id = :m AND state = 'dispatched' ORDER BY dispatched_at LIMIT :n)"
-                ),
-                {"m": self.model_id, "n": n},
-            )
-
-    def finish_running(self) -> None:
-        with transaction() as session:
-            session.execute(
-                text(
-                    "UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE model_id = :m AND state = 'running'"
-                ),
-                {"m": self.model_id},
-            )
-
-    def dispatcher(self, **kwargs) -> Dispatcher:
-        return Dispatcher(clusters=[self.cluster], ledger_store=LedgerStore(None), **kwargs)
+from tests.support.lanes import Lane
 
 
 def run_pass(dispatcher: Dispatcher):
