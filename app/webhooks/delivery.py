@@ -57,7 +57,9 @@ def sign(secret: str, timestamp: int | str, body: bytes) -> str:
 def backoff_s(attempt: int) -> float:
     """Wait after failed attempt number `attempt` (1-based): base, 2*base, 4*base... capped."""
     settings = get_settings()
-    return min(settings.webhook_backoff_base_s * 2 ** (attempt - 1), settings.webhook_backoff_max_s)
+    # The exponent is bounded: past ~1,024 attempts 2 ** n no longer fits a float (OverflowError).
+    doubling = 2.0 ** min(attempt - 1, 1000)
+    return min(settings.webhook_backoff_base_s * doubling, settings.webhook_backoff_max_s)
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):

@@ -2,8 +2,9 @@
 
 Starts the real stack three times on one data directory: (1) generate a video through the CLI,
 then Ctrl-C and check nothing is left running; (2) restart without GPU workers: the finished job
-is still there with its assets, and a new job stays queued; SIGTERM; (3) restart with workers:
-the job queued across the restart completes.
+is still there with its assets, and a new job stays queued; SIGTERM; (3) restart with workers
+and an external Redis (one the test starts for itself): the job queued across the restart
+completes.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import pytest
 import redis
 import requests
 
+from app.stack.embedded import EmbeddedRedis
 from tests.support.frames import dominant_colour, motion_direction
 
 pytestmark = pytest.mark.slow
@@ -113,8 +117,22 @@ def decode(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
-    stack = Stack(tmp_path)
+@pytest.fixture()
+def workdir():
+    """A directory of this test's own, outside pytest's /tmp/pytest-of-<user>.
+
+    Run as root, the embedded Postgres runs as another account and reaches its data directory
+    through an o+x that EmbeddedPostgres adds to each ancestor; any other pytest session that
+    starts on the machine meanwhile resets pytest-of-<user> to 0700, and this stack's Postgres
+    then fails with "Permission denied" at its next start.
+    """
+    path = Path(tempfile.mkdtemp(prefix="dreamq-up-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_up_generate_stop_restart_keeps_jobs(workdir):
+    stack = Stack(workdir)
     creds = stack.wait_ready()
     try:
         assert set(creds) == {
@@ -143,10 +161,10 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
             if "://" in url:
                 assert "127.0.0.1" in url and not any(f":{p}/" in url + "/" for p in (5432, 6379, 5672))
 
-        out = tmp_path / "x.mp4"
+        out = workdir / "x.mp4"
         result = subprocess.run(
             [DREAMQ, "generate", "a red circle moving right", "--wait", "--out", str(out)],
-            cwd=tmp_path,
+            cwd=workdir,
             env=clean_env(stack.home),
             capture_output=True,
             text=True,
@@ -174,7 +192,7 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
     assert leftovers(stack.home) == []
 
     # Restart without GPU workers: the finished job survived, a new job waits in Postgres.
-    stack = Stack(tmp_path, "--gpu-workers", "0")
+    stack = Stack(workdir, "--gpu-workers", "0")
     creds2 = stack.wait_ready()
     try:
         assert creds2["api_key"] == creds["api_key"], "keys survive a restart"
@@ -183,13 +201,19 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
         assert old["state"] == "succeeded"
         video = requests.get(old["assets"]["video"], timeout=30)
         assert video.status_code == 200 and decode_bytes(video.content).shape[0] == 24
+        passes_before = dispatch_passes(creds2)
         queued = requests.post(
             f"{creds2['api_url']}/v1/generations",
             headers=headers,
             timeout=10,
             json={"prompt": "a green square moving down", "seed": 5},
         ).json()
-        time.sleep(2)
+        # Two more dispatch passes: the second began after the first ended, so after the job was
+        # accepted. A pass saw the job and, with no GPU worker in its pool, released nothing.
+        deadline = time.monotonic() + 60
+        while dispatch_passes(creds2) < passes_before + 2:
+            assert time.monotonic() < deadline, "no dispatch pass ran after the submission"
+            time.sleep(0.5)
         assert requests.get(f"{creds2['api_url']}/v1/generations/{queued['id']}", headers=headers, timeout=10).json()[
             "state"
         ] in ("queued", "dispatched")
@@ -199,25 +223,49 @@ def test_up_generate_stop_restart_keeps_jobs(tmp_path, services):
 
     # Restart with a worker and an external Redis (CELERY_BROKER_URL given, so none is started):
     # the job accepted before the restart waited in Postgres, not in the broker, and completes.
-    external_redis = services.redis_url.rsplit("/", 1)[0] + "/3"
-    with redis.Redis.from_url(external_redis) as client:
-        client.flushdb()  # a database of its own: nothing left from an earlier run
-    stack = Stack(tmp_path, env={"CELERY_BROKER_URL": external_redis})
-    creds3 = stack.wait_ready()
+    # The external Redis is one this test starts and owns (no machine Redis, no database another
+    # session might use), and the URL names database 5 of it, so the stack must honour the number.
+    external = EmbeddedRedis(workdir / "external-redis", port=0)
+    external.start()
     try:
-        stack_json = json.loads((stack.home / "stack.json").read_text())
-        assert stack_json["services"] == {"postgres": "embedded", "redis": "external", "seaweedfs": "embedded"}
-        assert "redis ready" not in stack.output()
-        headers = {"Authorization": f"Bearer {creds3['api_key']}"}
-        job = requests.get(
-            f"{creds3['api_url']}/v1/generations/{queued['id']}", headers={**headers, "Prefer": "wait=60"}, timeout=90
-        ).json()
-        assert job["state"] == "succeeded", job
-        frames = decode_bytes(requests.get(job["assets"]["video"], timeout=30).content)
-        assert dominant_colour(frames) == "green" and motion_direction(frames) == "down"
+        external_url = external.url.rsplit("/", 1)[0] + "/5"
+        stack = Stack(workdir, env={"CELERY_BROKER_URL": external_url})
+        creds3 = stack.wait_ready()
+        try:
+            stack_json = json.loads((stack.home / "stack.json").read_text())
+            assert stack_json["services"] == {"postgres": "embedded", "redis": "external", "seaweedfs": "embedded"}
+            assert "redis ready" not in stack.output()
+            headers = {"Authorization": f"Bearer {creds3['api_key']}"}
+            job = requests.get(
+                f"{creds3['api_url']}/v1/generations/{queued['id']}",
+                headers={**headers, "Prefer": "wait=60"},
+                timeout=90,
+            ).json()
+            assert job["state"] == "succeeded", job
+            frames = decode_bytes(requests.get(job["assets"]["video"], timeout=30).content)
+            assert dominant_colour(frames) == "green" and motion_direction(frames) == "down"
+            # The stack's queues are in the database the URL named, and only there.
+            with redis.Redis.from_url(external_url) as client:
+                assert any(key.startswith(b"_kombu.binding.") for key in client.scan_iter(count=1000))
+            with redis.Redis.from_url(external.url) as client:
+                assert client.dbsize() == 0
+        finally:
+            assert stack.stop(signal.SIGINT) == 0
+        assert leftovers(stack.home) == []
     finally:
-        assert stack.stop(signal.SIGINT) == 0
-    assert leftovers(stack.home) == []
+        external.stop()
+
+
+def dispatch_passes(creds: dict) -> float:
+    """dreamq_dispatch_passes_total from the stack's /metrics (summed over its processes)."""
+    response = requests.get(
+        f"{creds['api_url']}/metrics", headers={"Authorization": f"Bearer {creds['admin_key']}"}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    for line in response.text.splitlines():
+        if line.startswith("dreamq_dispatch_passes_total "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def luma_generation_completes(creds: dict, summary: str) -> None:

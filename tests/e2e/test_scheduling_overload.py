@@ -8,6 +8,7 @@ dispatch at once, every job completes, and the tiers start in the order the poli
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -16,9 +17,11 @@ from collections import defaultdict
 import pytest
 from sqlalchemy import text
 
+from app.core.redis_client import get_redis
 from app.db.session import transaction
 from app.jobs.workers import DISPATCH_PER_WORKER
 from app.messaging import get_publisher
+from app.scheduling.dispatcher import LedgerStore
 from tests.support.factories import auth, create_user
 from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
 
@@ -50,6 +53,15 @@ def set_pool_enabled(enabled: bool) -> None:
             text("UPDATE pools SET enabled = :e WHERE model_id = (SELECT id FROM models WHERE name = 'overload')"),
             {"e": enabled},
         )
+
+
+def current_ledger_keys() -> list[str]:
+    """The share-ledger keys (app/scheduling/dispatcher.py LedgerStore) of this window and the next."""
+    store = LedgerStore(None)
+    with transaction() as session:
+        db_now = float(session.execute(text("SELECT extract(epoch FROM now())")).scalar_one())
+    window = math.floor(db_now / store.window_s) * store.window_s
+    return [store._key(window), store._key(window + store.window_s)]
 
 
 def in_flight() -> int:
@@ -88,14 +100,15 @@ def test_overload_respects_the_limit_releases_once_and_serves_tiers_in_policy_or
                 assert response.status_code == 202, response.json
                 job_ids[tier].append(response.json["id"])
         ids = [job for jobs in job_ids.values() for job in jobs]
-        # The share ledger counts every tier's dispatches over the last 10 minutes, whatever the
-        # test: earlier tests' api-heavy traffic would make the starvation guard serve the lower
-        # tiers first here. Start from an empty ledger, as after a quiet 10 minutes.
-        from app.core.redis_client import get_redis
-
-        redis = get_redis()
-        for ledger_key in redis.scan_iter(match="dreamq:ledger:*"):
-            redis.delete(ledger_key)
+        # The share ledger counts every tier's dispatches in the current 10-minute window, whatever
+        # the test: earlier tests' api-heavy traffic would make the starvation guard serve the
+        # lower tiers first here. Start from an empty ledger, as after a quiet 10 minutes, by
+        # deleting exactly the keys this session's dispatchers read while the test runs (this
+        # window's and the next one's, on the database's clock, as the dispatcher reads it), in
+        # the session's own Redis database: no pattern over a shared key space.
+        ledger = get_redis()
+        ledger_keys = current_ledger_keys()
+        ledger.delete(*ledger_keys)
         set_pool_enabled(True)
         get_publisher().request_dispatch()
         deadline = time.monotonic() + 180
@@ -136,6 +149,9 @@ def test_overload_respects_the_limit_releases_once_and_serves_tiers_in_policy_or
             {"ids": ids},
         ).all()
     assert len(releases) == len(ids) and set(releases.values()) == {1}, "a job was released twice"
+    # The keys cleared are the ones the dispatchers counted this test's dispatches in.
+    counted = sum(int(n) for key in ledger_keys for n in ledger.hgetall(key).values())
+    assert counted >= len(ids), (ledger_keys, counted)
     assert {row.attempts for row in rows} == {1}
 
     waits: dict[str, list[float]] = defaultdict(list)

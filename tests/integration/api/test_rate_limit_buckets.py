@@ -1,8 +1,9 @@
 """Token buckets of app/core/ratelimit.py against a real Redis, including many processes at once.
 
-Redis: DREAMQ_TEST_REDIS_URL, else redis://127.0.0.1:6379/14, else a private EmbeddedRedis.
-Every test works under its own random key namespace and deletes it afterwards, so it can share
-a Redis with anything else.
+Redis: the session's own database (DREAMQ_TEST_REDIS_URL, which the suite reserves for this run),
+else a private EmbeddedRedis started for this module; never a fixed database number that another
+run could be using. Every test works under its own random key namespace and deletes only that
+afterwards; the one test that needs a whole server (SCRIPT FLUSH, a restart) starts its own.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import redis
 from app.core.ratelimit import Bucket, RateLimiter, RateLimiterUnavailable
 
 ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_URL = "redis://127.0.0.1:6379/14"
 
 
 def _answers(url: str) -> bool:
@@ -37,10 +37,13 @@ def _answers(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    for url in (os.environ.get("DREAMQ_TEST_REDIS_URL"), DEFAULT_URL):
-        if url and _answers(url):
-            yield url
-            return
+    url = os.environ.get("DREAMQ_TEST_REDIS_URL")
+    if url:
+        # Named for this run: if it does not answer, that is a failure to see, not a reason to
+        # fall back to some other server.
+        assert _answers(url), f"DREAMQ_TEST_REDIS_URL={url} does not answer"
+        yield url
+        return
     from app.stack.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("ratelimit-redis"), port=0)
@@ -73,43 +76,58 @@ def server_now(client: redis.Redis) -> float:
     return sec + usec / 1e6
 
 
+# Refill follows the Redis server's clock (the script reads TIME). On a loaded machine any two
+# calls may be a second or more apart, so a bound on tokens or waits is never a fixed margin: it
+# is bracketed by server time read before the first take (`t0`) and after the call in question,
+# which bounds how much refill there can have been, however slow the machine.
+EPS = 1e-6
+
+
 # -- single process ----------------------------------------------------------------------
 
 
 def test_basic_capacity_then_refusal_then_refill(r, ns):
     limiter = RateLimiter(r, prefix=ns)
-    bucket = Bucket(ns + "user:u1", rate_per_s=1.0, capacity=5)
+    rate = 0.5  # 2 s to a token: the refusal below holds through a 2 s stall
+    bucket = Bucket(ns + "user:u1", rate_per_s=rate, capacity=5)
+    t0 = server_now(r)
     for i in range(5):
         verdict = limiter.take([bucket])
         assert verdict.allowed, i
         assert verdict.retry_after_s == 0 and verdict.limited_by is None
-    assert verdict.remaining[bucket.key] < 1.0
+    assert 0 <= verdict.remaining[bucket.key] <= rate * (server_now(r) - t0) + EPS
 
     refused = limiter.take([bucket])
+    spent = server_now(r) - t0
     assert not refused.allowed
-    assert 0 < refused.retry_after_s <= 1.05
+    assert 1 / rate - spent - EPS <= refused.retry_after_s <= 1 / rate + EPS
     assert refused.limited_by == bucket.key
 
     time.sleep(refused.retry_after_s)
     again = limiter.take([bucket])
     assert again.allowed, again
-    assert 0 <= again.remaining[bucket.key] < 1.0
+    # 5 tokens, 6 granted: what is left is the refill since the first take, less one.
+    assert 0 <= again.remaining[bucket.key] <= rate * (server_now(r) - t0) - 1 + EPS
 
 
 def test_bucket_stored_as_hash_with_ttl(r, ns):
     limiter = RateLimiter(r, prefix=ns)
     slow = Bucket(ns + "tier:slow", rate_per_s=0.1, capacity=10)  # full refill: 100 s
     fast = Bucket(ns + "user:fast", rate_per_s=100.0, capacity=2)  # full refill: 20 ms
+    t0 = server_now(r)
     assert limiter.take([slow, fast]).allowed
 
     stored = r.hgetall(slow.key)
     assert set(stored) == {b"tokens", b"ts"}
     assert float(stored[b"tokens"]) == pytest.approx(9.0, abs=1e-3)
-    assert abs(float(stored[b"ts"]) - server_now(r)) < 5
+    assert t0 - EPS <= float(stored[b"ts"]) <= server_now(r) + EPS
 
-    # Twice the full-refill time, with a floor so tiny buckets are not recreated every call.
-    assert 190_000 < r.pttl(slow.key) <= 200_000
-    assert 4_000 < r.pttl(fast.key) <= 5_000
+    # Twice the full-refill time, with a floor so tiny buckets are not recreated every call; less
+    # whatever time has passed since the take (1 ms for PTTL's rounding).
+    slow_ttl, fast_ttl = r.pttl(slow.key), r.pttl(fast.key)
+    passed_ms = (server_now(r) - t0) * 1000 + 1
+    assert 200_000 - passed_ms <= slow_ttl <= 200_000
+    assert 5_000 - passed_ms <= fast_ttl <= 5_000
 
 
 def test_refill_is_capped_at_capacity(r, ns):
@@ -117,7 +135,7 @@ def test_refill_is_capped_at_capacity(r, ns):
     bucket = Bucket(ns + "user:idle", rate_per_s=50.0, capacity=3)
     for _ in range(3):
         assert limiter.take([bucket]).allowed
-    time.sleep(0.2)  # 10 tokens' worth of refill for a bucket that holds 3
+    time.sleep(0.2)  # at least 10 tokens' worth of refill (load only adds) for a bucket that holds 3
     verdict = limiter.take([bucket])
     assert verdict.allowed
     assert verdict.remaining[bucket.key] == pytest.approx(2.0, abs=1e-6)
@@ -127,8 +145,9 @@ def test_refused_call_takes_nothing_from_any_bucket(r, ns):
     limiter = RateLimiter(r, prefix=ns)
     user = Bucket(ns + "user:alice", rate_per_s=1.0, capacity=5)
     other = Bucket(ns + "user:bob", rate_per_s=1.0, capacity=5)
-    tier = Bucket(ns + "tier:free", rate_per_s=0.01, capacity=1)
+    tier = Bucket(ns + "tier:free", rate_per_s=0.01, capacity=1)  # refused through a 100 s stall
 
+    t0 = server_now(r)
     assert limiter.take([user]).allowed  # alice's bucket exists, 4 tokens left
     assert limiter.take([other, tier]).allowed  # bob empties the shared tier bucket
     before = r.hgetall(user.key)
@@ -140,14 +159,18 @@ def test_refused_call_takes_nothing_from_any_bucket(r, ns):
         assert refused.remaining[user.key] >= 4.0  # reported, not taken
 
     assert r.hgetall(user.key) == before
-    # Alice's own bucket still grants on its own: the refusals cost her nothing.
-    assert limiter.take([user]).remaining[user.key] == pytest.approx(3.0, abs=0.1)
+    # Alice's own bucket still grants on its own: the refusals cost her nothing (4 left, 1 taken,
+    # plus at most the refill since her first take).
+    remaining = limiter.take([user]).remaining[user.key]
+    assert 3.0 - EPS <= remaining <= min(4.0, 3.0 + 1.0 * (server_now(r) - t0)) + EPS
 
 
 def test_retry_after_is_the_longest_wait_and_names_that_bucket(r, ns):
     limiter = RateLimiter(r, prefix=ns)
-    user = Bucket(ns + "user:u", rate_per_s=1.0, capacity=2)  # empty -> 1 s to a token
-    tier = Bucket(ns + "tier:t", rate_per_s=0.2, capacity=2)  # empty -> 5 s to a token
+    # Slow rates, so that both stay empty through any stall: 4 s and 20 s to a token.
+    user = Bucket(ns + "user:u", rate_per_s=0.25, capacity=2)
+    tier = Bucket(ns + "tier:t", rate_per_s=0.05, capacity=2)
+    t0 = server_now(r)
     for _ in range(2):
         assert limiter.take([user, tier]).allowed
 
@@ -155,7 +178,7 @@ def test_retry_after_is_the_longest_wait_and_names_that_bucket(r, ns):
         refused = limiter.take(order)
         assert not refused.allowed
         assert refused.limited_by == tier.key
-        assert 4.5 < refused.retry_after_s <= 5.0
+        assert 20.0 - (server_now(r) - t0) - EPS <= refused.retry_after_s <= 20.0 + EPS
 
     # Only one bucket short: its wait, its name.
     roomy = Bucket(ns + "user:roomy", rate_per_s=1.0, capacity=5)
@@ -163,16 +186,18 @@ def test_retry_after_is_the_longest_wait_and_names_that_bucket(r, ns):
     assert not refused.allowed and refused.limited_by == tier.key
     refused = limiter.take([user, Bucket(ns + "tier:roomy", rate_per_s=1.0, capacity=5)])
     assert not refused.allowed and refused.limited_by == user.key
-    assert 0.5 < refused.retry_after_s <= 1.0
+    assert 4.0 - (server_now(r) - t0) - EPS <= refused.retry_after_s <= 4.0 + EPS
 
 
 def test_cost_above_one(r, ns):
     limiter = RateLimiter(r, prefix=ns)
-    bucket = Bucket(ns + "user:c", rate_per_s=2.0, capacity=4)
+    bucket = Bucket(ns + "user:c", rate_per_s=0.5, capacity=4)
+    t0 = server_now(r)
     assert limiter.take([bucket], cost=3).remaining[bucket.key] == pytest.approx(1.0, abs=0.01)
     refused = limiter.take([bucket], cost=3)
     assert not refused.allowed
-    assert 0.9 < refused.retry_after_s <= 1.0  # 2 tokens short at 2/s
+    # 2 tokens short at 0.5/s: 4 s, less the refill since the first take.
+    assert 4.0 - (server_now(r) - t0) - EPS <= refused.retry_after_s <= 4.0 + EPS
 
 
 def test_submission_buckets_and_one_script_per_client(r, ns):
@@ -202,14 +227,19 @@ def test_private_server_restart_noscript_and_fail_fast(tmp_path):
     # No client-side retries: redis-py 8's default (10, with backoff) takes seconds to give up.
     client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=1, retry=None)
     try:
-        limiter = RateLimiter(client, recheck_after_s=0.3)
+        # Long enough for the restart below to fit inside it on a loaded machine.
+        recheck_s = 3.0
+        limiter = RateLimiter(client, recheck_after_s=recheck_s)
         bucket = Bucket("dreamq:rl:user:x", rate_per_s=0.01, capacity=5)
+        t0 = server_now(client)
         assert limiter.take([bucket]).allowed
         client.script_flush()
         verdict = limiter.take([bucket])
-        assert verdict.allowed and verdict.remaining[bucket.key] == pytest.approx(3.0, abs=0.01)
+        assert verdict.allowed
+        assert 3.0 - EPS <= verdict.remaining[bucket.key] <= 3.0 + 0.01 * (server_now(client) - t0) + EPS
 
         server.stop()
+        failed_at = time.monotonic()
         with pytest.raises(RateLimiterUnavailable) as first:
             limiter.take([bucket])
         assert isinstance(first.value.__cause__, redis.exceptions.ConnectionError)
@@ -219,12 +249,24 @@ def test_private_server_restart_noscript_and_fail_fast(tmp_path):
         assert fast.value.__cause__ is None
 
         server.start()  # same port, same AOF; the script cache is empty again
-        with pytest.raises(RateLimiterUnavailable):
+        restarted_in = time.monotonic() - failed_at
+        with pytest.raises(RateLimiterUnavailable) as early:
             limiter.take([bucket])  # still within recheck_after_s: not even tried
-        time.sleep(0.3)
-        verdict = limiter.take([bucket])
+        assert early.value.__cause__ is None, f"probed {restarted_in:.2f}s after the failure"
+        # Failing fast until the window is over, then one probe finds the server back.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                verdict = limiter.take([bucket])
+                break
+            except RateLimiterUnavailable as exc:
+                assert exc.__cause__ is None, "a probe failed although the server is up"
+                assert time.monotonic() < deadline, "the breaker never let a probe through"
+                time.sleep(0.05)
+        assert time.monotonic() - failed_at >= recheck_s
         assert verdict.allowed
-        assert verdict.remaining[bucket.key] == pytest.approx(2.0, abs=0.01)  # AOF kept the bucket
+        # The AOF kept the bucket: 2 left, plus the refill since the first take.
+        assert 2.0 - EPS <= verdict.remaining[bucket.key] <= 2.0 + 0.01 * (server_now(client) - t0) + EPS
     finally:
         client.close()
         server.stop()

@@ -24,6 +24,7 @@ from tests.support.webhooks import WEBHOOK_TEST_ENV, Receiver
 PUBLIC_IP = "93.184.216.34"
 MAX_ATTEMPTS = int(WEBHOOK_TEST_ENV["DREAMQ_WEBHOOK_MAX_ATTEMPTS"])
 PROGRESS_INTERVAL_S = float(WEBHOOK_TEST_ENV["DREAMQ_WEBHOOK_PROGRESS_INTERVAL_S"])
+BACKOFF_BASE_S = float(WEBHOOK_TEST_ENV["DREAMQ_WEBHOOK_BACKOFF_BASE_S"])
 
 
 @pytest.fixture()
@@ -349,7 +350,8 @@ def test_signed_events_reach_a_receiver_through_real_workers(client, user, worke
 @pytest.mark.slow
 def test_a_failing_receiver_is_retried_with_backoff_until_it_answers(client, user, workers, receiver_for):
     _, key = user
-    with receiver_for(lambda n: 500 if n <= 2 else 200) as receiver:
+    failures = MAX_ATTEMPTS - 1  # delivered on the last attempt allowed
+    with receiver_for(lambda n: 500 if n <= failures else 200) as receiver:
         response = submit(client, key, "tiny", callback_url=receiver.url(), webhook_events=["completed"])
         job_id = response.json["id"]
         wait_done(client, key, job_id)
@@ -359,15 +361,60 @@ def test_a_failing_receiver_is_retried_with_backoff_until_it_answers(client, use
     assert (delivery["event"], delivery["status"], delivery["attempts"], delivery["last_status_code"]) == (
         "completed",
         "delivered",
-        3,
+        MAX_ATTEMPTS,
         200,
     )
     assert delivery["last_error"] is None
-    assert [r.headers["X-Dreamq-Delivery"] for r in receiver.requests] == [delivery["id"]] * 3
-    # Backoff: the waits grow (0.2 s, then 0.4 s in the test schedule).
+    assert [r.headers["X-Dreamq-Delivery"] for r in receiver.requests] == [delivery["id"]] * MAX_ATTEMPTS
+    # The timing is the feature here: the workers never retry before the backoff after each failure
+    # (0.2, 0.4, 0.8 s in the test schedule). Only lower bounds, which load cannot break (it only
+    # adds delay); 50 ms allows for the ETA's rounding. The schedule itself, exactly:
+    # test_each_failed_attempt_schedules_the_next_after_its_backoff and tests/unit/webhooks.
     times = [r.at for r in receiver.requests]
-    first_wait, second_wait = times[1] - times[0], times[2] - times[1]
-    assert first_wait >= 0.15 and second_wait >= 0.35, (first_wait, second_wait)
+    waits = [later - earlier for earlier, later in zip(times, times[1:])]
+    backoffs = [BACKOFF_BASE_S * 2 ** (n - 1) for n in range(1, failures + 1)]
+    assert all(wait >= backoff - 0.05 for wait, backoff in zip(waits, backoffs)), (waits, backoffs)
+
+
+def test_each_failed_attempt_schedules_the_next_after_its_backoff(client, user, parked_model, receiver_for):
+    """The delivery row holds the schedule (the sweep and the claim read it): after failed attempt n
+    its next_attempt_at is the attempt's commit time + base x 2^(n-1), read on the database's
+    clock before and after each attempt, so no wait and no load decides it."""
+    from app.core.config import get_settings
+    from app.webhooks.delivery import EARLY_TOLERANCE_S, attempt
+
+    settings = get_settings()  # this process's schedule: attempt() runs here, not in a worker
+    _, key = user
+    with receiver_for(lambda n: 503) as receiver:
+        delivery_id = _queued_delivery(client, key, receiver.url())
+        for number in range(1, settings.webhook_max_attempts + 1):
+            before = _db_clock()
+            wait = attempt(delivery_id)
+            after = _db_clock()
+            row = _row(delivery_id)
+            assert (row.attempts, row.last_status_code) == (number, 503)
+            if number == settings.webhook_max_attempts:
+                assert wait is None and row.status == "failed"
+                break
+            expected = min(settings.webhook_backoff_base_s * 2 ** (number - 1), settings.webhook_backoff_max_s)
+            assert wait == pytest.approx(expected) and row.status == "pending"
+            scheduled = row.next_attempt_at - dt.timedelta(seconds=wait)
+            assert before <= scheduled <= after, (number, before, scheduled, after)
+            # An early message does nothing while the row is not due (checked where the wait exceeds the
+            # claim's early tolerance by far more than a stall between two statements could take).
+            if wait > EARLY_TOLERANCE_S + 10:
+                assert attempt(delivery_id) is None and len(receiver.requests) == number
+            # The countdown has run out.
+            with transaction() as session:
+                session.execute(
+                    text("UPDATE webhook_deliveries SET next_attempt_at = now() WHERE id = :id"), {"id": delivery_id}
+                )
+    assert len(receiver.requests) == settings.webhook_max_attempts
+
+
+def _db_clock() -> dt.datetime:
+    with transaction() as session:
+        return session.execute(text("SELECT clock_timestamp()")).scalar_one()
 
 
 @pytest.mark.slow
