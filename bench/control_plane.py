@@ -24,7 +24,8 @@ reported, ratio = ours / baseline (goal >= 0.8).
 
 Services: DREAMQ_BENCH_DATABASE_URL / DREAMQ_BENCH_REDIS_URL if set, else embedded (see
 bench/live_stack.py); SeaweedFS embedded. Output: a table on stdout (progress on stderr); with
---json one line `{"control_plane": {"baseline": .., "ours": .., "ratio": .., "unit": "jobs/s", ...}}`.
+--json one line `{"control_plane": {"baseline": .., "ours": .., "ratio": .., "unit": "jobs/s", ...}, ...}` with
+the fields of bench/provenance.py (measured_at, commit, code, command, source_digest).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 from bench.dispatch_scale import pct  # noqa: E402
 from bench.live_stack import RAW_QUEUE, Stack, live_stack, log  # noqa: E402
+from bench.provenance import provenance  # noqa: E402
 
 GOAL = 0.8
 
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.jobs or (200 if args.quick else 500)
     rounds = args.rounds or (2 if args.quick else 3)
 
+    prov = provenance(__file__, sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     with live_stack() as stack:
         user = stack.new_user()
@@ -173,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds_baseline": [{k: round(v, 2) for k, v in m.items()} for m in base],
         },
         "total_s": round(time.perf_counter() - started, 1),
+        **prov,
     }
     if args.json:
         print(json.dumps(result))

@@ -27,7 +27,8 @@ Services: DREAMQ_BENCH_DATABASE_URL / DREAMQ_BENCH_REDIS_URL if set (a fresh dat
 touched), else embedded Postgres and Redis in a temp dir, stopped at the end.
 
 Output: a table on stdout (progress on stderr); with --json only
-`{"sizes": {"10000": ours/s, ...}, "baseline": {...}, "ratio": {...}, "unit": "decisions/s"}`.
+`{"sizes": {"10000": ours/s, ...}, "baseline": {...}, "ratio": {...}, "unit": "decisions/s", ...}` with the
+fields of bench/provenance.py (measured_at, commit, code, command, source_digest).
 `--details PATH` writes everything (per-pass breakdown, EXPLAIN plans) as JSON.
 """
 
@@ -55,6 +56,8 @@ if str(ROOT) not in sys.path:
 from sqlalchemy import event, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.sql.elements import TextClause  # noqa: E402
+
+from bench.provenance import provenance  # noqa: E402
 
 TIER_MIX = (("api", 0.05), ("enterprise", 0.10), ("unlimited", 0.25), ("light", 0.20), ("free", 0.40))
 JOBS_PER_USER = 50
@@ -767,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or 3
     args.baseline_cap_s = args.baseline_cap_s or (5.0 if args.quick else 15.0)
 
+    prov = provenance(__file__, sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     services = Services()
     results: list[dict] = []
@@ -801,6 +805,9 @@ def main(argv: list[str] | None = None) -> int:
                     "baseline": {str(r["size"]): round(r["baseline_rate"], 1) for r in results},
                     "ratio": {str(r["size"]): round(r["ratio"], 2) for r in results},
                     "unit": "decisions/s",
+                    "rounds": args.rounds,
+                    "decisions": args.decisions,
+                    **prov,
                 }
             )
         )

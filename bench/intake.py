@@ -34,7 +34,8 @@ the rate-limit keys of the bench users and the `dreamq.dispatch` messages the ru
 `control` queue are deleted at the end), else embedded Postgres and Redis in a temp dir.
 
 Output: a table on stdout (progress on stderr); with --json only one line
-`{"intake": {"baseline": req/s, "ours": req/s, "ratio": r, "unit": "req/s", ...}}`.
+`{"intake": {"baseline": req/s, "ours": req/s, "ratio": r, "unit": "req/s", ...}, "measured_at": ..., ...}`
+(the fields of bench/provenance.py: measured_at, commit, code, command, source_digest).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.dispatch_scale import Services, configure_app, log, pct  # noqa: E402
+from bench.provenance import provenance  # noqa: E402
 
 GOAL = 0.6
 USERS = 8
@@ -635,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.seconds = args.seconds or (5.0 if args.quick else 12.0)
 
+    prov = provenance(__file__, sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     services = Services()
     bench = None
@@ -673,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}  # NaN is not JSON
     summary["valid"] = result["ours"]["valid"] and result["baseline"]["valid"]
     if args.json:
-        print(json.dumps({"intake": summary}))
+        print(json.dumps({"intake": summary, **prov}))
         log(render(result, total))
     else:
         print(render(result, total))

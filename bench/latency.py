@@ -20,7 +20,8 @@ Ratio = ours / baseline (lower is better). Goals: accept -> running p50 <= 20 ms
 
 Services as in bench/live_stack.py (DREAMQ_BENCH_DATABASE_URL / DREAMQ_BENCH_REDIS_URL, else
 embedded). Output: a table on stdout; with --json one line
-`{"latency_running_p50": {"baseline": .., "ours": .., "ratio": .., "unit": "ms"}, ...p99, succeeded...}`.
+`{"latency_running_p50": {"baseline": .., "ours": .., "ratio": .., "unit": "ms"}, ...p99, succeeded...}` with
+the fields of bench/provenance.py (measured_at, commit, code, command, source_digest).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from bench.dispatch_scale import pct  # noqa: E402
 from bench.live_stack import RAW_QUEUE, Stack, live_stack, log  # noqa: E402
+from bench.provenance import provenance  # noqa: E402
 
 IDLE_GAP_S = 0.05
 POLL_S = 0.002
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (2 if args.quick else 4)
     per_round = max(1, n // rounds)
 
+    prov = provenance(__file__, sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
     ours_run, ours_done, base_run, base_done = [], [], [], []
     with live_stack() as stack:
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "to_running_p50": pct(BREAKDOWN["to_running"], 50),
     }
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({**result, "jobs_per_side": extra["jobs"], "rounds": rounds, **prov}))
         log(render(result, extra))
     else:
         print(render(result, extra))
