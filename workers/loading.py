@@ -135,8 +135,10 @@ class SafetensorsHeader:
     metadata: dict[str, str] | None
 
 
-# Defaults by device type, from bench/model_load.py --sweep-warm on an H100 host (16 cores,
-# 2 GB bf16 checkpoint warm in the page cache, 2026-11-27; bench/results/gpu/model_load.json):
+# Defaults by device type, from the block-ordered bench/model_load.py --sweep-warm of 2026-11-27
+# on an H100 host (16 cores, 2 GB bf16 checkpoint warm in the page cache;
+# bench/results/gpu/model_load.json; the same sweep read the old defaults 13% higher than that
+# run's main loop did, and these defaults have not been measured as defaults on a GPU since):
 #   readers:chunk MiB:streams   8:64:2 24.1 GB/s   12:64:2 27.0   16:64:2 27.7   16:32:2 29.2
 #                               16:32:4 30.9       16:16:4 29.8   12:128:2 23.0   8:32:4 25.2
 # against 53.3 GB/s pinned H2D: the page-cache copies by reader threads are the limit, so on a
