@@ -10,6 +10,7 @@ import uuid
 
 from flask import Blueprint, request, url_for
 from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
 
 from app.admin.keys import hash_key
 from app.api import schemas
@@ -113,6 +114,26 @@ def _create_generation_fast():
     return job_view(job, version.model, version, tier.slo_s), 202, {"Location": location}
 
 
+# The unique index on (user, Idempotency-Key) (app/db/models.py).
+_IDEMPOTENCY_INDEX = "uq_jobs_user_idempotency"
+
+
+def _replay(ctx: Context, key: str, digest: str | None):
+    """The answer to a request whose key this user already used: its job (200), or 409 for
+    another body; None when the key is new."""
+    existing = ctx.session.scalar(select(Job).where(Job.user_id == ctx.user.user_id, Job.idempotency_key == key))
+    if existing is None:
+        return None
+    if existing.request_hash != digest:
+        raise Conflict("Idempotency-Key was already used with a different request body", code="idempotency_conflict")
+    bind(job_id=str(existing.id))
+    return (
+        load_job_views(ctx.session, [existing])[0],
+        200,
+        {"Location": url_for("generations.get_generation", job_id=existing.id)},
+    )
+
+
 @endpoint(
     bp,
     "/generations",
@@ -139,21 +160,25 @@ def create_generation(ctx: Context):
     # Only a keyed request is ever compared with another, so only it pays for the digest.
     digest = _request_hash(ctx.body) if key else None
     if key:
-        existing = ctx.session.scalar(select(Job).where(Job.user_id == ctx.user.user_id, Job.idempotency_key == key))
-        if existing is not None:
-            if existing.request_hash != digest:
-                raise Conflict(
-                    "Idempotency-Key was already used with a different request body", code="idempotency_conflict"
-                )
-            bind(job_id=str(existing.id))
-            return (
-                load_job_views(ctx.session, [existing])[0],
-                200,
-                {"Location": url_for("generations.get_generation", job_id=existing.id)},
-            )
+        replay = _replay(ctx, key, digest)
+        if replay is not None:
+            return replay
     tier = ctx.user.tier_row
     assert tier is not None  # loaded with the key
-    job, version = submit(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
+    if key:
+        # Another request with this key (a client's retry while its first attempt is still held,
+        # by a stalled database say) may commit between the lookup above and this insert: the
+        # unique index refuses this one, and the answer is that request's job, not a 500.
+        try:
+            with ctx.session.begin_nested():
+                job, version = submit(ctx.session, ctx.user, ctx.body, idempotency_key=key, request_hash=digest)
+        except IntegrityError as exc:
+            replay = _replay(ctx, key, digest) if _IDEMPOTENCY_INDEX in str(exc.orig) else None
+            if replay is None:
+                raise
+            return replay
+    else:
+        job, version = submit(ctx.session, ctx.user, ctx.body)
     bind(job_id=str(job.id))  # the access line of this request names the job it created
     location = url_for("generations.get_generation", job_id=job.id)
     wait = _prefer_wait()
