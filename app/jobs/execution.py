@@ -19,6 +19,7 @@ worker idle again (app/jobs/workers.py) and a dispatch request, since room just 
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 import uuid
@@ -47,6 +48,13 @@ PROGRESS_INTERVAL_S = 0.25
 # When this process claimed its current job (time.monotonic()): a job's time on this worker,
 # for the dispatcher's per-worker depth (app/jobs/workers.py).
 _claimed_at: float | None = None
+
+# The (job, dispatch_seq) pairs this process claimed lately. The same message again is a duplicate
+# (a manual restore, a message published twice), never the redelivery after this process died:
+# Celery requeues that one to a new child, which has no record of it. Without this, a duplicate
+# that reaches this worker after its task returned (the job still running in the tail or waiting
+# for finalize, lease live) would be taken for that redelivery and run the job again.
+_recent_claims: collections.deque[tuple[str, int]] = collections.deque(maxlen=16)
 
 
 def since_claim(claimed_at: float | None = None) -> float | None:
@@ -122,9 +130,13 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
             worker_id=worker_id,
             guard={"dispatch_seq": dispatch_seq},
             # A running job is taken over only from a dead process: its own worker's (the child
-            # died and Celery requeued the message) or one whose lease ran out. A message that
-            # Redis redelivers while the job still runs elsewhere claims nothing.
-            where=(f"state = 'dispatched' OR worker_id = :me OR {lease_sql}", {"me": worker_id, **lease_params}),
+            # died and Celery requeued the message: a new child, which never claimed it) or one
+            # whose lease ran out. A message that Redis redelivers while the job still runs
+            # elsewhere, or a duplicate this process already claimed, claims nothing.
+            where=(
+                f"state = 'dispatched' OR (worker_id = :me AND NOT :claimed_here) OR {lease_sql}",
+                {"me": worker_id, "claimed_here": (str(job_id), dispatch_seq) in _recent_claims, **lease_params},
+            ),
             attempts=INCREMENT,
             started_at=NOW,
             progress=0.0,
@@ -135,6 +147,7 @@ def claim(job_id: str, dispatch_seq: int, worker_id: str) -> ClaimedJob | None:
                 extra={"job_id": job_id, "dispatch_seq": dispatch_seq},
             )
             return None
+        _recent_claims.append((str(job_id), dispatch_seq))
         row = session.execute(_CLAIMED_SQL, {"id": job_id, "w": worker_id}).mappings().one()
         # Inside the task's job_context, which drops these at its end.
         bind(user_id=str(row["user_id"]), tier=row["tier"])

@@ -265,8 +265,13 @@ def test_claim_runs_the_job_on_the_registered_worker_and_a_stale_seq_claims_noth
     # The claim itself publishes nothing; only the submission's dispatch request is recorded.
     assert publisher.dispatch_requests == 1 and publisher.sent == []
 
-    # The same message again while the job runs on this same (live) worker process: a redelivery
-    # after its child died, running -> running, another attempt counted.
+    # The same message again in this process, which claimed it and still runs: a duplicate (the
+    # job may be in this process's tail or waiting for finalize), not a lost child's redelivery.
+    assert claim(str(job_id), seq, worker_id) is None
+    assert job_row(job_id)["attempts"] == 1
+    # The same message in a new child of this worker (Celery requeues it there when the child
+    # running it dies; the new child has claimed nothing): running -> running, an attempt counted.
+    execution._recent_claims.clear()
     again = claim(str(job_id), seq, worker_id)
     assert again is not None and again.attempts == 2
     assert job_row(job_id)["attempts"] == 2
