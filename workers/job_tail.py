@@ -2,10 +2,11 @@
 
 When the model returns, what is left of a job on the GPU worker is host work: stage the frames
 in object storage, record `generated`, hand the job to the cpu queue for encoding. Done in line,
-the GPU idles through it. On the H100 machine, with a 387M-parameter video DiT at 512x512x49
-(1.74 s of model time a job), that tail took 14% of the worker's time: 86.2% GPU busy. With the
-tail here, while the task returns and the worker claims and runs its next job: 95.4%
-(bench/gpu_busy.py, bench/results/gpu/).
+the GPU idles through it; here it runs while the task returns and the worker claims and runs its
+next job. What that is worth is measured on the shipped loop by bench/gpu_busy.py (tail in line
+with DREAMQ_OVERLAP_TAIL=0 against this): not yet on a GPU for this code; on the 2-core CPU VM
+the tail left the loop (33-57 ms a job in line, 0.2-1.2 ms here) but competes with the model for
+the CPU (docs/benchmarks.md, GPU busy fraction).
 
 The rules that keep jobs safe (docs/architecture.md) hold:
 

@@ -1,12 +1,12 @@
 """Frames as .npy bytes in one copy, for the staging object a GPU worker hands to the cpu queue.
 
 `np.save` into an `io.BytesIO` copies a clip three to four times (chunked `tobytes`, the
-BytesIO's growth, `getvalue()`): 168 ms for a 512x512x49 clip (38 MB) on the H100 machine's
-host, while the model itself took 1.7 s (bench/gpu_busy.py). Here the header is written once
+BytesIO's growth, `getvalue()`): 168 ms for a 512x512x49 clip (38 MB) on an H100 machine's
+host on 2026-11-27, by the old replay bench. Here the header is written once
 and the pixels are copied once, into a buffer of the final size; the result is byte-for-byte
 what `np.save(..., allow_pickle=False)` writes, so `np.load` reads it back unchanged.
 
-Needs numpy only (bench/gpu_busy.py loads this file by path on a bare GPU machine).
+Needs numpy only.
 """
 
 from __future__ import annotations
