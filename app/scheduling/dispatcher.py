@@ -56,9 +56,9 @@ from app.scheduling.tiers import TierSpec
 MAX_BATCH = 512
 # Jobs that may wait in one worker's own queue for its version (besides the one it runs): as
 # many as the dispatch limit gives each worker, so affinity never holds more work than the pool
-# would have released anyway. Measured on the mixed-version e2e test: depth 1 left half the jobs
-# to the shared queue, where a worker that takes the other version's job reloads, and one run in
-# three thrashed (20 loads for 32 jobs); depth 2 gave 2, 6 and 2 loads in three runs.
+# would have released anyway. Deeper, a job waits behind its holder while another worker idles;
+# shallower (1, on an earlier form of the mixed-version e2e test), half the jobs went to the
+# shared queue, where a worker that takes the other version's job reloads.
 AFFINITY_DEPTH = DISPATCH_PER_WORKER
 # Users looked at per lane and pass, and jobs per user (the policy rotates between them; the
 # cursor moves on, so the next pass looks at the next users). Measured: 64 x 4 added ~1,000
@@ -204,22 +204,31 @@ _APPLY_SQL = text(
     """
 )
 
-# Live workers of the pools a pass dispatched to: the versions each holds in memory and how
-# many jobs already wait in its own queue (dispatched, routed to it, not yet started).
-# Live workers that hold at least one version (only those can be affinity holders), with the
-# jobs already waiting in their own queues. The waiting counts come from one grouped scan of the
-# pools' dispatched jobs: a count(*) per worker re-read every dispatched job of the pool for each
+# Live workers of the pools a pass dispatched to: the versions each holds in memory, how many
+# jobs already wait in its own queue (dispatched, routed to it, not yet started), and the versions
+# of the jobs it will run before any job routed now (its latest claimed job, then its queue, in
+# order). The counts and versions come from one grouped scan of the pools' in-flight jobs
+# (ix_jobs_pool_inflight): a count(*) per worker re-read every dispatched job of the pool for each
 # worker (170 ms a pass with 2,000 dispatched jobs in bench/dispatch_scale.py, against 1.6 ms).
 _POOL_WORKERS_SQL = text(
     """
-    SELECT w.id, w.pool_id, w.state, w.info -> 'loaded' AS loaded, COALESCE(d.waiting, 0) AS waiting
+    SELECT w.id, w.pool_id, w.state, w.info -> 'loaded' AS loaded, COALESCE(d.waiting, 0) AS waiting,
+           d.running_digest, d.waiting_digests
     FROM workers w
-    LEFT JOIN (SELECT j.worker_id, count(*) AS waiting FROM jobs j
-               WHERE j.state = 'dispatched' AND j.pool_id = ANY(CAST(:pools AS uuid[])) AND j.worker_id IS NOT NULL
+    LEFT JOIN (SELECT j.worker_id, count(*) FILTER (WHERE j.state = 'dispatched') AS waiting,
+                      (array_agg(v.digest ORDER BY j.started_at DESC) FILTER (WHERE j.state = 'running'))[1]
+                          AS running_digest,
+                      array_agg(v.digest ORDER BY j.dispatched_at, j.dispatch_seq) FILTER (WHERE j.state = 'dispatched')
+                          AS waiting_digests
+               FROM jobs j JOIN model_versions v ON v.id = j.model_version_id
+               WHERE j.state IN ('dispatched', 'running') AND j.pool_id = ANY(CAST(:pools AS uuid[]))
+                 AND j.worker_id IS NOT NULL
                GROUP BY j.worker_id) d ON d.worker_id = w.id
     WHERE w.pool_id = ANY(CAST(:pools AS uuid[])) AND w.state IN ('idle', 'busy')
       AND w.heartbeat_at > now() - make_interval(secs => :stale)
-      AND jsonb_typeof(w.info -> 'loaded') = 'array' AND jsonb_array_length(w.info -> 'loaded') > 0
+      -- only workers that hold a version or have been given a job can be holders
+      AND (CASE WHEN jsonb_typeof(w.info -> 'loaded') = 'array' THEN jsonb_array_length(w.info -> 'loaded') END > 0
+           OR d.worker_id IS NOT NULL)
     """
 )
 
@@ -361,12 +370,18 @@ class Dispatcher:
         Everything else goes to the pool's tier queue as usual. The policy has already decided
         *which* jobs run now; affinity only decides *where*. A routed job records the worker in
         jobs.worker_id while dispatched, which is how the next pass counts that queue's depth.
+
+        A holder is judged by what it will hold when it reaches the job, not by what it holds now
+        (_holds_when_free): routing by the present made a worker that had just taken the other
+        version's job from the pool's queue receive jobs of the version it was about to evict, and
+        the two workers then swapped versions on nearly every job (21 loads for 32 jobs in the
+        mixed-version e2e test, against 18 without affinity).
         """
         pools = list({str(r.pool_id) for r in rows})
         holders: dict[tuple[str, str], list[list]] = {}
         for worker in session.execute(_POOL_WORKERS_SQL, {"pools": pools, "stale": WORKER_STALE_S}):
             slot = [worker.state != "idle", int(worker.waiting), worker.id]
-            for digest in worker.loaded:
+            for digest in _holds_when_free(worker.loaded, worker.running_digest, worker.waiting_digests):
                 holders.setdefault((str(worker.pool_id), digest), []).append(slot)
         routes: dict[Any, str] = {}
         routed_to: dict[Any, str] = {}
@@ -389,6 +404,17 @@ class Dispatcher:
             depth, user = last_user.get(lane, (0, ZERO_UUID))
             # A full walk continues after its last user next time; a short one wrapped around.
             self.cursors[lane] = user if depth >= users else ZERO_UUID
+
+
+def _holds_when_free(loaded: Any, running_digest: str | None, waiting_digests: list[str] | None) -> set[str]:
+    """The versions a worker will hold once it has run the jobs already given to it (the one it
+    claimed last, then its own queue, in order): what it holds now if none of them needs a load,
+    else only the last one's version, which the loads on the way may leave as the only one."""
+    held = set(loaded) if isinstance(loaded, list) else set()
+    ahead = ([running_digest] if running_digest else []) + list(waiting_digests or ())
+    if all(digest in held for digest in ahead):
+        return held
+    return {ahead[-1]}
 
 
 class LedgerStore:
