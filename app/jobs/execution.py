@@ -2,8 +2,8 @@
 
     claim()            dispatched -> running (or running -> running for a redelivery after its
                        worker died), attempts counted, the worker marked busy
-    ProgressReporter   throttled progress writes, which double as the check for a cancel or a
-                       drain at every step
+    ProgressReporter   throttled progress writes (at most every PROGRESS_INTERVAL_S), which
+                       double as the check for a cancel or a drain at a step boundary
     stop_at_step()     running -> cancelled at a step boundary (the user cancelled)
     requeue_for_drain()  running -> queued, its attempt not counted (the worker is shutting down)
     hand_off()         frames staged in object storage, `generated` recorded, the finalize task

@@ -165,10 +165,23 @@ def _last_decision() -> dict | None:
     return json.loads(raw) if raw else None
 
 
-def test_a_reclaim_mid_job_releases_the_workers_at_once_and_loses_nothing(surge, client, tmp_path):
+# A reclaim releases every burst worker at once (tasks/burst.py: SIGTERM, or scancel --signal=TERM
+# on Slurm) and marks them draining, so the job a burst worker runs goes back to the queue at its
+# next progress report: PROGRESS_INTERVAL_S (0.25 s) plus one 0.2 s step after the reclaim at
+# most, plus a commit or two. Then Celery's warm shutdown ends and the process (or Slurm job) is
+# gone. Measured in 5 runs each, local and Slurm alike, on the 2-core machine at load 0.1 to 10
+# (the last with ten CPU burners): requeued 0.27 to 0.39 s, gone 2.2 to 2.8 s after the reclaim
+# (the shutdown waits rather than computes: load did not lengthen it). docs/operating.md (burst
+# workers) says about 2 s. A worker that waited out its 8 s job would have no requeue at all.
+REQUEUE_BOUND_S = 1.5
+RECLAIM_BOUND_S = 6.0
+
+
+@pytest.mark.parametrize("kind", ["local", "slurm"])
+def test_a_reclaim_mid_job_releases_the_workers_at_once_and_loses_nothing(surge, client, kind, tmp_path):
     from tasks.burst import control_burst_pools
 
-    provisioner = provisioner_for("local", tmp_path)
+    provisioner = provisioner_for(kind, tmp_path)
     set_cluster_enabled(True)
     _, key = create_user("api")
     # Long jobs (40 steps x 0.2 s = 8 s): one on the standing worker, the rest wait.
@@ -196,34 +209,47 @@ def test_a_reclaim_mid_job_releases_the_workers_at_once_and_loses_nothing(surge,
             assert time.monotonic() < deadline, (
                 f"no burst worker ever ran a job: {job_states(ids)}; last decision {_last_decision()}"
             )
-            time.sleep(0.5)
+            time.sleep(0.2)
         from app.admin.clusters import reclaim_cluster
 
         with transaction() as session:  # what `dreamq clusters reclaim training` does
             reclaim_cluster(session, "training", actor="test")
+            reclaimed_db = session.execute(text("SELECT extract(epoch FROM clock_timestamp())")).scalar_one()
         reclaimed_at = time.monotonic()
-        record = None
-        control_burst_pools(provisioner)
+        control_burst_pools(provisioner)  # the kick the reclaim sends, run here with this provisioner
         record = _last_decision()
         assert record["action"] == "release", record
         assert "reclaim" in record["reason"]
         while provisioner.list("training", "surge"):
-            assert time.monotonic() - reclaimed_at < 30, "burst workers still running after a reclaim"
-            time.sleep(0.2)
+            assert time.monotonic() - reclaimed_at < RECLAIM_BOUND_S, (
+                f"burst workers still running {RECLAIM_BOUND_S:.0f}s after a reclaim"
+            )
+            time.sleep(0.1)  # a poll of the provisioner's listing (a squeue on Slurm)
         released_s = time.monotonic() - reclaimed_at
         with transaction() as session:
-            requeued = (
-                session.execute(
-                    text(
-                        "SELECT detail->>'reason' FROM job_events WHERE job_id = :id AND to_state = 'queued' "
-                        "AND from_state = 'running'"
-                    ),
-                    {"id": str(burst_job)},
-                )
-                .scalars()
-                .all()
-            )
-        assert "worker_draining" in requeued
+            # The worker's last beat, at the end of its warm shutdown (workers/lifecycle.py).
+            stopped_s = session.execute(
+                text(
+                    "SELECT max(extract(epoch FROM heartbeat_at)) - :t0 FROM workers "
+                    "WHERE id LIKE 'burst-%' AND state = 'stopped' AND heartbeat_at >= to_timestamp(:t0)"
+                ),
+                {"t0": reclaimed_db},
+            ).scalar()
+            requeues = session.execute(
+                text(
+                    "SELECT detail->>'reason', extract(epoch FROM at) - :t0 FROM job_events WHERE job_id = :id "
+                    "AND to_state = 'queued' AND from_state = 'running'"
+                ),
+                {"id": str(burst_job), "t0": reclaimed_db},
+            ).all()
+        requeued = [reason for reason, _ in requeues]
+        assert "worker_draining" in requeued, requeues
+        requeued_s = min(float(after) for reason, after in requeues if reason == "worker_draining")
+        print(
+            f"\nreclaim ({kind}): the burst worker's job requeued {requeued_s:.2f}s after the reclaim, the worker "
+            f"marked stopped after {float(stopped_s or 'nan'):.2f}s, its process gone after {released_s:.2f}s"
+        )
+        assert requeued_s <= REQUEUE_BOUND_S, requeues
         from tasks.maintenance import reap_expired_leases
 
         deadline = time.monotonic() + 180
@@ -232,10 +258,7 @@ def test_a_reclaim_mid_job_releases_the_workers_at_once_and_loses_nothing(surge,
             reap_expired_leases()
             assert time.monotonic() < deadline, job_states(ids)
             time.sleep(0.5)
-        print(
-            f"\nreclaim: burst workers gone {released_s:.1f}s after the reclaim; the job they ran was "
-            f"requeued ({requeued}) and all {len(ids)} jobs succeeded"
-        )
+        print(f"reclaim ({kind}): all {len(ids)} jobs succeeded")
     finally:
         for leftover in provisioner.list("training", "surge"):
             provisioner.kill(leftover)

@@ -7,6 +7,7 @@ running the real demo model -> cpu worker encoding H.264 + thumbnail -> S3 -> pr
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 import uuid
@@ -22,6 +23,7 @@ from app.core.config import get_settings
 from app.core.storage import s3_client
 from app.db.models import JobEvent
 from app.db.session import transaction
+from app.jobs import execution
 from tests.support.factories import auth
 from tests.support.frames import dominant_colour, motion_direction
 from tests.support.jobs import wait_done
@@ -178,31 +180,81 @@ def test_a_version_whose_weights_were_corrupted_fails_with_a_clear_error(client,
     assert wait_done(client, key, ok["id"])["state"] == "succeeded"
 
 
-def test_cancel_a_running_job_stops_it_at_the_next_step(client, user):
-    _, key = user
+def cancel_mid_run(client, key: str, model: str, num_frames: int) -> tuple[int, int]:
+    """Cancel a running job once it has reported a step; (the step it had reported when the cancel
+    was recorded, the step it stopped at).
+
+    The cancel endpoint locks the job row, sets cancel_requested and answers with the row as it
+    holds it, and every progress report is an UPDATE of that row: so the progress in the answer
+    is the last step reported before the cancel committed, and every report after it sees the
+    cancel. Steps report progress 0.9 * done / total (app/jobs/execution.py)."""
     job = client.post(
-        "/v1/generations", json={"prompt": "slow", "model": "tiny", "num_frames": 64}, headers=auth(key)
+        "/v1/generations", json={"prompt": "slow", "model": model, "num_frames": num_frames}, headers=auth(key)
     ).json
-    deadline = time.monotonic() + 30
-    progress_seen = []
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while True:
         current = client.get(f"/v1/generations/{job['id']}", headers=auth(key)).json
         if current["state"] == "running" and current["progress"] > 0:
-            progress_seen.append(current["progress"])
-            if len(progress_seen) >= 2:
-                break
-        time.sleep(0.1)
-    assert len(progress_seen) >= 2 and progress_seen[-1] >= progress_seen[0]
+            break
+        assert current["state"] in ("queued", "dispatched", "running") and time.monotonic() < deadline, current
+        time.sleep(0.05)
     response = client.post(f"/v1/generations/{job['id']}/cancel", headers=auth(key))
-    assert response.status_code == 202 and response.json["cancel_requested"] is True
+    assert response.status_code == 202 and response.json["cancel_requested"] is True, response.json
+    reported = round(response.json["progress"] * num_frames / 0.9)
+    assert 1 <= reported < num_frames, response.json  # cancelled mid-run, not after the last step
     done = wait_done(client, key, job["id"])
-    assert done["state"] == "cancelled"
-    assert done["progress"] < 0.95
+    assert done["state"] == "cancelled", done
     with transaction() as session:
         detail = session.execute(
             text("SELECT detail FROM job_events WHERE job_id = :id AND to_state = 'cancelled'"), {"id": job["id"]}
         ).scalar_one()
-    assert 0 < detail["at_step"] < 64
+    return reported, detail["at_step"]
+
+
+# A model step longer than the progress interval: every step reports, so every step checks.
+SLOW_STEP_S = 0.3
+
+
+@pytest.fixture()
+def slow_steps_model(stack_env, workers, tmp_path_factory):
+    """The tiny model as model `slowsteps`, on a worker of its own whose steps take SLOW_STEP_S (the
+    session's workers step every 50 ms, faster than progress is reported)."""
+    from tests.support.stack import TINY_BUNDLE, push_fixture_model, running_workers
+
+    assert SLOW_STEP_S > execution.PROGRESS_INTERVAL_S
+    push_fixture_model("slowsteps", TINY_BUNDLE, dispatch_limit=2)
+    with running_workers(
+        stack_env,
+        tmp_path_factory.mktemp("slowsteps-logs"),
+        models=["slowsteps"],
+        control=0,  # the session's control worker dispatches
+        tag="ss",
+        extra_env={"DREAMQ_TINY_STEP_S": str(SLOW_STEP_S)},
+    ):
+        yield "slowsteps"
+
+
+def test_cancel_a_running_job_stops_it_at_the_next_step(client, user, slow_steps_model):
+    # The model runs step `reported + 1` while the cancel lands; it stops at that step's end,
+    # before running another. One step is the feature's whole allowance: a step in flight is not
+    # interrupted, and none starts after the cancel is seen.
+    _, key = user
+    reported, at_step = cancel_mid_run(client, key, slow_steps_model, num_frames=40)
+    print(f"\ncancel recorded after step {reported}; stopped at step {at_step} ({SLOW_STEP_S}s steps)")
+    assert at_step == reported + 1
+
+
+def test_a_cancel_between_progress_reports_stops_at_the_next_report(client, user):
+    # The session's tiny model steps every 50 ms, faster than progress is reported
+    # (PROGRESS_INTERVAL_S): a step reports, and so checks for a cancel, when the interval has
+    # passed since the last report. The job stops at the first report after the cancel, at most
+    # that many steps on (load only makes steps longer, so fewer of them fit in the interval).
+    _, key = user
+    step_s = 0.05  # DREAMQ_TINY_STEP_S of the session's workers (tests/conftest.py)
+    reported, at_step = cancel_mid_run(client, key, "tiny", num_frames=64)
+    steps_per_report = math.ceil(execution.PROGRESS_INTERVAL_S / step_s)
+    print(f"\ncancel recorded after step {reported}; stopped at step {at_step} (a report every <= {steps_per_report})")
+    assert reported + 1 <= at_step <= reported + steps_per_report
 
 
 def test_a_busy_worker_takes_the_api_queue_before_the_free_queue(client, make_user, workers):

@@ -31,19 +31,27 @@ class Lane:
             self.model_id = session.execute(
                 text("INSERT INTO models (id, name) VALUES (gen_random_uuid(), :n) RETURNING id"), {"n": self.model}
             ).scalar_one()
-            self.version_id = session.execute(
-                text(
-                    "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
-                    "VALUES (gen_random_uuid(), :m, 1, :d, '{}'::jsonb, 0) RETURNING id"
-                ),
-                {"m": self.model_id, "d": f"sha256:{uuid.uuid4().hex}"},
-            ).scalar_one()
             self.pool_id = session.execute(
                 text(
                     "INSERT INTO pools (id, cluster_id, model_id, dispatch_limit) VALUES (gen_random_uuid(), :c, :m, :l) RETURNING id"
                 ),
                 {"c": self.cluster_id, "m": self.model_id, "l": dispatch_limit},
             ).scalar_one()
+        self.version_id, self.version_digest = self.add_version(1)
+
+    def add_version(self, number: int) -> tuple[uuid.UUID, str]:
+        """A version row of the lane's model (no bundle behind it: the dispatcher reads only its
+        digest); returns its id and digest."""
+        digest = f"sha256:{uuid.uuid4().hex}"
+        with transaction() as session:
+            version_id = session.execute(
+                text(
+                    "INSERT INTO model_versions (id, model_id, number, digest, manifest, size_bytes) "
+                    "VALUES (gen_random_uuid(), :m, :n, :d, '{}'::jsonb, 0) RETURNING id"
+                ),
+                {"m": self.model_id, "n": number, "d": digest},
+            ).scalar_one()
+        return version_id, digest
 
     def workers(self, n: int, *, age_s: float = 0, state: str = "idle") -> None:
         with transaction() as session:
