@@ -104,7 +104,7 @@ def demo_model(stack_env):
 @pytest.fixture(scope="session")
 def workers(stack_env, tiny_model, demo_model, tmp_path_factory):
     """Real Celery workers as subprocesses: control+cpu, and one CPU-device GPU worker per pool."""
-    from tests.support.stack import running_workers
+    from tests.support.stack import SESSION_STEP_S, running_workers
     from tests.support.webhooks import WEBHOOK_TEST_ENV
 
     # Each tiny-model step sleeps 50 ms so a test can watch progress and cancel mid-run.
@@ -112,7 +112,7 @@ def workers(stack_env, tiny_model, demo_model, tmp_path_factory):
         stack_env,
         tmp_path_factory.mktemp("worker-logs"),
         models=["tiny", "demo"],
-        extra_env={"DREAMQ_TINY_STEP_S": "0.05", **WEBHOOK_TEST_ENV},
+        extra_env={"DREAMQ_TINY_STEP_S": str(SESSION_STEP_S), **WEBHOOK_TEST_ENV},
     ) as handles:
         yield handles
 

@@ -28,6 +28,7 @@ from tests.support.factories import auth
 from tests.support.frames import dominant_colour, motion_direction
 from tests.support.jobs import wait_done
 from tests.support.media import moving_square_mp4
+from tests.support.stack import SESSION_STEP_S
 from workers.repository import version_prefix
 
 pytestmark = pytest.mark.slow
@@ -250,9 +251,8 @@ def test_a_cancel_between_progress_reports_stops_at_the_next_report(client, user
     # passed since the last report. The job stops at the first report after the cancel, at most
     # that many steps on (load only makes steps longer, so fewer of them fit in the interval).
     _, key = user
-    step_s = 0.05  # DREAMQ_TINY_STEP_S of the session's workers (tests/conftest.py)
     reported, at_step = cancel_mid_run(client, key, "tiny", num_frames=64)
-    steps_per_report = math.ceil(execution.PROGRESS_INTERVAL_S / step_s)
+    steps_per_report = math.ceil(execution.PROGRESS_INTERVAL_S / SESSION_STEP_S)
     print(f"\ncancel recorded after step {reported}; stopped at step {at_step} (a report every <= {steps_per_report})")
     assert reported + 1 <= at_step <= reported + steps_per_report
 

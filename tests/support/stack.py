@@ -64,6 +64,8 @@ def configure_environment(services, home: Path, run_id: str) -> StackEnv:
 
 
 TINY_BUNDLE = ROOT / "tests" / "fixtures" / "bundles" / "tiny"
+# The tiny model's step time on the session's workers (DREAMQ_TINY_STEP_S, tests/conftest.py).
+SESSION_STEP_S = 0.05
 
 
 def push_fixture_model(name: str, bundle: Path, *, dispatch_limit: int, force: bool = False) -> dict:
